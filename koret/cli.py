@@ -1,0 +1,190 @@
+"""The ``koret`` command line: thin commands over the Python API of each stage.
+
+Every command reads one YAML config (``-c``) with ``--set dotted.key=value`` overrides. A mistake the user can
+fix ends in one line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from koret import __version__
+from koret.errors import KoretError
+
+app = typer.Typer(
+    name="koret",
+    help="Fine-tune Korean text retrievers end to end: mine -> filter -> train -> eval -> push.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Show or validate a config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable; value parsed as YAML)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+ProcsOpt = Annotated[
+    int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
+]
+
+STAGE_SCHEMAS = ("mine", "filter")
+
+
+def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
+    """Call ``fn`` turning user errors into one line on stderr and exit code 2."""
+    from koret.report import set_quiet
+
+    set_quiet(quiet)
+    debug = debug or os.environ.get("KORET_DEBUG", "") not in ("", "0")
+    try:
+        return fn()
+    except KoretError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished embedding shards are cached)",
+              file=sys.stderr)
+        raise typer.Exit(code=130) from None
+
+
+def _relaunch(num_processes: int) -> bool:
+    """Under ``--num-processes N`` (N > 1) outside a launched run, start ``accelerate launch`` and exit."""
+    from koret import dist
+
+    if num_processes <= 1 or dist.world_size() > 1:
+        return False
+    argv = sys.argv[1:]
+    args: list[str] = []
+    skip = False
+    for i, tok in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if tok in ("--num-processes", "-n"):
+            skip = i + 1 < len(argv)
+            continue
+        if tok.startswith("--num-processes="):
+            continue
+        args.append(tok)
+    raise typer.Exit(code=dist.launch(num_processes, args))
+
+
+def _load_mine_config(config: Path, overrides: list[str] | None) -> Any:
+    from koret.config import MineConfig, load_config
+
+    return load_config(MineConfig, config, overrides)
+
+
+@app.command()
+def mine(config: ConfigOpt, set_: SetOpt = None, num_processes: ProcsOpt = 1, quiet: QuietOpt = False,
+         debug: DebugOpt = False) -> None:
+    """Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."""
+
+    def go() -> None:
+        cfg = _load_mine_config(config, set_)
+        _relaunch(num_processes)
+        from koret.mine import mine as run_mine
+
+        run_mine(cfg)
+
+    _run(go, debug, quiet)
+
+
+@app.command("filter")
+def filter_(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Re-filter an existing candidates.parquet with new settings (no model; seconds)."""
+
+    def go() -> None:
+        from koret.filter import refilter
+
+        refilter(_load_mine_config(config, set_))
+
+    _run(go, debug, quiet)
+
+
+def _schema(stage: str) -> Any:
+    from koret.config import MineConfig
+
+    schemas = {"mine": MineConfig, "filter": MineConfig}
+    if stage not in schemas:
+        raise KoretError(f"--stage: unknown stage {stage!r}", f"one of {', '.join(schemas)}")
+    return schemas[stage]
+
+
+StageOpt = Annotated[str, typer.Option("--stage", help=f"Which stage's schema: {', '.join(STAGE_SCHEMAS)}.")]
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = "mine", debug: DebugOpt = False) -> None:
+    """Print the fully resolved config (defaults filled in, overrides applied)."""
+
+    def go() -> None:
+        from koret.config import dump_yaml, load_config
+
+        print(dump_yaml(load_config(_schema(stage), config, set_)), end="")
+
+    _run(go, debug, False)
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = "mine",
+                    debug: DebugOpt = False) -> None:
+    """Check a config; exit code 2 with the offending key when it is invalid."""
+
+    def go() -> None:
+        from koret.config import load_config
+
+        load_config(_schema(stage), config, set_)
+        print(f"{config}: valid {stage} config")
+
+    _run(go, debug, False)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    entities: Annotated[int, typer.Option(min=1, help="Fictional entities (about 2 questions each).")] = 400,
+    eval_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Entities held out for eval.jsonl.")] = 0.2,
+    paraphrase_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of positives with a planted "
+                                                   "paraphrase (a false negative) in corpus.txt.")] = 0.2,
+    distractors: Annotated[int, typer.Option(min=0, help="Extra passages nobody asks about.")] = 0,
+    seed: int = 0,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate synthetic Korean QA pairs about fictional entities (samples, tests, scale benchmarks)."""
+
+    def go() -> None:
+        from koret.synth import generate, write
+
+        data = generate(entities, seed=seed, paraphrase_rate=paraphrase_rate, distractors=distractors)
+        files = write(data, out, eval_fraction=eval_fraction, seed=seed)
+        print(f"wrote {len(data.pairs):,} pairs, {len(data.extra_corpus):,} extra passages "
+              f"({len(data.planted):,} planted paraphrases): {', '.join(files.values())}")
+
+    _run(go, debug, False)
+
+
+@app.command()
+def version() -> None:
+    """Print koret's version."""
+    print(__version__)
+
+
+def main() -> None:
+    app(prog_name="koret")

@@ -1,0 +1,252 @@
+"""YAML configs shared by every stage: schema, ``--set`` overrides, validation with one-line errors.
+
+Each stage reads one YAML file (``koret mine -c configs/mine.yaml``). ``--set dotted.key=value`` overrides any
+key; the value is parsed as a YAML scalar or list (``--set filter.perc=0.9``, ``--set search.top_k=200``).
+Validation is pydantic's: a wrong type, a missing required key or an unknown key (with a "did you mean"
+suggestion) raises :class:`~koret.errors.KoretError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from koret.errors import KoretError
+
+FILTER_STRATEGIES = ("naive", "shifted", "abs", "margin_pos", "perc_pos")
+DATA_FORMATS = (
+    "auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "hub", "squad", "beir", "autorag", "text",
+)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="(query, positive) source: file, folder or Hub dataset id.")
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    query_column: str | None = None
+    positive_column: str | None = None
+    split: str = Field("train", description="Split of a Hub dataset, or qrels/<split>.tsv of a BEIR folder.")
+    corpus: str | None = Field(None, description="Extra passages that are negative candidates besides the positives.")
+    corpus_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    corpus_column: str | None = None
+    normalize: Literal["nfc", "none"] = "nfc"
+    limit: int | None = Field(None, ge=1, description="Use only the first N (query, positive) rows.")
+
+
+class TeacherConfig(Section):
+    model: str | None = Field(None, description="SentenceTransformer: Hub id or local folder.")
+    query_prompt: str | None = Field(None, description="Prompt string or a prompt name of the model, for queries.")
+    passage_prompt: str | None = Field(None, description="Prompt string or prompt name, for passages.")
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int | None = Field(None, ge=8)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: the best available).")
+    backend: Literal["torch", "onnx"] = "torch"
+
+
+class EncodeConfig(Section):
+    shard_size: int = Field(10_000, ge=1, description="Passages per cached embedding shard.")
+
+
+class SearchConfig(Section):
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    index: str = Field("Flat", description="FAISS index_factory string (Flat, IVF4096,Flat, HNSW32, IVF1024,PQ32 ...).")
+    top_k: int = Field(100, ge=1)
+    query_chunk_size: int = Field(4096, ge=1)
+    nprobe: int | None = Field(None, ge=1, description="IVF cells probed per query (FAISS IVF indexes).")
+    train_sample: int = Field(262_144, ge=1000, description="Vectors sampled to train a non-Flat FAISS index.")
+
+
+class RescoreConfig(Section):
+    model: str | None = Field(None, description="Optional CrossEncoder (Hub id or local folder).")
+    batch_size: int = Field(64, ge=1)
+    max_length: int | None = Field(None, ge=8)
+
+
+class FilterConfig(Section):
+    strategy: Literal[FILTER_STRATEGIES] = "perc_pos"  # type: ignore[valid-type]
+    margin: float = Field(0.05, description="margin_pos: drop a candidate scoring above positive - margin.")
+    perc: float = Field(0.95, gt=0, le=1.5, description="perc_pos: drop a candidate scoring above positive x perc.")
+    max_score: float | None = Field(None, description="Drop candidates scoring above this (abs strategy, or any).")
+    min_score: float | None = Field(None, description="Drop candidates scoring below this.")
+    range_min: int = Field(0, ge=0, description="Skip the first range_min ranks (shifted strategy).")
+    range_max: int | None = Field(None, ge=1, description="Consider only the first range_max ranks.")
+    num_negatives: int = Field(7, ge=1)
+    sampling: Literal["top", "random"] = "top"
+    seed: int = 42
+    on_shortage: Literal["drop", "pad_random"] = "drop"
+    candidates: str | None = Field(
+        None, description="koret filter: candidates.parquet (or its folder). Default: <output.dir>/candidates.parquet."
+    )
+
+    @field_validator("margin")
+    @classmethod
+    def _margin_not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must be >= 0 (a negative margin would keep negatives scoring above the positive)")
+        return value
+
+
+class OutputConfig(Section):
+    dir: str = "runs/mine"
+
+
+class MineConfig(Section):
+    """Config of ``koret mine`` and ``koret filter`` (filter reads only ``filter`` and ``output``)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    rescore: RescoreConfig = Field(default_factory=RescoreConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    cache_dir: str = Field("~/.cache/koret", description="Embedding shard cache.")
+
+    @model_validator(mode="after")
+    def _negatives_fit_candidates(self) -> MineConfig:
+        if self.filter.num_negatives > self.search.top_k:
+            raise ValueError(
+                f"filter.num_negatives ({self.filter.num_negatives}) is larger than search.top_k "
+                f"({self.search.top_k}): raise search.top_k or lower filter.num_negatives"
+            )
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value); the value is read as YAML (``0.9``, ``[1, 2]``, ``null``)."""
+    if "=" not in item:
+        raise KoretError(f"--set {item!r}: expected dotted.key=value", "e.g. --set filter.perc=0.9")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise KoretError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of ``raw`` with every ``dotted.key=value`` override applied."""
+    data = json.loads(json.dumps(raw, default=str)) if raw else {}
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing, unreadable or malformed file."""
+    p = Path(path)
+    if not p.exists():
+        raise KoretError(f"{p}: config file not found", "check the path given to -c")
+    if p.is_dir():
+        raise KoretError(f"{p}: is a folder, expected a YAML file")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KoretError(f"{p}:{where}: invalid YAML: {problem}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KoretError(f"{p}: cannot read config: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise KoretError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) pydantic model that holds the key at ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def format_validation_error(source: str, model: type[BaseModel], exc: ValidationError) -> str:
+    """One line naming the source and the first offending dotted key, with a suggestion for typos."""
+    err = exc.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        known = _fields_at(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))!r}?" if close else ""
+        allowed = f" (allowed: {', '.join(known)})" if known and not close else ""
+        return f"{source}: unknown key {key!r}{hint}{allowed}"
+    if kind == "missing":
+        return f"{source}: {key}: required key is missing"
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or kind.startswith("value_error") else f" (got {value!r})"
+    if not loc:
+        return f"{source}: {msg}"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def validate(model: type[C], raw: dict[str, Any], source: str = "config") -> C:
+    """Validate a raw mapping into ``model``; errors become one-line :class:`KoretError`."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise KoretError(format_validation_error(source, model, exc)) from exc
+
+
+def load_config(model: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read YAML at ``path`` (or start empty), apply ``--set`` overrides, validate into ``model``."""
+    raw = read_yaml(path) if path is not None else {}
+    merged = apply_overrides(raw, overrides)
+    source = str(path) if path is not None else "--set"
+    return validate(model, merged, source)
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The fully resolved config as plain data (what ``config.yaml`` holds)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: BaseModel | dict[str, Any]) -> str:
+    data = config_dict(cfg) if isinstance(cfg, BaseModel) else cfg
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    """Stable hash of a resolved config (used to decide whether a stage's outputs are current)."""
+    data = config_dict(cfg) if isinstance(cfg, BaseModel) else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,410 @@
+"""Loading encoders and encoding texts in cached, resumable shards.
+
+The corpus is encoded shard by shard (``encode.shard_size`` texts each). Every finished shard is saved under
+``<cache_dir>/embeddings/<encoder key>/<shard key>.npy`` with a sidecar ``.json`` holding its shape and a
+BLAKE2 checksum; both are written atomically, the sidecar last. The encoder key covers the model's identity,
+the prompt, the max length, the dtype and the text normalization; the shard key adds the shard's texts.
+
+So after Ctrl-C or kill -9 a rerun reuses every finished shard and encodes the rest, and a truncated or
+corrupt shard file fails its checksum and is recomputed, never used. Evaluating several checkpoints against one
+corpus re-encodes nothing for an unchanged model.
+
+In a multi-process run (``accelerate launch``) process ``r`` of ``n`` encodes the shards ``i`` with
+``i % n == r``; the cache is how the results meet, so it must be on a filesystem every process sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from koret.errors import KoretError
+from koret.io import atomic_path, write_json
+
+_MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".json", ".txt", ".model", ".onnx", ".pt"}
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a slash, or starting with . / ~, is a path."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
+def resolve_model_path(name: str, key: str) -> str:
+    """Return a loadable reference for ``name``: a local folder, or a Hub id that is cached or downloadable.
+
+    Raises one-line errors for a missing folder and for a Hub id that is not cached while offline.
+    """
+    if name.startswith("pkg:"):
+        name = str(package_path(name[4:], key))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KoretError(f"{key}: {name} is a file; expected a model folder or a Hub id")
+        return str(path)
+    if _looks_like_path(name):
+        raise KoretError(f"{key}: model folder not found: {name}", "check the path, or give a Hub id like BAAI/bge-m3")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+    if offline and not _hub_cached(name):
+        raise KoretError(
+            f"{key}: {name!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set",
+            "download it once online (or unset HF_HUB_OFFLINE), or point the key at a local folder",
+        )
+    return name
+
+
+def package_path(ref: str, key: str) -> Path:
+    """``pkg:PACKAGE/sub/folder`` names a folder inside an installed Python package (models shipped on PyPI)."""
+    import importlib.util
+
+    package, _, rest = ref.partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise KoretError(f"{key}: package {package!r} (from 'pkg:{ref}') is not installed",
+                         f"pip install {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0]) / rest
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+        return isinstance(found, str)
+    except Exception:
+        return False
+
+
+def _hub_load_error(name: str, key: str, exc: Exception) -> KoretError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return KoretError(
+        f"{key}: could not load {name!r} ({type(exc).__name__}: {text[:200]})",
+        "if the Hub is unreachable, download the model once online or set HF_HUB_OFFLINE=1 with a cached copy; "
+        "a local folder also works",
+    )
+
+
+def torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    from koret.report import warn
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    if device.startswith("cpu") and dtype is torch.float16:
+        warn("float16 is slow or unsupported on CPU; using float32 (bfloat16 works on CPU)")
+        return torch.float32
+    if device.startswith("cuda") and dtype is torch.bfloat16:
+        if not torch.cuda.is_bf16_supported():
+            warn("this GPU has no bfloat16 support; using float16")
+            return torch.float16
+    return dtype
+
+
+def default_device(device: str | None = None) -> str:
+    if device:
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return f"cuda:{local % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def load_sentence_transformer(
+    name: str,
+    *,
+    key: str = "teacher.model",
+    device: str | None = None,
+    dtype: str = "float32",
+    max_seq_length: int | None = None,
+    backend: str = "torch",
+) -> Any:
+    """Load a SentenceTransformer from a local folder or the Hub with one-line errors."""
+    from sentence_transformers import SentenceTransformer
+
+    quiet_transformers()
+    ref = resolve_model_path(name, key)
+    device = default_device(device)
+    kwargs: dict[str, Any] = {"device": device}
+    if backend == "torch":
+        kwargs["model_kwargs"] = {"dtype": torch_dtype(dtype, device)}
+    else:
+        kwargs["backend"] = backend
+    try:
+        model = SentenceTransformer(ref, **kwargs)
+    except ImportError as exc:
+        raise KoretError(f"{key}: backend {backend!r} needs extra packages ({exc})",
+                         "pip install 'koret[onnx]'") from exc
+    except (OSError, ValueError) as exc:
+        raise _hub_load_error(name, key, exc) from exc
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def quiet_transformers() -> None:
+    """koret shows its own progress; silence transformers' weight-loading bars and info logs."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def load_cross_encoder(name: str, *, key: str = "rescore.model", device: str | None = None,
+                       max_length: int | None = None) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    quiet_transformers()
+    ref = resolve_model_path(name, key)
+    try:
+        model = CrossEncoder(ref, device=default_device(device), max_length=max_length)
+    except (OSError, ValueError) as exc:
+        raise _hub_load_error(name, key, exc) from exc
+    return model
+
+
+def resolve_prompt(model: Any, prompt: str | None, key: str) -> str:
+    """A prompt is either one of the model's prompt names (``query``) or a literal string (``"query: "``)."""
+    if prompt is None:
+        return ""
+    prompts = getattr(model, "prompts", None) or {}
+    return prompts.get(prompt, prompt)
+
+
+def model_identity(name: str) -> str:
+    """A string that changes when the model's files change: path + file sizes/mtimes, or Hub id + revision."""
+    path = package_path(name[4:], "model") if name.startswith("pkg:") else Path(name).expanduser()
+    if path.is_dir():
+        parts = [str(path.resolve())]
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES:
+                st = f.stat()
+                parts.append(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}")
+        return "|".join(parts)
+    revision = ""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+        if isinstance(found, str):
+            revision = Path(found).parent.name
+    except Exception:
+        pass
+    return f"hub:{name}@{revision}"
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+@dataclass
+class Embeddings:
+    """Row-concatenation of shard arrays (often memory-mapped) without copying them into one array."""
+
+    shards: list[np.ndarray]
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    texts_encoded: int = 0
+    files: list[str] = field(default_factory=list)  # the cached shard files, when cached
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = [0]
+        for shard in self.shards:
+            self.offsets.append(self.offsets[-1] + len(shard))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def dim(self) -> int:
+        return int(self.shards[0].shape[1]) if self.shards else 0
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Gather rows by global index into a new float32 array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(np.asarray(self.offsets[1:]), rows, side="right")
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.shards[s][rows[sel] - self.offsets[s]]
+        return out
+
+    def to_array(self) -> np.ndarray:
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0], dtype=np.float32)
+        return np.concatenate([np.asarray(s, dtype=np.float32) for s in self.shards], axis=0)
+
+
+def _checksum(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=16).hexdigest()
+
+
+class ShardCache:
+    """Embedding shards on disk, each verified by shape and checksum before use."""
+
+    def __init__(self, root: str | Path | None, encoder_key: str) -> None:
+        self.root = Path(root).expanduser() / "embeddings" / encoder_key[:24] if root else None
+        self.encoder_key = encoder_key
+
+    def shard_key(self, texts: Sequence[str]) -> str:
+        h = hashlib.sha256(self.encoder_key.encode())
+        for t in texts:
+            h.update(t.encode())
+            h.update(b"\x00")
+        return h.hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / f"{key}.npy"
+
+    def load(self, key: str, rows: int) -> np.ndarray | None:
+        if self.root is None:
+            return None
+        npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
+        if not (npy.exists() and meta.exists()):
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            array = np.load(npy, mmap_mode="r")
+            if array.shape != (rows, info["dim"]) or array.dtype != np.float32 or _checksum(array) != info["blake2b"]:
+                raise ValueError("shape or checksum mismatch")
+            return array
+        except Exception:
+            from koret.report import warn
+
+            warn(f"embedding shard {npy.name} is incomplete or corrupt; recomputing it")
+            for f in (npy, meta):
+                f.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, array: np.ndarray) -> np.ndarray:
+        if self.root is None:
+            return array
+        self.root.mkdir(parents=True, exist_ok=True)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        with atomic_path(self.root / f"{key}.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+        write_json(self.root / f"{key}.json", {"rows": array.shape[0], "dim": array.shape[1],
+                                                 "blake2b": _checksum(array)})
+        return np.load(self.root / f"{key}.npy", mmap_mode="r")
+
+
+def encoder_key(identity: str, prompt: str, max_seq_length: int | None, dtype: str, normalize: str) -> str:
+    raw = json.dumps({"model": identity, "prompt": prompt, "max_len": max_seq_length, "dtype": dtype,
+                      "text_norm": normalize, "l2": True})
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _encode_sorted(model: Any, texts: Sequence[str], prompt: str, batch_size: int,
+                   on_progress: Any = None) -> np.ndarray:
+    """Encode with length-sorted batches (less padding), L2-normalized float32, in the input order."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    step = batch_size * 4
+    for start in range(0, len(texts), step):
+        idx = order[start:start + step]
+        emb = model.encode([texts[i] for i in idx], prompt=prompt or None, batch_size=batch_size,
+                           normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        out[idx] = emb.astype(np.float32, copy=False)
+        if on_progress is not None:
+            on_progress(len(idx))
+    return out
+
+
+def fault_after_shards() -> int | None:
+    """Testing hook: ``KORET_FAULT_AFTER_SHARDS=N`` kills the process (SIGKILL) after N shards are computed.
+
+    It lets the test suite interrupt a run at a deterministic point, the way kill -9 would.
+    """
+    raw = os.environ.get("KORET_FAULT_AFTER_SHARDS")
+    return int(raw) if raw else None
+
+
+def encode_sharded(
+    model: Any,
+    texts: Sequence[str],
+    *,
+    prompt: str,
+    batch_size: int,
+    shard_size: int,
+    cache: ShardCache,
+    description: str,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Embeddings:
+    """Encode ``texts`` shard by shard through ``cache``; this process computes shards ``i % world_size == rank``.
+
+    Returns the shards in order when ``world_size == 1``. In a multi-process run each process returns only what
+    it computed; the caller waits for every process and then calls :func:`load_sharded`.
+    """
+    from koret.report import progress
+
+    bounds = [(s, min(s + shard_size, len(texts))) for s in range(0, len(texts), shard_size)]
+    keys = [cache.shard_key(texts[a:b]) for a, b in bounds]
+    shards: list[np.ndarray | None] = [None] * len(bounds)
+    fault = fault_after_shards()
+    started = time.perf_counter()
+    computed = reused = encoded = 0
+    with progress() as bar:
+        task = bar.add_task(description, total=len(texts), unit="texts")
+        for i, ((a, b), key) in enumerate(zip(bounds, keys, strict=True)):
+            if i % world_size != rank:
+                continue
+            cached = cache.load(key, b - a)
+            if cached is not None:
+                shards[i] = cached
+                reused += 1
+                bar.update(task, advance=b - a)
+                continue
+            array = _encode_sorted(model, texts[a:b], prompt, batch_size,
+                                   on_progress=lambda n: bar.update(task, advance=n))
+            shards[i] = cache.save(key, array)
+            computed += 1
+            encoded += b - a
+            if fault is not None and computed >= fault:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+    files = [str(cache.path(k)) for k in keys] if cache.root is not None else []
+    return Embeddings([s for s in shards if s is not None], computed=computed, reused=reused,
+                      seconds=time.perf_counter() - started, texts_encoded=encoded, files=files)
+
+
+def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache) -> Embeddings:
+    """Load every shard of ``texts`` from the cache (after all processes have written theirs)."""
+    shards = []
+    for a in range(0, len(texts), shard_size):
+        b = min(a + shard_size, len(texts))
+        array = cache.load(cache.shard_key(texts[a:b]), b - a)
+        if array is None:
+            raise KoretError(f"embedding shard for texts {a}:{b} is missing from {cache.root}",
+                             "in multi-process runs cache_dir must be on a filesystem every process sees")
+        shards.append(array)
+    return Embeddings(shards, files=[str(cache.path(cache.shard_key(texts[a:a + shard_size])))
+                                     for a in range(0, len(texts), shard_size)])
+
+
+def open_shard_files(files: Sequence[str]) -> Embeddings | None:
+    """Memory-map shard files listed by a previous run (``embeddings.json``); None if any is gone."""
+    shards = []
+    for f in files:
+        if not Path(f).exists():
+            return None
+        shards.append(np.load(f, mmap_mode="r"))
+    return Embeddings(shards, files=list(files))

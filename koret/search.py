@@ -1,0 +1,261 @@
+"""Top-k inner-product search of query embeddings over a (sharded) corpus, bounded in memory.
+
+Backends (``search.backend``):
+
+- ``faiss``: exact ``Flat`` search block by block with ``faiss.knn`` (no copy of the corpus into an index), or
+  any ``index_factory`` string (``IVF4096,Flat``, ``HNSW32``, ``IVF1024,PQ32`` ...) trained on a sample of the
+  corpus. Where FAISS was built with GPU support the index is spread over all GPUs (``shard=True``).
+- ``torch``: exact chunked matmul + ``topk``, on CUDA when torch sees a GPU. This is the GPU path where FAISS
+  has no GPU support (faiss-cpu, or no faiss at all).
+- ``auto``: FAISS on its GPUs; else torch on CUDA; else FAISS on CPU; else torch on CPU.
+
+Queries are searched in chunks of ``query_chunk_size`` and the corpus is visited shard by shard, each chunk
+keeping a running top-k, so the full query x corpus score matrix never exists: memory is the corpus (often
+memory-mapped) plus ``chunk x shard`` scores. A backend that cannot return k results (FAISS on GPU caps k at
+2048) says so and falls back instead of failing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from koret.errors import KoretError
+from koret.report import progress, warn
+
+FAISS_GPU_MAX_K = 2048
+
+
+@dataclass
+class SearchResult:
+    scores: np.ndarray  # (n_queries, k) float32, descending per row; -inf where fewer than k hits
+    ids: np.ndarray  # (n_queries, k) int64 corpus indices; -1 where fewer than k hits
+    backend: str
+    seconds: float
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_gpus() -> int:
+    faiss = _faiss()
+    try:
+        return int(faiss.get_num_gpus()) if faiss is not None else 0
+    except Exception:
+        return 0
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def choose_backend(requested: str, index: str, k: int) -> str:
+    """Resolve ``auto`` and fall back when a backend cannot serve the request; returns e.g. ``faiss-gpu``."""
+    flat = index.strip().lower() == "flat"
+    faiss = _faiss()
+    if requested == "faiss" and faiss is None:
+        raise KoretError("search.backend: faiss is not installed", "pip install faiss-cpu (or use backend: torch)")
+    if requested == "torch" and not flat:
+        raise KoretError(f"search.index: {index!r} needs the faiss backend; torch searches exactly (Flat) only")
+    if requested in ("auto", "faiss") and faiss is not None:
+        if faiss_gpus() > 0:
+            if k <= FAISS_GPU_MAX_K:
+                return "faiss-gpu"
+            fallback = "torch-cuda" if flat and torch_cuda() else "faiss-cpu"
+            warn(f"FAISS on GPU returns at most {FAISS_GPU_MAX_K} results per query, asked for {k}; "
+                 f"searching with {fallback} instead")
+            return fallback
+        if requested == "auto" and flat and torch_cuda():
+            return "torch-cuda"
+        return "faiss-cpu"
+    if not flat:
+        raise KoretError(f"search.index: {index!r} needs faiss", "pip install faiss-cpu, or use index: Flat")
+    return "torch-cuda" if torch_cuda() else "torch-cpu"
+
+
+def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, ids_b: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two per-row top lists into the top ``k`` of their union, sorted by descending score.
+
+    Ties keep the lower corpus index first, so results do not depend on how the corpus was split into shards.
+    """
+    scores = np.concatenate([scores_a, scores_b], axis=1)
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    # sort by (-score, id): lexsort takes the last key as primary
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
+
+
+def search(
+    queries: np.ndarray,
+    corpus: Sequence[np.ndarray],
+    k: int,
+    *,
+    backend: str = "auto",
+    index: str = "Flat",
+    query_chunk_size: int = 4096,
+    nprobe: int | None = None,
+    train_sample: int = 262_144,
+    description: str = "search",
+    seed: int = 0,
+) -> SearchResult:
+    """Top-``k`` corpus rows by inner product for every query.
+
+    ``corpus`` is a list of row blocks (the embedding shards, possibly memory-mapped) whose concatenation is
+    the corpus; returned ids index that concatenation. ``k`` larger than the corpus is padded with -1 / -inf.
+    """
+    started = time.perf_counter()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    blocks = [b for b in corpus if len(b)]
+    n_corpus = sum(len(b) for b in blocks)
+    if n_corpus == 0:
+        raise KoretError("search: the corpus is empty")
+    chosen = choose_backend(backend, index, min(k, n_corpus))
+    k_eff = min(k, n_corpus)
+    if index.strip().lower() == "flat":
+        if chosen.startswith("torch"):
+            scores, ids = _exact_torch(queries, blocks, k_eff, query_chunk_size, chosen, description)
+        elif chosen == "faiss-gpu":
+            scores, ids = _faiss_index(queries, blocks, k_eff, "Flat", query_chunk_size, None, train_sample,
+                                       True, description, seed)
+        else:
+            scores, ids = _exact_faiss_cpu(queries, blocks, k_eff, query_chunk_size, description)
+    else:
+        scores, ids = _faiss_index(queries, blocks, k_eff, index, query_chunk_size, nprobe, train_sample,
+                                   chosen == "faiss-gpu", description, seed)
+    if k_eff < k:
+        pad_s, pad_i = _empty(len(queries), k - k_eff)
+        scores, ids = np.concatenate([scores, pad_s], 1), np.concatenate([ids, pad_i], 1)
+    return SearchResult(scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False), chosen,
+                        time.perf_counter() - started)
+
+
+def _exact_faiss_cpu(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: int,
+                     description: str) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    metric = faiss.METRIC_INNER_PRODUCT
+    n = len(queries)
+    out_s, out_i = _empty(n, k)
+    with progress() as bar:
+        task = bar.add_task(description, total=n, unit="queries")
+        for start in range(0, n, chunk):
+            q = queries[start:start + chunk]
+            best_s, best_i = _empty(len(q), k)
+            offset = 0
+            for block in blocks:
+                kb = min(k, len(block))
+                d, i = faiss.knn(q, np.ascontiguousarray(block, dtype=np.float32), kb, metric=metric)
+                best_s, best_i = merge_topk(best_s, best_i, d, np.where(i >= 0, i + offset, -1), k)
+                offset += len(block)
+            out_s[start:start + len(q)], out_i[start:start + len(q)] = best_s, best_i
+            bar.update(task, advance=len(q))
+    return out_s, out_i
+
+
+def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: int, chosen: str,
+                 description: str) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    device = torch.device("cuda" if chosen == "torch-cuda" else "cpu")
+    on_gpu = device.type == "cuda"
+    dtype = torch.float16 if on_gpu else torch.float32
+    # Corpus blocks stay resident on the GPU when they fit, else they are streamed per query chunk.
+    resident: list[torch.Tensor] | None = None
+    if on_gpu:
+        need = sum(b.shape[0] * b.shape[1] for b in blocks) * 2
+        free, _ = torch.cuda.mem_get_info(device)
+        if need < 0.7 * free:
+            resident = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device, dtype) for b in blocks]
+    n = len(queries)
+    out_s = np.empty((n, k), dtype=np.float32)
+    out_i = np.empty((n, k), dtype=np.int64)
+    with progress() as bar, torch.inference_mode():
+        task = bar.add_task(description, total=n, unit="queries")
+        for start in range(0, n, chunk):
+            q = torch.from_numpy(queries[start:start + chunk]).to(device, dtype)
+            best_s = torch.full((len(q), k), -float("inf"), device=device)
+            best_i = torch.full((len(q), k), -1, dtype=torch.int64, device=device)
+            offset = 0
+            for b, block in enumerate(blocks):
+                x = resident[b] if resident is not None else \
+                    torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
+                sims = (q @ x.T).float()
+                kb = min(k, x.shape[0])
+                s, i = torch.topk(sims, kb, dim=1)
+                cat_s = torch.cat([best_s, s], 1)
+                cat_i = torch.cat([best_i, i + offset], 1)
+                top_s, pos = torch.topk(cat_s, k, dim=1)
+                best_s, best_i = top_s, torch.gather(cat_i, 1, pos)
+                offset += x.shape[0]
+            s_np, i_np = best_s.cpu().numpy(), best_i.cpu().numpy()
+            # canonical tie order (lower id first), as in merge_topk
+            order = np.lexsort((np.where(i_np < 0, np.iinfo(np.int64).max, i_np), -s_np), axis=1)
+            out_s[start:start + len(q)] = np.take_along_axis(s_np, order, 1)
+            out_i[start:start + len(q)] = np.take_along_axis(i_np, order, 1)
+            bar.update(task, advance=len(q))
+    return out_s, out_i
+
+
+def _faiss_index(queries: np.ndarray, blocks: list[np.ndarray], k: int, spec: str, chunk: int,
+                 nprobe: int | None, train_sample: int, gpu: bool, description: str,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    dim = blocks[0].shape[1]
+    try:
+        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise KoretError(f"search.index: {spec!r} is not a valid FAISS index_factory string",
+                         "e.g. Flat, IVF4096,Flat, HNSW32, IVF1024,PQ32") from exc
+    n_corpus = sum(len(b) for b in blocks)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(n_corpus, size=min(train_sample, n_corpus), replace=False))
+        from koret.encode import Embeddings
+
+        sample = Embeddings(list(blocks)).take(take)
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise KoretError(f"search.index: training {spec!r} on {len(sample):,} vectors failed "
+                             f"({str(exc).splitlines()[0]})", "use fewer IVF cells or a Flat index") from exc
+    if gpu:
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = True
+        index = faiss.index_cpu_to_all_gpus(index, co=co)
+    for block in blocks:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    if nprobe is not None:
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        except RuntimeError:
+            warn(f"search.nprobe is ignored: index {spec!r} has no nprobe")
+    n = len(queries)
+    out_s = np.empty((n, k), dtype=np.float32)
+    out_i = np.empty((n, k), dtype=np.int64)
+    with progress() as bar:
+        task = bar.add_task(description, total=n, unit="queries")
+        for start in range(0, n, chunk):
+            d, i = index.search(queries[start:start + chunk], k)
+            out_s[start:start + len(d)] = np.where(i >= 0, d, -np.inf)
+            out_i[start:start + len(d)] = i
+            bar.update(task, advance=len(d))
+    return out_s, out_i

@@ -1,0 +1,169 @@
+"""Synthetic Korean retrieval data: facts about fictional entities, written for koret (no dataset is copied).
+
+Every entity (a city, a person, a company, a river, a festival) gets one passage built from a template of its
+kind, and questions about its attributes. Entities of the same kind share the template, so their passages are
+natural hard negatives for each other (same words, different names and numbers). For a share of the entities a
+*paraphrase* of the positive passage (same facts, other wording) is planted in the extra corpus: it is a false
+negative that a positive-aware filter must catch.
+
+Used by the quickstart sample, by the tests and by the scale benchmarks (any size, deterministic by seed)::
+
+    koret synth --entities 2000 --out data/synth
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SYLLABLES = list("가온누리다솔마루하빛새벼린채윤서하준도현시우라온별찬결아람슬기해나봄")
+_REGIONS = ["동쪽 해안", "서부 평야", "남쪽 산간", "북부 고원", "중부 분지", "호숫가", "섬 지역", "강 하류"]
+_PRODUCTS = ["배", "인삼", "녹차", "도자기", "비단", "소금", "한지", "사과", "김", "옹기", "버섯", "꿀"]
+_FIELDS = ["천문학", "조선 공학", "식물학", "음향학", "도시 계획", "해양 생물학", "언어학", "로봇 공학"]
+_PRIZES = ["청람상", "누리과학상", "한빛문화상", "새솔학술상", "바다별상"]
+_INDUSTRIES = ["배터리", "반도체 장비", "해조류 가공", "게임 엔진", "자전거", "의료 로봇", "친환경 섬유"]
+_FOODS = ["떡", "국수", "전", "만두", "식혜", "비빔밥", "김밥"]
+_MONTHS = [f"{m}월" for m in range(1, 13)]
+
+
+def _name(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables))
+
+
+def josa(word: str, pair: str) -> str:
+    """Attach the particle that fits the word's last syllable: ``josa("사과", "이/가") == "사과가"``.
+
+    ``pair`` is "after a final consonant / after a vowel" (은/는, 이/가, 을/를, 과/와, 으로/로); a final ㄹ takes 로.
+    """
+    with_final, without = pair.split("/")
+    last = word[-1]
+    code = ord(last) - 0xAC00
+    if not 0 <= code < 11172:
+        return word + with_final
+    final = code % 28
+    if pair == "으로/로" and final == 8:  # ㄹ
+        return word + without
+    return word + (with_final if final else without)
+
+
+@dataclass
+class SynthData:
+    pairs: list[dict[str, str]] = field(default_factory=list)  # {"query", "positive", "entity"}
+    extra_corpus: list[str] = field(default_factory=list)  # paraphrases (planted false negatives) + distractors
+    planted: list[dict[str, str]] = field(default_factory=list)  # {"positive", "paraphrase"}
+
+
+def _city(rng: random.Random, name: str) -> tuple[str, str, list[str]]:
+    region, year, pop, prod = rng.choice(_REGIONS), rng.randint(1200, 1990), rng.randint(2, 95), rng.choice(_PRODUCTS)
+    mayor = _name(rng, 3)
+    passage = (f"{name}시는 {region}에 있는 도시로, {year}년에 처음 세워졌다. 인구는 약 {pop}만 명이며 "
+               f"특산물은 {prod}이다. 현재 시장은 {mayor}이다.")
+    para = (f"{region}에 자리한 {name}시의 역사는 {year}년에 시작되었다. 이 도시에는 약 {pop}만 명이 살고, "
+            f"{josa(prod, '이/가')} 특산물로 이름나 있으며 {mayor} 시장이 시정을 맡고 있다.")
+    queries = [f"{name}시는 언제 세워졌나?", f"{name}시의 특산물은 무엇인가?", f"{name}시의 시장은 누구인가?"]
+    return passage, para, queries
+
+
+def _person(rng: random.Random, name: str) -> tuple[str, str, list[str]]:
+    fld, born, prize, city = rng.choice(_FIELDS), rng.randint(1890, 1995), rng.choice(_PRIZES), _name(rng, 2)
+    topic = josa(name, "은/는")
+    passage = (f"{topic} {born}년 {city}에서 태어난 {fld} 연구자이다. 그는 새로운 측정 방법을 제안한 공로로 "
+               f"{josa(prize, '을/를')} 받았다.")
+    para = (f"{josa(fld, '을/를')} 연구한 {topic} {city} 출신으로 {born}년에 출생했다. 측정 방법에 관한 업적으로 "
+            f"{prize} 수상자가 되었다.")
+    queries = [f"{topic} 어느 분야의 연구자인가?", f"{josa(name, '이/가')} 받은 상은 무엇인가?",
+               f"{topic} 몇 년에 태어났나?"]
+    return passage, para, queries
+
+
+def _company(rng: random.Random, name: str) -> tuple[str, str, list[str]]:
+    ind, year, staff, ceo = rng.choice(_INDUSTRIES), rng.randint(1950, 2022), rng.randint(20, 9000), _name(rng, 3)
+    passage = (f"{name}전자는 {year}년에 설립된 {ind} 회사이다. 직원은 {staff}명이며 대표는 {ceo}이다.")
+    para = (f"{josa(ind, '을/를')} 만드는 {name}전자는 {year}년에 문을 열었고, {ceo} 대표 아래 {staff}명이 일한다.")
+    queries = [f"{name}전자는 무엇을 만드는 회사인가?", f"{name}전자의 대표는 누구인가?",
+               f"{name}전자는 언제 설립되었나?"]
+    return passage, para, queries
+
+
+def _river(rng: random.Random, name: str) -> tuple[str, str, list[str]]:
+    length, source, mouth = rng.randint(12, 480), _name(rng, 2) + "산", rng.choice(_REGIONS)
+    passage = f"{name}강은 길이 {length}킬로미터의 강으로, {source}에서 시작해 {josa(mouth, '으로/로')} 흘러간다."
+    para = f"{source}에서 발원하는 {name}강은 {length}킬로미터를 흘러 {mouth}에 이른다."
+    queries = [f"{name}강의 길이는 얼마인가?", f"{name}강은 어디에서 시작되나?"]
+    return passage, para, queries
+
+
+def _festival(rng: random.Random, name: str) -> tuple[str, str, list[str]]:
+    month, food, visitors = rng.choice(_MONTHS), rng.choice(_FOODS), rng.randint(1, 90)
+    passage = (f"{name}축제는 매년 {month}에 열리는 축제로, {food} 만들기 체험이 유명하다. "
+               f"해마다 약 {visitors}만 명이 찾는다.")
+    para = f"해마다 {month}이면 {name}축제가 열려 약 {visitors}만 명이 {food} 만들기 체험을 즐긴다."
+    queries = [f"{name}축제는 언제 열리나?", f"{name}축제에서 유명한 체험은 무엇인가?"]
+    return passage, para, queries
+
+
+_KINDS = [_city, _person, _company, _river, _festival]
+
+
+def generate(entities: int = 200, seed: int = 0, paraphrase_rate: float = 0.2,
+             queries_per_entity: int = 2, distractors: int = 0) -> SynthData:
+    """Generate ``entities`` fictional entities (names unique), their passages, questions and paraphrases.
+
+    ``distractors`` adds that many extra passages of entities that no question asks about.
+    """
+    rng = random.Random(seed)
+    out = SynthData()
+    used: set[str] = set()
+
+    def fresh_name() -> str:
+        start = 2 if len(used) < 400 else 3 if len(used) < 16_000 else 4
+        for length in range(start, start + 4):
+            for _ in range(20):
+                cand = _name(rng, length)
+                if cand not in used:
+                    used.add(cand)
+                    return cand
+        cand = f"{_name(rng, 4)}{len(used)}"
+        used.add(cand)
+        return cand
+
+    for i in range(entities):
+        kind = _KINDS[i % len(_KINDS)]
+        name = fresh_name()
+        passage, para, queries = kind(rng, name)
+        for q in rng.sample(queries, k=min(queries_per_entity, len(queries))):
+            out.pairs.append({"query": q, "positive": passage, "entity": name})
+        if rng.random() < paraphrase_rate:
+            out.extra_corpus.append(para)
+            out.planted.append({"positive": passage, "paraphrase": para})
+    for i in range(distractors):
+        passage, _, _ = _KINDS[i % len(_KINDS)](rng, fresh_name())
+        out.extra_corpus.append(passage)
+    return out
+
+
+def write(data: SynthData, out_dir: str | Path, eval_fraction: float = 0.0, seed: int = 0) -> dict[str, str]:
+    """Write ``train.jsonl`` (+ ``eval.jsonl`` split by entity), ``corpus.txt`` and ``planted.jsonl``."""
+    from koret.io import write_text
+
+    out = Path(out_dir)
+    entities = sorted({p["entity"] for p in data.pairs})
+    random.Random(seed).shuffle(entities)
+    held = set(entities[: int(round(len(entities) * eval_fraction))])
+    files: dict[str, str] = {}
+
+    def dump(name: str, rows: list[dict[str, str]]) -> None:
+        write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        files[name] = str(out / name)
+
+    dump("train.jsonl", [{"query": p["query"], "positive": p["positive"]} for p in data.pairs
+                         if p["entity"] not in held])
+    if held:
+        dump("eval.jsonl", [{"query": p["query"], "positive": p["positive"]} for p in data.pairs
+                            if p["entity"] in held])
+    write_text(out / "corpus.txt", "".join(t + "\n" for t in data.extra_corpus))
+    files["corpus.txt"] = str(out / "corpus.txt")
+    dump("planted.jsonl", data.planted)
+    return files

@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: run the CLI in-process or as a subprocess, build configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner
+
+from koret.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> Any:
+    """Invoke ``koret ARGS`` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def run_subprocess(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "koret", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+
+
+def mine_config(tmp: Path, model: Path, train: Path | str, *, out: str = "out", cache: str = "cache",
+                **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "data": {"train": str(train)},
+        "teacher": {"model": str(model), "query_prompt": "query", "passage_prompt": "passage", "batch_size": 16},
+        "encode": {"shard_size": 64},
+        "search": {"top_k": 30},
+        "filter": {"num_negatives": 3},
+        "output": {"dir": str(tmp / out)},
+        "cache_dir": str(tmp / cache),
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        parts = dotted.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,227 @@
+"""End-to-end mine and filter: outputs, agreement with sentence-transformers, resume, NFC/NFD, rescoring."""
+
+from __future__ import annotations
+
+import json
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import mine_config, run_cli, run_subprocess, write_config
+
+
+def _mine(tmp: Path, tiny_model: Path, data_dir: Path, name: str = "mine.yaml", **overrides) -> Path:
+    cfg = mine_config(tmp, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      **overrides)
+    path = write_config(tmp / name, cfg)
+    result = run_cli("mine", "-c", str(path), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    return Path(cfg["output"]["dir"])
+
+
+def test_mine_writes_every_output(tmp_path, tiny_model, data_dir, pairs):
+    out = _mine(tmp_path, tiny_model, data_dir)
+    for name in ("candidates.parquet", "corpus.parquet", "train.parquet", "stats.json", "scores.png", "config.yaml"):
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+
+    train = pd.read_parquet(out / "train.parquet")
+    assert list(train.columns) == ["anchor", "positive", "negative_1", "negative_2", "negative_3", "scores"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows_in"] == len({(r["query"], r["positive"]) for r in pairs})
+    assert stats["rows_out"] == len(train) > 0
+    assert stats["rows_out"] + stats["shortage"]["dropped_rows"] == stats["rows_in"]
+    assert set(stats["phases_seconds"]) >= {"read", "encode", "search", "filter", "write"}
+    assert stats["encode"]["passages"]["texts_per_second"] > 0
+
+    corpus = pd.read_parquet(out / "corpus.parquet")
+    cands = pd.read_parquet(out / "candidates.parquet")
+    positives_of = {}
+    for row in cands.itertuples():
+        positives_of[row.query] = {corpus.text[i] for i in row.positive_ids}
+        assert len(row.candidate_ids) == 30
+        assert np.all(np.diff(row.teacher_candidate_scores) <= 1e-6), "candidates sorted by score"
+    for row in train.itertuples():
+        negs = [row.negative_1, row.negative_2, row.negative_3]
+        assert row.positive in positives_of[row.anchor]
+        assert not set(negs) & positives_of[row.anchor], "a known positive was used as a negative"
+        assert len(set(negs)) == 3
+        # perc_pos 0.95: every negative scores at most 95% of the positive
+        pos, *neg = row.scores
+        assert all(n <= pos * 0.95 + 1e-6 for n in neg)
+        assert neg == sorted(neg, reverse=True)
+
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["filter"]["perc"] == 0.95 and resolved["search"]["index"] == "Flat"
+
+
+def test_filter_resamples_without_a_model(tmp_path, tiny_model, data_dir):
+    out = _mine(tmp_path, tiny_model, data_dir)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["teacher"]["model"] = str(tmp_path / "no-such-model")  # filter must not load it
+    path = write_config(tmp_path / "f.yaml", cfg)
+    started = time.perf_counter()
+    result = run_cli("filter", "-c", str(path), "--set", "filter.perc=0.80", "--set", f"output.dir={tmp_path}/f80",
+                     "--set", f"filter.candidates={out}", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert time.perf_counter() - started < 20
+    strict = json.loads((tmp_path / "f80" / "stats.json").read_text())
+    loose = json.loads((out / "stats.json").read_text())
+    assert strict["filtered"]["perc_pos"] > loose["filtered"]["perc_pos"]
+    train = pd.read_parquet(tmp_path / "f80" / "train.parquet")
+    for scores in train.scores:
+        assert all(n <= scores[0] * 0.80 + 1e-6 for n in scores[1:])
+    # re-filtering with the mine's own settings reproduces its train.parquet exactly
+    result = run_cli("filter", "-c", str(path), "--set", f"output.dir={tmp_path}/same",
+                     "--set", f"filter.candidates={out}/candidates.parquet", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "train.parquet"),
+                                  pd.read_parquet(tmp_path / "same" / "train.parquet"))
+
+
+def test_agreement_with_sentence_transformers(tmp_path, tiny_model, pairs):
+    """koret's perc_pos 0.95 == mine_hard_negatives(relative_margin=0.05, sampling top, n-tuple, exact search)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from koret.data import normalize_text
+    from koret.synth import generate
+
+    rows = [{"query": normalize_text(r["query"]), "positive": normalize_text(r["positive"])} for r in pairs]
+    rows += [{"query": p["query"], "positive": p["positive"]} for p in generate(150, seed=11).pairs]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    n_neg = 3
+    max_pos = max(pd.DataFrame(rows).groupby("query").size())
+    window = (n_neg * 10 + max_pos) + max_pos  # the library's candidate window: range_max + max_positives
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    lib = mine_hard_negatives(
+        Dataset.from_list(rows), model, relative_margin=0.05, num_negatives=n_neg, sampling_strategy="top",
+        output_format="n-tuple", use_faiss=True, query_prompt_name="query", corpus_prompt_name="passage",
+        batch_size=16, verbose=False,
+    )
+    cfg = mine_config(tmp_path, tiny_model, tmp_path / "pairs.jsonl", search__top_k=window,
+                      filter__num_negatives=n_neg)
+    result = run_cli("mine", "-c", str(write_config(tmp_path / "m.yaml", cfg)), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    ours = pd.read_parquet(tmp_path / "out" / "train.parquet")
+
+    negs = [f"negative_{i}" for i in range(1, n_neg + 1)]
+    theirs_map = {(r["query"], r["positive"]): tuple(r[c] for c in negs) for r in lib}
+    ours_map = {(r.anchor, r.positive): tuple(getattr(r, c) for c in negs) for r in ours.itertuples()}
+    keys = {(r["query"], r["positive"]) for r in rows}  # a row both drop for shortage agrees too
+    same = sum(theirs_map.get(k) == ours_map.get(k) for k in keys)
+    assert len(theirs_map) >= 100 and len(ours_map) >= 100
+    assert same / len(keys) >= 0.99, f"agreement {same}/{len(keys)}"
+    print(f"agreement {same}/{len(keys)} rows; kept: koret {len(ours_map)}, library {len(theirs_map)}")
+
+
+def test_resume_after_kill_reuses_finished_shards(tmp_path, tiny_model, data_dir):
+    cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      encode__shard_size=20)
+    path = write_config(tmp_path / "m.yaml", cfg)
+    killed = run_subprocess("mine", "-c", str(path), "--quiet", env={"KORET_FAULT_AFTER_SHARDS": "3"})
+    assert killed.returncode == -9, killed.stderr
+    out = tmp_path / "out"
+    assert not (out / "train.parquet").exists(), "no outputs from a killed run"
+    shards = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(shards) == 3
+    # a truncated shard (e.g. a disk that filled up) is detected and recomputed, never used
+    victim = sorted(shards)[0]
+    victim.write_bytes(victim.read_bytes()[:-17])
+
+    resumed = run_subprocess("mine", "-c", str(path), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    enc = stats["encode"]["passages"]
+    total = -(-stats["data"]["passages"] // 20)
+    assert total >= 5
+    assert enc["shards_reused"] == 2, "the two intact shards are reused"
+    assert enc["shards_computed"] == total - 2, "only the missing and the corrupt shard are encoded"
+
+    fresh = write_config(tmp_path / "fresh.yaml", {**cfg, "cache_dir": str(tmp_path / "cache2"),
+                                                   "output": {"dir": str(tmp_path / "fresh")}})
+    assert run_cli("mine", "-c", str(fresh), "--quiet").exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "train.parquet"),
+                                  pd.read_parquet(tmp_path / "fresh" / "train.parquet"), atol=1e-6)
+
+
+def test_nfd_copy_gives_identical_train(tmp_path, tiny_model, data_dir, pairs):
+    nfd = tmp_path / "nfd"
+    nfd.mkdir()
+    with open(nfd / "pairs.jsonl", "w", encoding="utf-8") as fh:
+        for r in pairs:
+            row = {"query": unicodedata.normalize("NFD", r["query"]) + "  ",
+                   "positive": unicodedata.normalize("NFD", r["positive"]).replace(" ", "\u00a0 ", 1)}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    text = (data_dir / "corpus.txt").read_text(encoding="utf-8")
+    (nfd / "corpus.txt").write_text(unicodedata.normalize("NFD", text), encoding="utf-8")
+    assert (nfd / "pairs.jsonl").read_bytes() != (data_dir / "pairs.jsonl").read_bytes()
+
+    a = _mine(tmp_path, tiny_model, data_dir, "a.yaml")
+    b_cfg = mine_config(tmp_path, tiny_model, nfd / "pairs.jsonl", data__corpus=str(nfd / "corpus.txt"), out="nfd-out")
+    assert run_cli("mine", "-c", str(write_config(tmp_path / "b.yaml", b_cfg)), "--quiet").exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "train.parquet"),
+                                  pd.read_parquet(tmp_path / "nfd-out" / "train.parquet"))
+
+
+def test_rescore_with_cross_encoder_drives_filtering(tmp_path, tiny_model, tiny_cross_encoder, data_dir):
+    out = _mine(tmp_path, tiny_model, data_dir, rescore__model=str(tiny_cross_encoder), filter__strategy="margin_pos",
+                filter__margin=0.0)
+    cands = pd.read_parquet(out / "candidates.parquet")
+    assert {"rescore_candidate_scores", "rescore_positive_scores", "teacher_candidate_scores"} <= set(cands.columns)
+    row = cands.iloc[0]
+    assert len(row.rescore_candidate_scores) == len(row.candidate_ids) == len(row.teacher_candidate_scores)
+    assert np.all(np.diff(row.rescore_candidate_scores) <= 1e-6), "re-ranked by the cross-encoder"
+
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    corpus = pd.read_parquet(out / "corpus.parquet").text.tolist()
+    expect = ce.predict([(row.query, corpus[i]) for i in row.candidate_ids[:5]])
+    np.testing.assert_allclose(row.rescore_candidate_scores[:5], expect, atol=1e-5)
+    train = pd.read_parquet(out / "train.parquet")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rescored"] is True
+    for scores in train.scores:  # margin 0 on cross-encoder scores: negatives never above the positive
+        assert all(n <= scores[0] + 1e-6 for n in scores[1:])
+
+
+def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
+    out = _mine(tmp_path, tiny_model, data_dir, filter__perc=0.9, filter__on_shortage="pad_random",
+                search__top_k=5)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shortage"]["rows"] > 0
+    assert stats["shortage"]["padded_negatives"] > 0
+    train = pd.read_parquet(out / "train.parquet")
+    assert len(train) > stats["rows_in"] - stats["shortage"]["rows"]
+    for scores in train.scores:  # padded negatives carry their exact teacher score and pass the same rule
+        assert np.isfinite(scores).all()
+        assert all(n <= scores[0] * 0.9 + 1e-6 for n in scores[1:])
+        assert list(scores[1:]) == sorted(scores[1:], reverse=True)
+    # koret filter pads the same way from the cached teacher embeddings
+    result = run_cli("filter", "-c", str(out / "config.yaml"), "--set", f"output.dir={tmp_path}/refiltered",
+                     "--set", f"filter.candidates={out}", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    pd.testing.assert_frame_equal(train, pd.read_parquet(tmp_path / "refiltered" / "train.parquet"))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_outputs(tmp_path, tiny_model, data_dir):
+    cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      encode__shard_size=25, out="two")
+    path = write_config(tmp_path / "m.yaml", cfg)
+    two = run_subprocess("mine", "-c", str(path), "--num-processes", "2", "--quiet")
+    assert two.returncode == 0, two.stderr[-3000:]
+    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert stats["encode"]["passages"]["processes"] == 2
+    one = write_config(tmp_path / "one.yaml", {**cfg, "cache_dir": str(tmp_path / "c1"),
+                                               "output": {"dir": str(tmp_path / "one")}})
+    assert run_cli("mine", "-c", str(one), "--quiet").exit_code == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "train.parquet"),
+                                  pd.read_parquet(tmp_path / "two" / "train.parquet"), atol=1e-6)
