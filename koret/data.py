@@ -451,15 +451,19 @@ def _read_beir(builder: _Builder, root: Path, split: str, key: str, limit: int |
                     continue
                 q = builder.add_query(query_text[qid], ext_id=qid, where=f"queries.jsonl id {qid}")
             builder.relate(q, d, grade)
-    _unknown_ids_error(key, qrels_path, unknown_q, "query")
-    _unknown_ids_error(key, qrels_path, unknown_d, "doc")
+    _unknown_ids_error(key, qrels_path, unknown_d, unknown_q)
 
 
-def _unknown_ids_error(key: str, where: Path, ids: list[str], what: str) -> None:
-    if ids:
-        shown = ", ".join(repr(i) for i in list(dict.fromkeys(ids))[:5])
-        raise KoretError(f"{key}: {where}: {len(ids):,} judgments name unknown {what} ids (e.g. {shown})",
-                         f"fix the qrels or add the missing {what}s")
+def _unknown_ids_error(key: str, where: Path, docs: list[str], queries: list[str] | None = None) -> None:
+    """One line saying how many judgments name unknown doc / query ids, with a few examples of each."""
+    parts = []
+    for ids, what in ((docs, "doc"), (queries or [], "query")):
+        if ids:
+            shown = ", ".join(repr(i) for i in list(dict.fromkeys(ids))[:5])
+            parts.append(f"{len(ids):,} name unknown {what} ids (e.g. {shown})")
+    if parts:
+        raise KoretError(f"{key}: {where}: judgments that {' and '.join(parts)}",
+                         "fix the qrels, or add the missing documents / queries")
 
 
 def _is_int(text: str) -> bool:
@@ -533,7 +537,7 @@ def _read_autorag(builder: _Builder, path: Path, corpus: str | None, key: str, l
                 unknown.append(str(doc_id))
                 continue
             builder.relate(q, d, 1)
-    _unknown_ids_error(key, qa_path, unknown, "doc")
+    _unknown_ids_error(key, qa_path, unknown)
 
 
 def iter_passages(path: str, fmt: str = "auto", column: str | None = None, key: str = "data.corpus") -> list[str]:

@@ -40,6 +40,7 @@ from koret.encode import (
     load_sentence_transformer,
     load_sharded,
     model_identity,
+    resolve_model_path,
     resolve_prompt,
 )
 from koret.errors import KoretError
@@ -87,6 +88,14 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
         raise KoretError("teacher.model: required key is missing", "set a SentenceTransformer Hub id or folder")
     out_dir = Path(cfg.output.dir)
     phases: dict[str, float] = {}
+    # fail fast on model references, before any data is read or encoded
+    resolve_model_path(cfg.teacher.model, "teacher.model")
+    if cfg.rescore.model:
+        resolve_model_path(cfg.rescore.model, "rescore.model")
+        if settings.on_shortage == "pad_random":
+            raise KoretError("filter.on_shortage: pad_random cannot be combined with rescore.model "
+                             "(padded passages would carry teacher scores among cross-encoder scores)",
+                             "use on_shortage: drop")
 
     t = time.perf_counter()
     data = load_from_config(cfg.data)

@@ -1,0 +1,85 @@
+"""Config loading, overrides and one-line validation errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers import run_cli
+
+from koret.config import MineConfig, apply_overrides, load_config, parse_override
+from koret.errors import KoretError
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_overrides_parse_yaml_scalars_and_lists():
+    assert parse_override("filter.perc=0.9") == (["filter", "perc"], 0.9)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a=null") == (["a"], None)
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x", "d.e=2"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
+    with pytest.raises(KoretError, match="dotted.key=value"):
+        parse_override("nokey")
+
+
+def test_defaults_and_override(tmp_path):
+    cfg = load_config(MineConfig, _write(tmp_path, "data: {train: x.jsonl}\n"), ["search.top_k=200"])
+    assert cfg.search.top_k == 200 and cfg.filter.strategy == "perc_pos" and cfg.filter.perc == 0.95
+    assert cfg.filter.num_negatives == 7 and cfg.search.index == "Flat" and cfg.data.normalize == "nfc"
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(KoretError) as err:
+        load_config(MineConfig, _write(tmp_path, "filter:\n  stratgy: naive\n"))
+    msg = str(err.value)
+    assert "c.yaml" in msg and "filter.stratgy" in msg and "did you mean 'filter.strategy'" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(KoretError, match=r"unknown key 'serch'.*did you mean 'search'"):
+        load_config(MineConfig, _write(tmp_path, "serch: {top_k: 3}\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(KoretError, match=r"c.yaml: search.top_k: .*integer.*'many'"):
+        load_config(MineConfig, _write(tmp_path, "search: {top_k: many}\n"))
+
+
+def test_unknown_strategy_lists_choices(tmp_path):
+    with pytest.raises(KoretError, match=r"filter.strategy: .*perc_pos"):
+        load_config(MineConfig, _write(tmp_path, "filter: {strategy: best}\n"))
+
+
+def test_negatives_must_fit_top_k(tmp_path):
+    with pytest.raises(KoretError, match=r"num_negatives \(20\) is larger than search.top_k \(10\)"):
+        load_config(MineConfig, _write(tmp_path, "search: {top_k: 10}\nfilter: {num_negatives: 20}\n"))
+
+
+def test_negative_margin_rejected(tmp_path):
+    with pytest.raises(KoretError, match="filter.margin: must be >= 0"):
+        load_config(MineConfig, _write(tmp_path, "filter: {margin: -0.1}\n"))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(KoretError, match=r"line \d+: invalid YAML"):
+        load_config(MineConfig, _write(tmp_path, "data:\n  train: [unclosed\n"))
+    with pytest.raises(KoretError, match="config file not found"):
+        load_config(MineConfig, tmp_path / "nope.yaml")
+    with pytest.raises(KoretError, match="expected a mapping"):
+        load_config(MineConfig, _write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_config_show_and_validate_cli(tmp_path):
+    path = _write(tmp_path, "data: {train: x.jsonl}\n")
+    shown = run_cli("config", "show", "-c", str(path), "--set", "filter.perc=0.9")
+    assert shown.exit_code == 0
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["filter"]["perc"] == 0.9 and resolved["search"]["top_k"] == 100
+    assert run_cli("config", "validate", "-c", str(path)).exit_code == 0
+    bad = run_cli("config", "validate", "-c", str(path), "--set", "filter.num_negatives=0")
+    assert bad.exit_code == 2
+    assert bad.stderr.strip().count("\n") == 0 and "filter.num_negatives" in bad.stderr

@@ -1,0 +1,170 @@
+"""Every input layout reads into the same RetrievalData; normalization and deduplication."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pandas as pd
+import pytest
+
+from koret.data import load_retrieval_data, normalize_text
+from koret.errors import KoretError
+
+ROWS = [
+    {"question": "한글은 누가 만들었나?", "answer": "한글은 세종이 창제하였다.", "extra": 1},
+    {"question": "한글은 누가 만들었나?", "answer": "훈민정음은 1446년에 반포되었다.", "extra": 2},
+    {"question": "김치는 어떻게 보관하나?", "answer": "김치는 낮은 온도에서 보관한다.", "extra": 3},
+]
+
+
+def _check(data):
+    assert data.queries == ["한글은 누가 만들었나?", "김치는 어떻게 보관하나?"]
+    assert len(data.corpus) == 3
+    assert data.pairs == [(0, 0), (0, 1), (1, 2)]
+    assert data.qrels[0] == {0: 1, 1: 1}
+
+
+def test_normalize_text_nfc_whitespace():
+    nfd = unicodedata.normalize("NFD", "  한글\t은\n 좋다 ")
+    assert nfd != "한글 은 좋다"
+    assert normalize_text(nfd) == "한글 은 좋다"
+    assert normalize_text(nfd, "none") == nfd
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv", "parquet", "hf_disk"])
+def test_pair_formats(tmp_path, fmt):
+    df = pd.DataFrame(ROWS)
+    path = tmp_path / (f"pairs.{fmt}" if fmt != "hf_disk" else "ds")
+    if fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif fmt == "json":
+        path.write_text(json.dumps(ROWS, ensure_ascii=False))
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, index=False, sep="\t")
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    else:
+        from datasets import Dataset
+
+        Dataset.from_pandas(df).save_to_disk(str(path))
+    data = load_retrieval_data(str(path))  # auto-detected
+    assert data.format == fmt
+    _check(data)
+
+
+def test_named_columns_and_missing_column(tmp_path):
+    path = tmp_path / "p.jsonl"
+    pd.DataFrame(ROWS)[["extra", "answer", "question"]].to_json(path, orient="records", lines=True,
+                                                                force_ascii=False)
+    _check(load_retrieval_data(str(path), query_column="question", positive_column="answer"))
+    with pytest.raises(KoretError, match=r"column 'query' \(data.query_column\) not found; available columns: "
+                                         r"extra, answer, question"):
+        load_retrieval_data(str(path), query_column="query")
+
+
+def test_squad_layout_and_article_ranges(tmp_path):
+    doc = {"version": "1", "data": [
+        {"title": "a", "paragraphs": [{"context": "세종은 한글을 만들었다.", "qas": [
+            {"id": "1", "question": "한글은 누가?"}, {"id": "2", "question": "세종은 무엇을?"}]}]},
+        {"title": "b", "paragraphs": [{"context": "김치는 발효 음식이다.", "qas": [
+            {"id": "3", "question": "김치는 어떤 음식?"}]},
+            {"context": "세종은  한글을 만들었다.", "qas": [{"id": "4", "question": "누가 한글을?"}]}]},
+    ]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc, ensure_ascii=False))
+    data = load_retrieval_data(str(path))
+    assert data.format == "squad"
+    assert len(data.corpus) == 2, "paragraphs identical after normalization are one passage"
+    assert len(data.queries) == 4 and data.query_ids == ["1", "2", "3", "4"]
+    assert data.qrels[3] == {0: 1}
+    first = load_retrieval_data(f"{path}#0:1")
+    rest = load_retrieval_data(f"{path}#1:")
+    assert first.queries == ["한글은 누가?", "세종은 무엇을?"] and len(rest.queries) == 2
+    with pytest.raises(KoretError, match="selects no article"):
+        load_retrieval_data(f"{path}#5:")
+
+
+def test_beir_layout_keeps_graded_relevance(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"_id": "d1", "title": "세종", "text": "한글을 만들었다."},
+        {"_id": "d2", "title": "", "text": "김치는 발효 음식이다."},
+        {"_id": "d3", "text": "장마는 6월에 시작한다."},
+    ]))
+    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"_id": "q1", "text": "한글은 누가 만들었나"}, {"_id": "q2", "text": "김치란"}]))
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2\td2\t1\n")
+    data = load_retrieval_data(str(tmp_path), split="test")
+    assert data.format == "beir"
+    assert data.corpus[0] == "세종 한글을 만들었다."
+    assert data.qrels[0] == {0: 2, 2: 1} and data.doc_ids == ["d1", "d2", "d3"]
+    (tmp_path / "qrels" / "bad.tsv").write_text("q1\tdX\t1\nq9\td1\t1\nq1\td7\t1\n")
+    with pytest.raises(KoretError, match=r"judgments that 2 name unknown doc ids \(e.g. 'dX', 'd7'\) "
+                                         r"and 1 name unknown query ids \(e.g. 'q9'\)"):
+        load_retrieval_data(str(tmp_path), split="bad")
+    with pytest.raises(KoretError, match="available splits: bad, test"):
+        load_retrieval_data(str(tmp_path), split="dev")
+
+
+def test_autorag_layout_nested_retrieval_gt(tmp_path):
+    pd.DataFrame({"doc_id": ["a", "b", "c"], "contents": ["세종은 한글을 만들었다.", "김치는 발효 음식이다.",
+                                                          "훈민정음은 1446년에 반포되었다."]}).to_parquet(
+        tmp_path / "corpus.parquet")
+    pd.DataFrame({"qid": ["q1", "q2"], "query": ["한글은 누가?", "김치란?"],
+                  "retrieval_gt": [[["a", "c"]], [["b"]]]}).to_parquet(tmp_path / "qa.parquet")
+    for path in (tmp_path, tmp_path / "qa.parquet"):
+        data = load_retrieval_data(str(path))
+        assert data.format == "autorag"
+        assert data.qrels == [{0: 1, 2: 1}, {1: 1}]
+
+
+def test_extra_corpus_text_file_dedups_against_positives(tmp_path):
+    path = tmp_path / "p.jsonl"
+    pd.DataFrame(ROWS).to_json(path, orient="records", lines=True, force_ascii=False)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("한글은  세종이 창제하였다.\n새 문단이다.\n\n")
+    data = load_retrieval_data(str(path), corpus=str(corpus))
+    assert len(data.corpus) == 4 and data.corpus[-1] == "새 문단이다."
+
+
+def test_normalize_none_keeps_variants_but_groups_them(tmp_path):
+    nfc = "한글은 세종이 창제하였다."
+    rows = [{"q": "누가?", "p": nfc}, {"q": "누가 만들었나?", "p": unicodedata.normalize("NFD", nfc)}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    data = load_retrieval_data(str(path), normalize="none")
+    assert len(data.corpus) == 2 and data.groups == [0, 0]
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "empty dataset"),
+    ('{"query": "한글", "positive": ""}\n', r"row 0 column 'positive': empty passage"),
+    ('{"query": "  ", "positive": "세종"}\n', r"row 0 column 'query': empty query"),
+    ('{"query": "한글", "positive": "세종"}\n{"query": broken\n', "unreadable or corrupt jsonl"),
+])
+def test_bad_jsonl(tmp_path, content, match):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(KoretError, match=match):
+        load_retrieval_data(str(path))
+
+
+def test_corrupt_parquet_and_missing_file(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(KoretError, match="unreadable or corrupt parquet"):
+        load_retrieval_data(str(path))
+    with pytest.raises(KoretError, match="file not found"):
+        load_retrieval_data(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(KoretError, match="cannot tell the format"):
+        (tmp_path / "x.bin").write_text("?")
+        load_retrieval_data(str(tmp_path / "x.bin"))
+
+
+def test_offline_hub_dataset_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KoretError, match=r"Hub dataset 'nobody/no-such-korean-set'.*HF_HUB_OFFLINE"):
+        load_retrieval_data("nobody/no-such-korean-set")
