@@ -41,7 +41,7 @@ ProcsOpt = Annotated[
     int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
 ]
 
-STAGE_SCHEMAS = ("mine", "filter")
+STAGE_SCHEMAS = ("mine", "filter", "train")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
@@ -118,10 +118,28 @@ def filter_(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, deb
     _run(go, debug, quiet)
 
 
-def _schema(stage: str) -> Any:
-    from koret.config import MineConfig
+@app.command()
+def train(config: ConfigOpt, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+          num_processes: ProcsOpt = 1, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Train with GIST / cached GIST (guide model, several hard negatives), data-parallel with accelerate."""
 
-    schemas = {"mine": MineConfig, "filter": MineConfig}
+    def go() -> None:
+        from koret.config import TrainConfig, load_config
+
+        cfg = load_config(TrainConfig, config, set_)
+        _relaunch(num_processes)
+        from koret.train import train as run_train
+
+        run_train(cfg, resume=resume)
+
+    _run(go, debug, quiet)
+
+
+def _schema(stage: str) -> Any:
+    from koret.config import MineConfig, TrainConfig
+
+    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig}
     if stage not in schemas:
         raise KoretError(f"--stage: unknown stage {stage!r}", f"one of {', '.join(schemas)}")
     return schemas[stage]

@@ -124,6 +124,64 @@ class MineConfig(Section):
         return self
 
 
+class ModelConfig(Section):
+    name: str | None = Field(None, description="SentenceTransformer or plain transformers encoder (Hub id or folder).")
+    max_seq_length: int | None = Field(None, ge=8)
+    pooling: Literal["mean", "cls"] = Field("mean", description="Pooling for a plain transformers encoder.")
+    query_prompt: str | None = Field(None, description="Prompt string or prompt name, for the anchor column.")
+    passage_prompt: str | None = Field(None, description="Prompt string or prompt name, for positives/negatives.")
+
+
+class TrainDataConfig(Section):
+    train: str | None = Field(None, description="train.parquet from koret mine, or any pairs/triplets source.")
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    query_column: str | None = None
+    positive_column: str | None = None
+    split: str = "train"
+    normalize: Literal["nfc", "none"] = "nfc"
+    limit: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    eval: str | None = Field(None, description="IR set evaluated during training (pairs, SQuAD, BEIR, AutoRAG).")
+    eval_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    eval_split: str = "test"
+    eval_corpus: str | None = Field(None, description="Extra passages for the eval corpus.")
+    eval_max_queries: int | None = Field(None, ge=1)
+    holdout: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of training tuples held out for eval loss.")
+
+
+class LossConfig(Section):
+    name: Literal["gist", "cached_gist", "mnrl", "cached_mnrl"] = "cached_gist"
+    guide: str | None = Field(
+        None,
+        description="Guide model for GIST: a Hub id or folder, 'teacher' (the mining teacher), 'student' (a frozen "
+                    "copy of the initial model). Default: the teacher when the data came from koret mine, else student.",
+    )
+    margin_strategy: Literal["absolute", "relative"] = "absolute"
+    margin: float = 0.0
+    temperature: float = Field(0.01, gt=0)
+    contrast_anchors: bool = True
+    contrast_positives: bool = True
+    mini_batch_size: int = Field(32, ge=1, description="GradCache mini-batch (cached losses).")
+    gather_across_devices: bool = False
+    matryoshka_dims: list[int] | None = Field(None, description="Wrap the loss in MatryoshkaLoss over these dims.")
+
+    @field_validator("margin")
+    @classmethod
+    def _margin_not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must be >= 0 (a negative margin would mask true negatives' rivals too)")
+        return value
+
+
+class TrainConfig(Section):
+    """Config of ``koret train``; ``args`` passes through to SentenceTransformerTrainingArguments."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    args: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str = "~/.cache/koret"
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -1,0 +1,186 @@
+"""koret train: a real short run, GIST == cached GIST, 2 processes, resume, Matryoshka, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import mine_config, run_cli, run_subprocess, write_config
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory, tiny_model, data_dir) -> Path:
+    """A mined train.parquet (3 negatives) from the fixture data, with its config.yaml beside it."""
+    tmp = tmp_path_factory.mktemp("mined")
+    cfg = mine_config(tmp, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      filter__perc=0.98, search__top_k=40)
+    result = run_cli("mine", "-c", str(write_config(tmp / "m.yaml", cfg)), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    return tmp / "out"
+
+
+def train_config(tmp: Path, model: Path, train: Path | str, **args) -> dict:
+    return {
+        "model": {"name": str(model), "query_prompt": "query", "passage_prompt": "passage"},
+        "data": {"train": str(train)},
+        "loss": {"name": "cached_gist", "mini_batch_size": 8},
+        "args": {"output_dir": str(tmp / "train"), "per_device_train_batch_size": 16, "learning_rate": 1e-3,
+                 "logging_steps": 1, "save_steps": 4, "num_train_epochs": 1, "warmup_steps": 0, **args},
+    }
+
+
+def _train(tmp: Path, cfg: dict, *extra: str):
+    return run_cli("train", "-c", str(write_config(tmp / "t.yaml", cfg)), "--quiet", *extra)
+
+
+def test_short_run_learns_saves_and_keeps_prompts(tmp_path, tiny_model, mined, data_dir):
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", num_train_epochs=2)
+    cfg["data"]["eval"] = str(data_dir / "pairs.jsonl")
+    cfg["data"]["eval_max_queries"] = 40
+    result = _train(tmp_path, cfg)
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "train"
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [e["loss"] for e in metrics["loss_curve"]]
+    assert len(losses) >= 6
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert metrics["num_negatives"] == 3 and metrics["world_size"] == 1 and metrics["global_batch_size"] == 16
+    assert metrics["guide"].startswith("teacher: ") and metrics["samples_per_second"] > 0
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_rss_bytes"] > 0
+    assert metrics["eval"] and "eval_cosine_ndcg@10" in metrics["eval"][-1]
+    for name in ("training.png", "config.yaml", "final/model.safetensors", "final/koret.yaml"):
+        assert (out / name).exists(), name
+    assert list(out.glob("checkpoint-*"))
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(out / "final"), device="cpu")
+    assert model.prompts["query"] == "query: " and model.prompts["document"] == "passage: "
+    emb = model.encode(["한글은 누가 만들었나?"], prompt_name="query")
+    assert emb.shape == (1, 64) and np.isfinite(emb).all()
+    before = SentenceTransformer(str(tiny_model), device="cpu").encode(["한글은 누가 만들었나?"], prompt_name="query")
+    assert not np.allclose(emb, before), "the weights changed"
+
+
+def test_gist_and_cached_gist_agree_on_a_batch(tiny_model, mined):
+    from sentence_transformers import SentenceTransformer
+
+    from koret.config import TrainConfig
+    from koret.train import build_loss
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    guide = SentenceTransformer(str(tiny_model), device="cpu")
+    df = pd.read_parquet(mined / "train.parquet").head(12)
+    cols = ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    assert all(c in df.columns for c in cols)
+
+    def features():
+        return [model.preprocess(df[c].tolist()) for c in cols]
+
+    def loss(name):
+        cfg = TrainConfig.model_validate({"loss": {"name": name, "mini_batch_size": 4, "margin": 0.05}})
+        return build_loss(cfg, model, guide)(features(), None).item()
+
+    plain, cached = loss("gist"), loss("cached_gist")
+    assert plain == pytest.approx(cached, rel=1e-4, abs=1e-5)
+    assert plain != pytest.approx(loss("mnrl"), rel=1e-3), "the guide matters"
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run(tmp_path, tiny_model, mined):
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", per_device_train_batch_size=8)
+    cfg["loss"].update({"gather_across_devices": True, "mini_batch_size": 4})
+    path = write_config(tmp_path / "t.yaml", cfg)
+    result = run_subprocess("train", "-c", str(path), "--num-processes", "2", "--quiet")
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "train"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 16
+    assert all(np.isfinite(e["loss"]) for e in metrics["loss_curve"])
+    assert [p.name for p in out.iterdir() if p.name.startswith("final")] == ["final"], "saved once"
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_model, mined):
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", save_steps=3, num_train_epochs=2)
+    path = write_config(tmp_path / "t.yaml", cfg)
+    killed = run_subprocess("train", "-c", str(path), "--quiet", env={"KORET_FAULT_AFTER_STEPS": "4"})
+    assert killed.returncode == -9
+    assert (tmp_path / "train" / "checkpoint-3").exists() and not (tmp_path / "train" / "final").exists()
+    resumed = run_subprocess("train", "-c", str(path), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-3")
+
+    ref_cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", save_steps=3, num_train_epochs=2,
+                           output_dir=str(tmp_path / "ref"))
+    assert _train(tmp_path, ref_cfg).exit_code == 0
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "train" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_matryoshka_dims(tmp_path, tiny_model, mined):
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet")
+    cfg["loss"] = {"name": "mnrl", "matryoshka_dims": [64, 32, 16]}
+    result = _train(tmp_path, cfg)
+    assert result.exit_code == 0, result.stderr
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tmp_path / "train" / "final"), device="cpu", truncate_dim=16)
+    assert model.encode(["김치"]).shape == (1, 16)
+    cfg["loss"]["matryoshka_dims"] = [128]
+    bad = _train(tmp_path, cfg)
+    assert bad.exit_code == 2 and "loss.matryoshka_dims" in bad.stderr
+
+
+def _expect(result, *needles):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_bad_train_inputs(tmp_path, tiny_model, mined):
+    df = pd.read_parquet(mined / "train.parquet")
+    df.drop(columns=["positive"]).to_parquet(tmp_path / "nopos.parquet")
+    _expect(_train(tmp_path, train_config(tmp_path, tiny_model, tmp_path / "nopos.parquet")),
+            "column 'positive' not found", "anchor, negative_1")
+
+    varying = df.copy()
+    varying.loc[varying.index[:2], "negative_3"] = None
+    varying.to_parquet(tmp_path / "varying.parquet")
+    _expect(_train(tmp_path, train_config(tmp_path, tiny_model, tmp_path / "varying.parquet")),
+            "varying negative counts", "negative_3")
+
+    df.head(0).to_parquet(tmp_path / "empty.parquet")
+    _expect(_train(tmp_path, train_config(tmp_path, tiny_model, tmp_path / "empty.parquet")), "empty dataset")
+
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet")
+    cfg["loss"]["guide"] = str(tmp_path / "no-guide")
+    _expect(_train(tmp_path, cfg), "loss.guide: model folder not found")
+
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet")
+    cfg["loss"]["margin"] = -0.1
+    _expect(_train(tmp_path, cfg), "loss.margin: must be >= 0")
+
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet")
+    cfg["loss"]["mini_batch_size"] = 64
+    _expect(_train(tmp_path, cfg), "loss.mini_batch_size (64) is larger than the batch")
+
+    pairs_only = tmp_path / "pairs.parquet"
+    df[["anchor", "positive"]].to_parquet(pairs_only)  # no koret mine config.yaml beside it
+    cfg = train_config(tmp_path, tiny_model, pairs_only)
+    cfg["loss"] = {"name": "gist", "guide": "teacher"}
+    _expect(_train(tmp_path, cfg), "loss.guide: 'teacher' requested", "no guide is available")
+
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", learnig_rate=1e-4)
+    _expect(_train(tmp_path, cfg), "unknown key 'args.learnig_rate'", "did you mean 'args.learning_rate'")
+    assert not (tmp_path / "train" / "final").exists()
