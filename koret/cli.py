@@ -41,7 +41,7 @@ ProcsOpt = Annotated[
     int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
 ]
 
-STAGE_SCHEMAS = ("mine", "filter", "train")
+STAGE_SCHEMAS = ("mine", "filter", "train", "eval")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
@@ -136,10 +136,58 @@ def train(config: ConfigOpt, set_: SetOpt = None,
     _run(go, debug, quiet)
 
 
-def _schema(stage: str) -> Any:
-    from koret.config import MineConfig, TrainConfig
+@app.command("eval")
+def eval_(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
+    set_: SetOpt = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to evaluate (repeatable); "
+                                                    "the first is the baseline.")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="IR set (pairs, SQuAD, BEIR, AutoRAG).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Data layout (default: auto).")] = None,
+    k: Annotated[str | None, typer.Option("--k", help="Cut-offs, e.g. 1,3,5,10,20,100.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output folder (default runs/eval).")] = None,
+    markdown: Annotated[str | None, typer.Option("--markdown", help="Also write a Markdown table here.")] = None,
+    query_prompt: Annotated[str | None, typer.Option(help="Query prompt (name or string) for --model models.")] = None,
+    passage_prompt: Annotated[str | None, typer.Option(help="Passage prompt for --model models.")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="Max tokens for --model models.")] = None,
+    mteb: Annotated[str | None, typer.Option("--mteb", help="MTEB tasks, e.g. Ko-StrategyQA,AutoRAGRetrieval "
+                                             "(needs the Hub).")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate models side by side (NDCG, MRR, MAP, Recall, Precision, Accuracy at every k; trec_eval definitions)."""
 
-    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig}
+    def go() -> None:
+        from koret.config import EvalConfig, apply_overrides, read_yaml, validate
+        from koret.evaluate import evaluate
+
+        raw = read_yaml(config) if config is not None else {}
+        flags: list[str] = []
+        if data is not None:
+            flags.append(f"data.path={data}")
+        if fmt is not None:
+            flags.append(f"data.format={fmt}")
+        if k is not None:
+            flags.append(f"k=[{k}]")
+        if output is not None:
+            flags.append(f"output.dir={output}")
+        if markdown is not None:
+            flags.append(f"output.markdown={markdown}")
+        if mteb is not None:
+            flags.append(f"mteb=[{mteb}]")
+        merged = apply_overrides(raw, flags + list(set_ or []))
+        if model:
+            merged["models"] = [{"name": m, "query_prompt": query_prompt, "passage_prompt": passage_prompt,
+                                 "max_seq_length": max_seq_length} for m in model]
+        evaluate(validate(EvalConfig, merged, str(config) if config else "command line"))
+
+    _run(go, debug, quiet)
+
+
+def _schema(stage: str) -> Any:
+    from koret.config import EvalConfig, MineConfig, TrainConfig
+
+    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig, "eval": EvalConfig}
     if stage not in schemas:
         raise KoretError(f"--stage: unknown stage {stage!r}", f"one of {', '.join(schemas)}")
     return schemas[stage]

@@ -182,6 +182,59 @@ class TrainConfig(Section):
     cache_dir: str = "~/.cache/koret"
 
 
+class EvalModelConfig(Section):
+    name: str = Field(description="SentenceTransformer: Hub id, local folder or pkg:PACKAGE/folder.")
+    label: str | None = Field(None, description="Name in tables (default: the folder or Hub id).")
+    query_prompt: str | None = Field(None, description="Prompt string or name; default: the model's 'query' prompt.")
+    passage_prompt: str | None = Field(None, description="Default: the model's 'document' or 'passage' prompt.")
+    max_seq_length: int | None = Field(None, ge=8)
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class EvalDataConfig(Section):
+    path: str | None = Field(None, description="IR set: pairs, SQuAD (file.json#A:B), BEIR folder, AutoRAG.")
+    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    split: str = Field("test", description="qrels/<split>.tsv of a BEIR folder, or a Hub split.")
+    query_column: str | None = None
+    positive_column: str | None = None
+    corpus: str | None = Field(None, description="Extra passages added to the corpus.")
+    corpus_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
+    corpus_column: str | None = None
+    normalize: Literal["nfc", "none"] = "nfc"
+    max_queries: int | None = Field(None, ge=1)
+
+
+class EvalSearchConfig(Section):
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+    query_chunk_size: int = Field(4096, ge=1)
+
+
+class EvalOutputConfig(Section):
+    dir: str = "runs/eval"
+    markdown: str | None = Field(None, description="Also write the table as Markdown to this file.")
+
+
+class EvalConfig(Section):
+    """Config of ``koret eval``: the first model is the baseline the others are compared with."""
+
+    data: EvalDataConfig = Field(default_factory=EvalDataConfig)
+    models: list[EvalModelConfig] = Field(default_factory=list)
+    k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20, 100])
+    search: EvalSearchConfig = Field(default_factory=EvalSearchConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    output: EvalOutputConfig = Field(default_factory=EvalOutputConfig)
+    mteb: list[str] | None = Field(None, description="MTEB Korean retrieval tasks to run too (needs the Hub).")
+    cache_dir: str = "~/.cache/koret"
+
+    @field_validator("k")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

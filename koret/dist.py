@@ -40,6 +40,16 @@ def barrier() -> None:
         _state().wait_for_everyone()
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (``[obj]`` in a single-process run)."""
+    if world_size() <= 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    _state()
+    return list(gather_object([obj]))
+
+
 def launch(num_processes: int, module_args: list[str]) -> int:
     """Re-run ``python -m koret <module_args>`` as ``num_processes`` processes on this machine.
 

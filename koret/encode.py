@@ -408,3 +408,45 @@ def open_shard_files(files: Sequence[str]) -> Embeddings | None:
             return None
         shards.append(np.load(f, mmap_mode="r"))
     return Embeddings(shards, files=list(files))
+
+
+@dataclass
+class EncodeSettings:
+    """Everything that decides an embedding besides the texts and the prompt (and the shard layout)."""
+
+    model_name: str
+    batch_size: int = 64
+    max_seq_length: int | None = None
+    dtype: str = "float32"
+    normalize: str = "nfc"
+    shard_size: int = 10_000
+    cache_dir: str | None = "~/.cache/koret"
+
+
+def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: EncodeSettings,
+                 description: str) -> tuple[Embeddings, dict[str, Any]]:
+    """Encode ``texts`` through the shard cache and return the embeddings with their stats.
+
+    In a multi-process run every process takes its share of shards, then all wait and load every shard.
+    """
+    from koret import dist
+
+    key = encoder_key(model_identity(settings.model_name), prompt, settings.max_seq_length, settings.dtype,
+                      settings.normalize)
+    cache = ShardCache(settings.cache_dir, key)
+    emb = encode_sharded(model, texts, prompt=prompt, batch_size=settings.batch_size,
+                         shard_size=settings.shard_size, cache=cache, description=description,
+                         rank=dist.rank(), world_size=dist.world_size())
+    stats: dict[str, Any] = {
+        "texts": len(texts), "shards_computed": emb.computed, "shards_reused": emb.reused,
+        "texts_encoded": emb.texts_encoded, "seconds": emb.seconds,
+        "texts_per_second": emb.texts_encoded / emb.seconds if emb.seconds > 0 and emb.texts_encoded else None,
+    }
+    if dist.world_size() > 1:
+        every = dist.gather_objects(stats)
+        dist.barrier()
+        emb = load_sharded(texts, settings.shard_size, cache)
+        stats.update({"shards_computed": sum(s["shards_computed"] for s in every),
+                      "shards_reused": sum(s["shards_reused"] for s in every),
+                      "texts_encoded": sum(s["texts_encoded"] for s in every), "processes": len(every)})
+    return emb, stats

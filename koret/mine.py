@@ -33,13 +33,10 @@ from koret.config import MineConfig, dump_yaml
 from koret.data import RetrievalData, load_from_config
 from koret.encode import (
     Embeddings,
-    ShardCache,
-    encode_sharded,
-    encoder_key,
+    EncodeSettings,
+    encode_texts,
     load_cross_encoder,
     load_sentence_transformer,
-    load_sharded,
-    model_identity,
     resolve_model_path,
     resolve_prompt,
 )
@@ -48,35 +45,6 @@ from koret.filter import Candidates, FilterOutcome, FilterSettings, apply_filter
 from koret.io import write_json, write_parquet, write_text
 from koret.report import info, plot_score_distributions, show, table, warn
 from koret.search import search
-
-
-def encode_data(data_texts: list[str], model: Any, model_name: str, prompt: str, cfg: MineConfig,
-                description: str) -> tuple[Embeddings, dict[str, Any]]:
-    """Encode texts through the shard cache; in a multi-process run every process takes its share of shards."""
-    key = encoder_key(model_identity(model_name), prompt, cfg.teacher.max_seq_length, cfg.teacher.dtype,
-                      cfg.data.normalize)
-    cache = ShardCache(cfg.cache_dir, key)
-    emb = encode_sharded(model, data_texts, prompt=prompt, batch_size=cfg.teacher.batch_size,
-                         shard_size=cfg.encode.shard_size, cache=cache, description=description,
-                         rank=dist.rank(), world_size=dist.world_size())
-    stats = {"texts": len(data_texts), "shards_computed": emb.computed, "shards_reused": emb.reused,
-             "texts_encoded": emb.texts_encoded, "seconds": emb.seconds,
-             "texts_per_second": emb.texts_encoded / emb.seconds if emb.seconds > 0 and emb.texts_encoded else None}
-    if dist.world_size() > 1:
-        stats_all = _gather_stats(stats)
-        dist.barrier()
-        emb = load_sharded(data_texts, cfg.encode.shard_size, cache)
-        stats = {**stats, "shards_computed": sum(s["shards_computed"] for s in stats_all),
-                 "shards_reused": sum(s["shards_reused"] for s in stats_all),
-                 "texts_encoded": sum(s["texts_encoded"] for s in stats_all), "processes": len(stats_all)}
-    return emb, stats
-
-
-def _gather_stats(stats: dict[str, Any]) -> list[dict[str, Any]]:
-    from accelerate.utils import gather_object
-
-    dist._state()
-    return list(gather_object([stats]))
 
 
 def mine(cfg: MineConfig) -> dict[str, Any]:
@@ -119,8 +87,11 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     q_prompt = resolve_prompt(model, cfg.teacher.query_prompt, "teacher.query_prompt")
     p_prompt = resolve_prompt(model, cfg.teacher.passage_prompt, "teacher.passage_prompt")
 
-    corpus_emb, corpus_stats = encode_data(data.corpus, model, cfg.teacher.model, p_prompt, cfg, "encode passages")
-    query_emb_s, query_stats = encode_data(data.queries, model, cfg.teacher.model, q_prompt, cfg, "encode queries")
+    enc = EncodeSettings(model_name=cfg.teacher.model, batch_size=cfg.teacher.batch_size,
+                         max_seq_length=cfg.teacher.max_seq_length, dtype=cfg.teacher.dtype,
+                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
+    corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages")
+    query_emb_s, query_stats = encode_texts(model, data.queries, q_prompt, enc, "encode queries")
     phases["encode"] = corpus_stats["seconds"] + query_stats["seconds"]
     del model
     if not dist.is_main():

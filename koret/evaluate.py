@@ -1,0 +1,226 @@
+"""``koret eval``: retrieval quality of one or more models on the same Korean IR set, side by side.
+
+Reads any IR layout of :mod:`koret.data` (pairs, SQuAD, BEIR with graded qrels, AutoRAG), encodes the corpus
+through the same shard cache as ``koret mine`` (so evaluating several checkpoints re-encodes nothing for an
+unchanged model), searches exactly through :mod:`koret.search` and scores with :mod:`koret.metrics`, whose
+definitions are trec_eval's. The first model is the baseline; the table shows every other model's delta.
+
+Outputs in ``output.dir``: ``metrics.json`` (``{"models": [{"name", "metrics": {"ndcg@10": ...}}, ...]}``
+plus config, data fingerprint, seconds and passages/s), ``per_query.jsonl`` (rank of the first relevant passage
+and the top 10 per model), and optionally a Markdown table (``output.markdown``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from koret.config import EvalConfig, EvalModelConfig, config_dict
+from koret.data import RetrievalData, load_retrieval_data
+from koret.encode import EncodeSettings, encode_texts, load_sentence_transformer
+from koret.errors import KoretError
+from koret.io import write_json, write_text
+from koret.metrics import first_relevant_rank, mean_metrics, query_metrics
+from koret.report import console, info, is_quiet, warn
+from koret.search import search
+
+TABLE_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10", "precision@10", "accuracy@10", "recall@100")
+
+
+def model_prompts(model: Any, query_prompt: str | None, passage_prompt: str | None) -> tuple[str, str]:
+    """Resolve prompts: a name of the model's prompts, a literal string, or (None) the model's own defaults."""
+    prompts = getattr(model, "prompts", None) or {}
+
+    def pick(value: str | None, names: tuple[str, ...]) -> str:
+        if value is None:
+            return next((prompts[n] for n in names if prompts.get(n)), "")
+        return prompts.get(value, value)
+
+    return pick(query_prompt, ("query",)), pick(passage_prompt, ("document", "passage", "corpus"))
+
+
+def _label(m: EvalModelConfig, taken: set[str]) -> str:
+    base = m.label or Path(m.name.rstrip("/")).name or m.name
+    if base in ("final", "model"):
+        base = "/".join(Path(m.name.rstrip("/")).parts[-2:])
+    label, n = base, 2
+    while label in taken:
+        label, n = f"{base}#{n}", n + 1
+    taken.add(label)
+    return label
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run ``koret eval``; returns what ``metrics.json`` holds."""
+    started = time.perf_counter()
+    if not cfg.models:
+        raise KoretError("models: no model to evaluate", "give --model PATH (repeatable) or a models: list")
+    if cfg.mteb:
+        check_mteb_reachable()
+    d = cfg.data
+    if not d.path:
+        raise KoretError("data.path: required key is missing", "give --data PATH")
+    data = load_retrieval_data(d.path, d.format, query_column=d.query_column, positive_column=d.positive_column,
+                               corpus=d.corpus, corpus_format=d.corpus_format, corpus_column=d.corpus_column,
+                               split=d.split, normalize=d.normalize, key="data.path")
+    qids, skipped = judged_queries(data)
+    if d.max_queries:
+        qids = qids[: d.max_queries]
+    ks = list(cfg.k)
+    if max(ks) > len(data.corpus):
+        clamped = sorted({min(k, len(data.corpus)) for k in ks})
+        warn(f"k {max(ks)} is larger than the corpus ({len(data.corpus)} passages); clamped to {clamped}")
+        ks = clamped
+    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages"
+         + (f", {skipped:,} queries without a relevant passage skipped" if skipped else ""))
+
+    taken: set[str] = set()
+    results: list[dict[str, Any]] = []
+    per_query: list[dict[str, Any]] = [
+        {"query_id": data.query_ids[q], "query": data.queries[q],
+         "relevant": {data.doc_ids[doc]: g for doc, g in data.qrels[q].items() if g > 0}, "models": {}}
+        for q in qids
+    ]
+    for m in cfg.models:
+        label = _label(m, taken)
+        res = evaluate_model(m, data, qids, ks, cfg)
+        results.append({"name": label, "model": m.name, **res["summary"]})
+        for row, q, ranked, scores in zip(per_query, qids, res["ranked"], res["scores"], strict=True):
+            q_rel = {data.doc_ids[doc]: g for doc, g in data.qrels[q].items()}
+            ids = [data.doc_ids[i] for i in ranked if i >= 0]
+            row["models"][label] = {"first_relevant_rank": first_relevant_rank(ids, q_rel),
+                                    "top10": [[i, round(float(s), 6)] for i, s in zip(ids[:10], scores[:10],
+                                                                                      strict=True)]}
+    out = {
+        "models": results,
+        "baseline": results[0]["name"],
+        "k": ks,
+        "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
+                 "queries": len(qids), "queries_skipped_no_relevant": skipped, "passages": len(data.corpus)},
+        "config": config_dict(cfg),
+        "seconds": time.perf_counter() - started,
+    }
+    if cfg.mteb:
+        out["mteb"] = run_mteb(cfg)
+    out_dir = Path(cfg.output.dir)
+    write_json(out_dir / "metrics.json", out)
+    write_text(out_dir / "per_query.jsonl",
+               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_query))
+    if cfg.output.markdown:
+        write_text(cfg.output.markdown, markdown_table(results))
+    show_table(results, data.source)
+    return out
+
+
+def judged_queries(data: RetrievalData) -> tuple[list[int], int]:
+    """Queries with at least one relevant passage, and how many were skipped for having none."""
+    qids = [q for q in range(len(data.queries)) if any(g >= 1 for g in data.qrels[q].values())]
+    skipped = len(data.queries) - len(qids)
+    if skipped:
+        warn(f"{skipped:,} queries have no relevant passage and are skipped")
+    if not qids:
+        raise KoretError(f"data.path: {data.source}: no query has a relevant passage", "check the qrels")
+    if not data.corpus:
+        raise KoretError(f"data.path: {data.source}: the corpus is empty")
+    return qids, skipped
+
+
+def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks: list[int],
+                   cfg: EvalConfig) -> dict[str, Any]:
+    """Encode (cached), search and score one model; returns summary, rankings and scores per query."""
+    t0 = time.perf_counter()
+    model = load_sentence_transformer(m.name, key=f"models[{m.name}]", dtype=m.dtype, max_seq_length=m.max_seq_length)
+    q_prompt, p_prompt = model_prompts(model, m.query_prompt, m.passage_prompt)
+    enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length, dtype=m.dtype,
+                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
+    corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages")
+    queries = [data.queries[q] for q in qids]
+    query_emb, query_stats = encode_texts(model, queries, q_prompt, enc, "encode queries")
+    result = search(query_emb.to_array(), corpus_emb.shards, max(ks), backend=cfg.search.backend,
+                    query_chunk_size=cfg.search.query_chunk_size, description="search")
+    per_q = [query_metrics(ranked[ranked >= 0].tolist(), data.qrels[q], ks) for q, ranked in zip(qids, result.ids,
+                                                                                                    strict=True)]
+    seconds = time.perf_counter() - t0
+    summary = {
+        "metrics": mean_metrics(per_q),
+        "prompts": {"query": q_prompt, "passage": p_prompt},
+        "encode": {"passages": corpus_stats, "queries": query_stats},
+        "seconds": seconds,
+        "passages_per_second": corpus_stats["texts_per_second"],
+        "search_backend": result.backend,
+    }
+    del model
+    return {"summary": summary, "ranked": result.ids, "scores": result.scores}
+
+
+def show_table(results: list[dict[str, Any]], title: str) -> None:
+    """Models x metrics, with each model's delta to the first (green up, red down)."""
+    if is_quiet():
+        return
+    from rich.table import Table
+
+    t = Table(title=f"koret eval: {title}", title_justify="left", header_style="bold")
+    t.add_column("model")
+    metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
+    for k in metrics:
+        t.add_column(k, justify="right")
+    base = results[0]["metrics"]
+    for i, r in enumerate(results):
+        cells = []
+        for k in metrics:
+            v = r["metrics"][k]
+            if i == 0:
+                cells.append(f"{v:.4f}")
+            else:
+                delta = v - base[k]
+                color = "green" if delta > 0 else "red" if delta < 0 else "dim"
+                cells.append(f"{v:.4f} [{color}]({delta:+.4f})[/{color}]")
+        t.add_row(r["name"] + (" (baseline)" if i == 0 else ""), *cells)
+    console().print(t)
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
+    lines = ["| model | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    base = results[0]["metrics"]
+    for i, r in enumerate(results):
+        cells = [f"{r['metrics'][k]:.4f}" + ("" if i == 0 else f" ({r['metrics'][k] - base[k]:+.4f})")
+                 for k in metrics]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- MTEB
+
+
+def check_mteb_reachable(timeout: float = 3.0) -> None:
+    """MTEB needs the package and the Hub; fail in seconds with one line instead of hanging offline."""
+    try:
+        import mteb  # noqa: F401
+    except ImportError as exc:
+        raise KoretError("--mteb needs the mteb package", "pip install 'koret[mteb]'") from exc
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise KoretError("--mteb needs the Hugging Face Hub, but HF_HUB_OFFLINE is set",
+                         "unset HF_HUB_OFFLINE on a machine with internet access")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError as exc:
+        raise KoretError(f"--mteb needs the Hugging Face Hub, which cannot be reached ({exc})",
+                         "run it on a machine with internet access") from exc
+
+
+def run_mteb(cfg: EvalConfig) -> list[dict[str, Any]]:  # pragma: no cover - needs the Hub
+    import mteb
+
+    results = []
+    tasks = mteb.get_tasks(tasks=cfg.mteb, languages=["kor"])
+    for m in cfg.models:
+        model = mteb.get_model(m.name) if not Path(m.name).exists() else load_sentence_transformer(m.name)
+        for task_result in mteb.evaluate(model, tasks=tasks):
+            results.append({"model": m.name, "task": task_result.task_name,
+                            "ndcg@10": task_result.get_score()})
+    return results

@@ -1,0 +1,175 @@
+"""koret eval: metrics equal pytrec_eval's, readers, two models with deltas, the cache, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from koret.metrics import mean_metrics, query_metrics
+
+KS = [1, 3, 5, 10, 20]
+
+
+def test_metrics_equal_pytrec_eval_on_graded_qrels():
+    import pytrec_eval
+
+    rng = random.Random(0)
+    docs = [f"d{i}" for i in range(60)]
+    qrels, runs, ours = {}, {}, []
+    for q in range(80):
+        judged = rng.sample(docs, rng.randint(1, 12))
+        grades = {d: rng.choice([0, 1, 1, 2, 3]) for d in judged}
+        if not any(grades.values()):
+            grades[judged[0]] = 1
+        ranked = rng.sample(docs, rng.randint(5, 40))  # runs shorter than some k, too
+        qid = f"q{q}"
+        qrels[qid] = grades
+        runs[qid] = {d: float(len(ranked) - i) for i, d in enumerate(ranked)}  # strictly decreasing: our order
+        ours.append((qid, query_metrics(ranked, grades, KS)))
+    cut = ",".join(map(str, KS))
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{cut}", f"map_cut.{cut}", f"recall.{cut}",
+                                                       f"P.{cut}", f"success.{cut}"})
+    ref = evaluator.evaluate(runs)
+    names = {"ndcg": "ndcg_cut", "map": "map_cut", "recall": "recall", "precision": "P", "accuracy": "success"}
+    for qid, m in ours:
+        for k in KS:
+            for ours_name, trec_name in names.items():
+                assert m[f"{ours_name}@{k}"] == pytest.approx(ref[qid][f"{trec_name}_{k}"], abs=1e-6), (
+                    qid, ours_name, k)
+            truncated = {d: s for d, s in runs[qid].items() if s > len(runs[qid]) - k}
+            rr = pytrec_eval.RelevanceEvaluator({qid: qrels[qid]}, {"recip_rank"}).evaluate({qid: truncated})
+            assert m[f"mrr@{k}"] == pytest.approx(rr[qid]["recip_rank"], abs=1e-6)
+    mean = mean_metrics([m for _, m in ours])
+    assert mean["ndcg@10"] == pytest.approx(sum(ref[q]["ndcg_cut_10"] for q in ref) / len(ref), abs=1e-9)
+
+
+@pytest.fixture()
+def beir(tmp_path, pairs) -> Path:
+    """A BEIR folder from the fixture pairs, with graded qrels and one judged-non-relevant doc."""
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    docs: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    lines = ["query-id\tcorpus-id\tscore"]
+    for row in pairs:
+        d = docs.setdefault(row["positive"], f"doc{len(docs)}")
+        q = queries.setdefault(row["query"], f"qry{len(queries)}")
+        lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
+    lines.append("qry0\tdoc5\t0")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                               for t, i in docs.items()))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                                for t, i in queries.items()))
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _eval(tmp_path: Path, *args: str):
+    return run_cli("eval", "--output", str(tmp_path / "eval"), "--quiet", *args)
+
+
+def test_two_models_side_by_side_with_deltas_and_cache(tmp_path, tiny_model, beir):
+    trained = tmp_path / "other"
+    from sentence_transformers import SentenceTransformer
+
+    other = SentenceTransformer(str(tiny_model), device="cpu")
+    import torch
+
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    other.save(str(trained))
+    md = tmp_path / "table.md"
+    result = _eval(tmp_path, "--model", str(tiny_model), "--model", str(trained), "--data", str(beir),
+                   "--k", "1,10,50", "--markdown", str(md), "--set", f"cache_dir={tmp_path}/cache")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [m["name"] for m in out["models"]] == ["tiny-st", "other"]
+    assert out["k"] == [1, 10, 50] and out["baseline"] == "tiny-st"
+    assert set(out["models"][0]["metrics"]) >= {"ndcg@10", "mrr@10", "map@10", "recall@10", "precision@10",
+                                                "accuracy@10", "recall@50", "ndcg@1"}
+    assert out["data"]["fingerprint"] and out["models"][0]["passages_per_second"] > 0
+    assert out["models"][0]["prompts"] == {"query": "query: ", "passage": "passage: "}, "the model's own prompts"
+    a, b = (m["metrics"]["ndcg@10"] for m in out["models"])
+    assert f"{b:.4f} ({b - a:+.4f})" in md.read_text()
+
+    lines = (tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()
+    assert len(lines) == out["data"]["queries"]
+    row = json.loads(lines[0])
+    assert set(row["models"]) == {"tiny-st", "other"} and len(row["models"]["other"]["top10"]) == 10
+    assert row["relevant"] and "doc5" not in row["relevant"], "grade 0 is not relevant"
+
+    # second run: the passages of an unchanged model are not encoded again
+    again = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--set", f"cache_dir={tmp_path}/cache")
+    assert again.exit_code == 0, again.stderr
+    enc = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"][0]["encode"]["passages"]
+    assert enc["shards_computed"] == 0 and enc["shards_reused"] >= 1
+
+
+def test_config_file_with_prompts_and_autorag(tmp_path, tiny_model):
+    import pandas as pd
+
+    from helpers import write_config
+
+    root = tmp_path / "autorag"
+    root.mkdir()
+    pd.DataFrame({"doc_id": ["a", "b", "c", "d"], "contents": ["세종은 한글을 만들었다.", "김치는 발효 음식이다.",
+                  "훈민정음은 1446년에 반포되었다.", "장마는 6월에 시작한다."]}).to_parquet(root / "corpus.parquet")
+    pd.DataFrame({"qid": ["q1", "q2"], "query": ["한글은 누가 만들었나?", "김치는 어떤 음식인가?"],
+                  "retrieval_gt": [[["a"], ["c"]], [["b"]]]}).to_parquet(root / "qa.parquet")
+    cfg = {"data": {"path": str(root)}, "k": [1, 2, 10],
+           "models": [{"name": str(tiny_model), "label": "base", "query_prompt": "query: ", "passage_prompt": ""}],
+           "output": {"dir": str(tmp_path / "eval")}, "cache_dir": str(tmp_path / "cache")}
+    result = run_cli("eval", "-c", str(write_config(tmp_path / "e.yaml", cfg)), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert "k 10 is larger than the corpus" in result.stderr
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert out["k"] == [1, 2, 4] and out["models"][0]["name"] == "base"
+    assert out["models"][0]["prompts"] == {"query": "query: ", "passage": ""}
+    first = json.loads((tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()[0])
+    assert first["relevant"] == {"a": 1, "c": 1}
+
+
+def _expect(result, *needles):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr
+    for n in needles:
+        assert n in last, (n, last)
+
+
+def test_eval_bad_inputs(tmp_path, tiny_model, beir):
+    (beir / "qrels" / "bad.tsv").write_text("qry0\tnope1\t1\nqry1\tnope2\t1\nqry999\tdoc1\t1\n")
+    _expect(_eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--set", "data.split=bad"),
+            "2 name unknown doc ids", "'nope1'", "1 name unknown query ids")
+
+    (beir / "qrels" / "zero.tsv").write_text("qry0\tdoc1\t0\n")
+    _expect(_eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--set", "data.split=zero"),
+            "no query has a relevant passage")
+
+    (beir / "qrels" / "some.tsv").write_text("qry0\tdoc1\t0\nqry1\tdoc1\t1\n")
+    ok = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--set", "data.split=some",
+               "--set", f"cache_dir={tmp_path}/c")
+    assert ok.exit_code == 0 and "1 queries have no relevant passage and are skipped" in ok.stderr
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert out["data"]["queries"] == 1 and out["data"]["queries_skipped_no_relevant"] == 1
+
+    empty = tmp_path / "emptycorpus"
+    (empty / "qrels").mkdir(parents=True)
+    (empty / "corpus.jsonl").write_text("")
+    (empty / "queries.jsonl").write_text('{"_id": "q", "text": "질문"}\n')
+    (empty / "qrels" / "test.tsv").write_text("q\td\t1\n")
+    _expect(_eval(tmp_path, "--model", str(tiny_model), "--data", str(empty)), "unknown doc ids")
+
+    _expect(_eval(tmp_path, "--model", str(tmp_path / "missing"), "--data", str(beir)), "model folder not found")
+    _expect(_eval(tmp_path, "--data", str(beir)), "no model to evaluate")
+
+
+def test_mteb_offline_is_one_line(tmp_path, tiny_model, beir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--mteb", "Ko-StrategyQA")
+    _expect(result, "--mteb needs")
