@@ -41,7 +41,7 @@ ProcsOpt = Annotated[
     int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
 ]
 
-STAGE_SCHEMAS = ("mine", "filter", "train", "eval")
+STAGE_SCHEMAS = ("mine", "filter", "train", "eval", "push", "run")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
@@ -184,10 +184,60 @@ def eval_(
     _run(go, debug, quiet)
 
 
-def _schema(stage: str) -> Any:
-    from koret.config import EvalConfig, MineConfig, TrainConfig
+@app.command()
+def push(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[Path | None, typer.Option("--dry-run", help="Write the folder that would be uploaded "
+                                                 "here; no network.")] = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Upload a trained model to the Hugging Face Hub with an honest model card (or stage it: --dry-run DIR)."""
 
-    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig, "eval": EvalConfig}
+    def go() -> None:
+        from koret.config import PushConfig, apply_overrides, read_yaml, validate
+        from koret.push import push as run_push
+
+        raw = read_yaml(config) if config is not None else {}
+        cfg = validate(PushConfig, apply_overrides(raw, set_), str(config) if config else "command line")
+        run_push(cfg, dry_run=dry_run)
+
+    _run(go, debug, quiet)
+
+
+StageName = Annotated[str | None, typer.Option(help="mine, filter, train, eval or push.")]
+
+
+@app.command("run")
+def run_(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run only this stage.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo stages whose outputs are current.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the whole chain (mine, filter, train, eval, push) from one config; current stages are skipped."""
+
+    def go() -> None:
+        from koret.config import load_config
+        from koret.pipeline import PipelineConfig, run_pipeline
+
+        cfg = load_config(PipelineConfig, config, set_)
+        run_pipeline(cfg, str(config), start=from_, until=until, only=only, force=force)
+
+    _run(go, debug, quiet)
+
+
+def _schema(stage: str) -> Any:
+    from koret.config import EvalConfig, MineConfig, PushConfig, TrainConfig
+    from koret.pipeline import PipelineConfig
+
+    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig, "eval": EvalConfig,
+               "push": PushConfig, "run": PipelineConfig}
     if stage not in schemas:
         raise KoretError(f"--stage: unknown stage {stage!r}", f"one of {', '.join(schemas)}")
     return schemas[stage]

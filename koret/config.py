@@ -235,6 +235,24 @@ class EvalConfig(Section):
         return sorted(set(value))
 
 
+class PushConfig(Section):
+    """Config of ``koret push`` (the token is never part of it: HF_TOKEN or huggingface-cli login)."""
+
+    repo_id: str | None = Field(None, description="owner/name on the Hugging Face Hub.")
+    model: str = Field("runs/train/final", description="The trained SentenceTransformer folder.")
+    private: bool = False
+    revision: str | None = Field(None, description="Branch to push to (created if missing).")
+    commit_message: str = "Upload Korean retriever trained with koret"
+    create_repo: bool = True
+    license: str | None = Field(None, description="License in the card (default: other).")
+    datasets: list[str] | None = Field(None, description="Hub dataset ids for the card.")
+    train_dir: str | None = Field(None, description="koret train output (default: the model folder's parent).")
+    mine_dir: str | None = Field(None, description="koret mine output (default: from the train config).")
+    eval_dir: str | None = Field(None, description="koret eval output whose metrics.json goes in the card.")
+    retries: int = Field(3, ge=0, le=10)
+    dry_run: bool = Field(False, description="koret run: stage into <run.dir>/push instead of uploading.")
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -333,7 +333,13 @@ def refilter(cfg: Any) -> dict[str, Any]:
                          f"candidates per query in {source}", "mine again with a larger search.top_k")
     score_fn = teacher_score_fn(source.parent) if settings.on_shortage == "pad_random" else None
     outcome = apply_filter(cands, corpus, groups, settings, score_fn)
-    outcome.stats["seconds_total"] = time.perf_counter() - started
     outcome.stats["candidates"] = str(source)
-    write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]})
+    mined = source.parent / "stats.json"
+    if mined.exists():  # what the candidates came from: data, teacher and search of the mine run
+        import json
+
+        previous = json.loads(mined.read_text(encoding="utf-8"))
+        outcome.stats.update({k: previous[k] for k in ("data", "teacher", "search") if k in previous})
+    write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]},
+                         total_seconds=time.perf_counter() - started)
     return outcome.stats

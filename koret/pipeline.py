@@ -1,0 +1,246 @@
+"""``koret run``: the whole chain mine -> filter -> train -> eval -> push from one config.
+
+The file has a section per stage (``mine``, ``filter``, ``train``, ``eval``, ``push``; each with the schema of the
+stage's own config, ``filter`` holding the filter keys) plus ``run.dir``. Every stage writes under
+``<run.dir>/<stage>/`` and feeds the next by default: train reads the (re)filtered ``train.parquet`` and takes
+mine's teacher as its guide, eval compares [base, trained], push uploads (or stages, ``push.dry_run``) the
+trained ``final/`` with eval's metrics in the card.
+
+A stage whose outputs exist with the same resolved config (its hash, which includes the upstream stages'
+hashes, is recorded in ``<run.dir>/<stage>/.koret-stage.json``) is skipped; ``--force`` redoes it. A failed
+stage stops the chain with its one-line error; rerunning resumes from there. The closing table goes to
+``<run.dir>/summary.json`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from koret.config import (
+    EvalConfig,
+    FilterConfig,
+    MineConfig,
+    PushConfig,
+    Section,
+    TrainConfig,
+    config_hash,
+    validate,
+)
+from koret.errors import KoretError
+from koret.io import write_json
+from koret.report import console, info, is_quiet
+
+STAGES = ("mine", "filter", "train", "eval", "push")
+
+
+class RunSection(Section):
+    dir: str = Field("runs/pipeline", description="Every stage writes under <run.dir>/<stage>/.")
+
+
+class PipelineConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    mine: MineConfig | None = None
+    filter: FilterConfig | None = None
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+    push: PushConfig | None = None
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
+    """Each present stage's own config, with the chain's defaults filled in (outputs under run.dir)."""
+    root = Path(cfg.run.dir)
+    out: dict[str, Any] = {}
+    if cfg.mine is not None:
+        mine = cfg.mine.model_copy(deep=True)
+        mine.output.dir = str(root / "mine")
+        out["mine"] = mine
+    if cfg.filter is not None:
+        if cfg.mine is None:
+            raise KoretError(f"{source}: the filter stage needs a mine section (it re-filters mine's candidates)")
+        refilter_cfg = out["mine"].model_copy(deep=True)
+        refilter_cfg.filter = cfg.filter.model_copy(deep=True)
+        refilter_cfg.filter.candidates = str(root / "mine")
+        refilter_cfg.output.dir = str(root / "filter")
+        out["filter"] = validate(MineConfig, refilter_cfg.model_dump(mode="json"), f"{source}: filter")
+    if cfg.train is not None:
+        train = cfg.train.model_copy(deep=True)
+        if not train.data.train:
+            upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
+            if upstream is None:
+                raise KoretError(f"{source}: train.data.train is required when there is no mine section")
+            train.data.train = str(root / upstream / "train.parquet")
+        train.args = {**train.args, "output_dir": str(root / "train")}
+        out["train"] = train
+    if cfg.eval is not None:
+        ev = cfg.eval.model_copy(deep=True)
+        if not ev.models:
+            if "train" not in out:
+                raise KoretError(f"{source}: eval.models is required when there is no train section")
+            t = out["train"]
+            common = {"query_prompt": t.model.query_prompt, "passage_prompt": t.model.passage_prompt,
+                      "max_seq_length": t.model.max_seq_length}
+            ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "models": [
+                {"name": t.model.name, "label": "base", **common},
+                {"name": str(root / "train" / "final"), "label": "trained", **common}]}, f"{source}: eval")
+        ev.output.dir = str(root / "eval")
+        out["eval"] = ev
+    if cfg.push is not None:
+        push = cfg.push.model_copy(deep=True)
+        if "train" in out:
+            push.model = str(root / "train" / "final")
+            push.train_dir = str(root / "train")
+        if "eval" in out:
+            push.eval_dir = str(root / "eval")
+        if "filter" in out or "mine" in out:
+            push.mine_dir = str(root / ("filter" if "filter" in out else "mine"))
+        out["push"] = push
+    return out
+
+
+def _stage_hashes(stages: dict[str, Any]) -> dict[str, str]:
+    hashes: dict[str, str] = {}
+    upstream = ""
+    for name in STAGES:
+        if name in stages:
+            hashes[name] = config_hash({"stage": name, "config": stages[name].model_dump(mode="json"),
+                                        "upstream": upstream})
+            upstream = hashes[name]
+    return hashes
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def _expected_outputs(name: str, cfg: Any) -> list[Path]:
+    if name in ("mine", "filter"):
+        return [Path(cfg.output.dir) / "train.parquet", Path(cfg.output.dir) / "stats.json"]
+    if name == "train":
+        return [Path(cfg.args["output_dir"]) / "final" / "modules.json"]
+    if name == "eval":
+        return [Path(cfg.output.dir) / "metrics.json"]
+    return []
+
+
+def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]]:
+    """Run one stage; returns (key figure, details)."""
+    if name == "mine":
+        from koret.mine import mine
+
+        stats = mine(cfg)
+        return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
+    if name == "filter":
+        from koret.filter import refilter
+
+        stats = refilter(cfg)
+        return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
+    if name == "train":
+        from koret.train import train
+
+        m = train(cfg)
+        return f"final loss {m['final_loss']:.4f} ({m['steps']} steps)", {"final_loss": m["final_loss"]}
+    if name == "eval":
+        from koret.evaluate import evaluate
+
+        res = evaluate(cfg)
+        models = res["models"]
+        a, b = models[0]["metrics"]["ndcg@10"], models[-1]["metrics"]["ndcg@10"]
+        figure = f"NDCG@10 {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"NDCG@10 {a:.4f}"
+        return figure, {"ndcg@10": [m["metrics"]["ndcg@10"] for m in models]}
+    from koret.push import push
+
+    if cfg.dry_run:
+        res = push(cfg, dry_run=root / "push")
+        return f"dry run: {res['dry_run']}", {"dry_run": res["dry_run"]}
+    res = push(cfg)
+    return res["url"], {"url": res["url"]}
+
+
+def select(present: list[str], start: str | None, until: str | None, only: str | None) -> list[str]:
+    for flag, value in (("--from", start), ("--until", until), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise KoretError(f"{flag}: unknown stage {value!r}", f"one of {', '.join(STAGES)}")
+        if value is not None and value not in present:
+            raise KoretError(f"{flag}: the config has no {value!r} section", f"sections: {', '.join(present)}")
+    if only:
+        return [only]
+    chosen = present
+    if start:
+        chosen = chosen[chosen.index(start):]
+    if until:
+        chosen = chosen[: chosen.index(until) + 1] if until in chosen else []
+    return chosen
+
+
+def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None = None, until: str | None = None,
+                 only: str | None = None, force: bool = False,
+                 on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the chain; returns the summary (also ``<run.dir>/summary.json``). Raises the failing stage's error."""
+    root = Path(cfg.run.dir)
+    stages = resolve(cfg, source)
+    if not stages:
+        raise KoretError(f"{source}: no stage section (mine, filter, train, eval, push)")
+    hashes = _stage_hashes(stages)
+    present = [s for s in STAGES if s in stages]
+    chosen = select(present, start, until, only)
+    rows: list[dict[str, Any]] = []
+    failure: KoretError | None = None
+    for name in present:
+        if name not in chosen:
+            rows.append({"stage": name, "status": "not selected", "seconds": 0.0, "figure": ""})
+            continue
+        if failure is not None:
+            rows.append({"stage": name, "status": "not run", "seconds": 0.0, "figure": ""})
+            continue
+        record_path = root / name / ".koret-stage.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else None
+        if (not force and record and record.get("hash") == hashes[name] and record.get("status") == "ran"
+                and all(p.exists() for p in _expected_outputs(name, stages[name]))):
+            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config; --force redoes it)")
+            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": record.get("figure", "")})
+            continue
+        if on_stage:
+            on_stage(name)
+        info(f"[bold cyan]== {name} ==[/bold cyan]")
+        started = time.perf_counter()
+        try:
+            figure, details = _run_stage(name, stages[name], root)
+        except KoretError as exc:
+            failure = exc
+            record_path.unlink(missing_ok=True)
+            rows.append({"stage": name, "status": "failed", "seconds": time.perf_counter() - started,
+                         "figure": str(exc)})
+            continue
+        seconds = time.perf_counter() - started
+        write_json(record_path, {"hash": hashes[name], "status": "ran", "figure": figure, "seconds": seconds,
+                                 "details": details})
+        rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": figure})
+    summary = {"run_dir": str(root), "stages": rows, "ok": failure is None}
+    write_json(root / "summary.json", summary)
+    _show(rows, root)
+    if failure is not None:
+        raise failure
+    return summary
+
+
+def _show(rows: list[dict[str, Any]], root: Path) -> None:
+    if is_quiet():
+        return
+    from rich.table import Table
+
+    t = Table(title=f"koret run: {root}", title_justify="left", header_style="bold")
+    for col, justify in (("stage", "left"), ("status", "left"), ("seconds", "right"), ("key figure", "left")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    colors = {"ran": "green", "skipped": "cyan", "failed": "red"}
+    for r in rows:
+        c = colors.get(r["status"], "dim")
+        t.add_row(r["stage"], f"[{c}]{r['status']}[/{c}]", f"{r['seconds']:.1f}", r["figure"])
+    console().print(t)

@@ -1,0 +1,345 @@
+"""``koret push``: upload a trained model to the Hugging Face Hub with a model card that invents nothing.
+
+The card's YAML front matter carries language, library_name, pipeline_tag, tags, license, base_model,
+datasets and a ``model-index`` with the evaluation results (so the Hub shows them). Its body has usage with the
+right prompts, and the mining, training and evaluation facts read from the files the stages wrote
+(``stats.json``, ``metrics.json``, eval's ``metrics.json``); a section whose source file is missing says so.
+
+The token comes from ``HF_TOKEN`` or the login that ``huggingface-cli login`` stored, through
+``huggingface_hub.get_token``. It is never printed and never written into any file, log, config or card.
+``--dry-run DIR`` writes exactly the folder that would be uploaded and touches no network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from koret.config import PushConfig
+from koret.errors import KoretError
+from koret.io import write_text
+from koret.report import info, show, table
+
+CITATIONS = """```bibtex
+@article{solatorio2024gistembed,
+  title   = {GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
+  author  = {Aivin V. Solatorio},
+  journal = {arXiv preprint arXiv:2402.16829},
+  year    = {2024}
+}
+@article{moreira2024nvretriever,
+  title   = {NV-Retriever: Improving text embedding models with effective hard-negative mining},
+  author  = {Gabriel de Souza P. Moreira and Radek Osmulski and Mengyao Xu and Ronay Ak and Benedikt Schifferer
+             and Even Oldridge},
+  journal = {arXiv preprint arXiv:2407.15831},
+  year    = {2024}
+}
+@inproceedings{reimers2019sentencebert,
+  title     = {Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks},
+  author    = {Nils Reimers and Iryna Gurevych},
+  booktitle = {Proceedings of EMNLP-IJCNLP 2019},
+  year      = {2019}
+}
+```"""
+
+_EVAL_METRICS = [("ndcg@10", "ndcg_at_10", "NDCG@10"), ("mrr@10", "mrr_at_10", "MRR@10"),
+                 ("map@10", "map_at_10", "MAP@10"), ("recall@10", "recall_at_10", "Recall@10"),
+                 ("precision@10", "precision_at_10", "Precision@10"), ("accuracy@10", "accuracy_at_10", "Accuracy@10"),
+                 ("recall@100", "recall_at_100", "Recall@100")]
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def _read_json(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def _read_yaml(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def gather_sources(cfg: PushConfig) -> dict[str, Any]:
+    """Find the train/mine/eval records that describe the model (explicit paths win over derived ones)."""
+    model_dir = Path(cfg.model)
+    train_dir = Path(cfg.train_dir) if cfg.train_dir else model_dir.parent
+    train_cfg = _read_yaml(train_dir / "config.yaml") or _read_yaml(model_dir / "koret.yaml")
+    mine_dir: Path | None = Path(cfg.mine_dir) if cfg.mine_dir else None
+    if mine_dir is None and train_cfg and (train_cfg.get("data") or {}).get("train"):
+        p = Path(train_cfg["data"]["train"])
+        mine_dir = p if p.is_dir() else p.parent
+    eval_path = Path(cfg.eval_dir) / "metrics.json" if cfg.eval_dir else None
+    return {
+        "train_dir": train_dir,
+        "train_config": train_cfg,
+        "train_metrics": _read_json(train_dir / "metrics.json"),
+        "mine_dir": mine_dir,
+        "mine_stats": _read_json(mine_dir / "stats.json") if mine_dir else None,
+        "mine_config": _read_yaml(mine_dir / "config.yaml") if mine_dir else None,
+        "eval": _read_json(eval_path),
+    }
+
+
+def _st_config(model_dir: Path) -> dict[str, Any]:
+    return _read_json(model_dir / "config_sentence_transformers.json") or {}
+
+
+def check_model_folder(model_dir: Path) -> None:
+    if not model_dir.is_dir():
+        raise KoretError(f"push.model: model folder not found: {model_dir}", "train first, or set push.model")
+    if not (model_dir / "modules.json").exists():
+        raise KoretError(f"push.model: {model_dir} is not a SentenceTransformer folder (no modules.json)",
+                         "push the final/ folder that koret train writes")
+
+
+# --------------------------------------------------------------------------------------------- card
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _trained_eval_entry(ev: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(baseline, trained) entries of an eval metrics.json: the trained one is the model being pushed."""
+    models = ev.get("models") or []
+    if not models:
+        return None, None
+    target = str(model_dir.resolve())
+    trained = next((m for m in models if m.get("model") and Path(m["model"]).resolve().as_posix() == target), None)
+    base = models[0] if models[0] is not trained else None
+    return base, trained or (models[-1] if len(models) > 1 else None)
+
+
+def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
+    """The model card (README.md): YAML front matter + body, from recorded facts only."""
+    model_dir = Path(cfg.model)
+    st_cfg = _st_config(model_dir)
+    prompts = st_cfg.get("prompts") or {}
+    q_prompt = prompts.get("query", "")
+    p_prompt = prompts.get("document", prompts.get("passage", ""))
+    tcfg = sources["train_config"] or {}
+    tm = sources["train_metrics"]
+    ms = sources["mine_stats"]
+    mc = sources["mine_config"] or {}
+    ev = sources["eval"]
+    base_model = (tcfg.get("model") or {}).get("name")
+    repo_name = (cfg.repo_id or model_dir.name).split("/")[-1]
+
+    front: dict[str, Any] = {
+        "language": ["ko"], "library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+        "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"],
+        "license": cfg.license or "other",
+    }
+    if base_model and not Path(base_model).exists() and not base_model.startswith("pkg:"):
+        front["base_model"] = base_model
+    datasets = [d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d]
+    if datasets:
+        front["datasets"] = sorted(set(datasets))
+    base_eval, trained_eval = _trained_eval_entry(ev, model_dir) if ev else (None, None)
+    if trained_eval:
+        front["model-index"] = [{
+            "name": repo_name,
+            "results": [{
+                "task": {"type": "retrieval", "name": "Retrieval"},
+                "dataset": {"name": ev["data"]["source"], "type": ev["data"]["source"], "split": "test"},
+                "metrics": [{"type": t, "value": round(float(trained_eval["metrics"][k]), 6), "name": n}
+                            for k, t, n in _EVAL_METRICS if k in trained_eval["metrics"]],
+            }],
+        }]
+
+    body = [f"# {repo_name}", "",
+            "A Korean text retriever fine-tuned with [koret](https://pypi.org/project/koret/): hard negatives mined "
+            "with a teacher and filtered with positive-aware margins (NV-Retriever), then trained with a GIST loss "
+            "and several hard negatives per query.", ""]
+    body += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+             f'model = SentenceTransformer("{cfg.repo_id or model_dir}")',
+             'queries = ["한국의 수도는 어디인가?"]',
+             'passages = ["서울은 대한민국의 수도이다.", "부산은 대한민국 제2의 도시이다."]']
+    q_arg = ', prompt_name="query"' if q_prompt else ""
+    p_arg = ', prompt_name="document"' if p_prompt else ""
+    body += [f"q = model.encode(queries{q_arg})", f"p = model.encode(passages{p_arg})",
+             "print(model.similarity(q, p))", "```", ""]
+    if q_prompt or p_prompt:
+        body += [f"Prompts saved with the model: query `{q_prompt!r}`, passage `{p_prompt!r}`.", ""]
+
+    body += ["## Mining", ""]
+    if ms:
+        f = ms.get("settings", {})
+        rule = {"perc_pos": f"perc_pos (drop a candidate scoring above {f.get('perc')} x the positive)",
+                "margin_pos": f"margin_pos (drop a candidate scoring above the positive - {f.get('margin')})"}.get(
+            f.get("strategy"), str(f.get("strategy")))
+        rows = [("teacher", (ms.get("teacher") or {}).get("model", (mc.get("teacher") or {}).get("model", "?"))),
+                ("data", (ms.get("data") or {}).get("source", "?")),
+                ("filter", rule),
+                ("candidates per query (top_k)", (ms.get("search") or {}).get("top_k", "?")),
+                ("negatives per row", f.get("num_negatives")),
+                ("(query, positive) rows in / written", f"{_fmt(ms.get('rows_in'))} / {_fmt(ms.get('rows_out'))}"),
+                ("suspected false negatives dropped", _fmt((ms.get("filtered") or {}).get(f.get("strategy"), 0))),
+                ("known positives dropped from candidates", _fmt((ms.get("filtered") or {}).get("positive", 0))),
+                ("rows short of negatives", f"{_fmt(ms['shortage']['rows'])} ({ms['shortage']['policy']})"),
+                ("median teacher score: positive / chosen negative",
+                 f"{_fmt(ms['scores']['positive'].get('p50', float('nan')))} / "
+                 f"{_fmt(ms['scores']['negative'].get('p50', float('nan')))}")]
+        body += ["| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
+    else:
+        body += ["No mining record was found (no `stats.json` of a koret mine run).", ""]
+
+    body += ["## Training", ""]
+    if tm:
+        lc = tcfg.get("loss") or {}
+        rows = [("base model", base_model or "?"), ("loss", tm.get("loss")), ("guide", tm.get("guide")),
+                ("margin strategy / margin", f"{lc.get('margin_strategy', '?')} / {lc.get('margin', '?')}"),
+                ("training rows x negatives", f"{_fmt(tm.get('train_rows'))} x {tm.get('num_negatives')}"),
+                ("global batch size", f"{tm.get('global_batch_size')} ({tm.get('world_size')} process(es) x "
+                                      f"{tm.get('per_device_batch_size')})"),
+                ("learning rate", tm.get("learning_rate")), ("epochs", tm.get("epochs")),
+                ("steps", tm.get("steps")), ("precision", tm.get("precision")),
+                ("hardware", tm.get("device")), ("final loss", _fmt(tm.get("final_loss"))),
+                ("wall time", f"{tm.get('wall_seconds', 0):.0f} s")]
+        body += ["| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
+    else:
+        body += ["No training record was found (no `metrics.json` of a koret train run).", ""]
+
+    body += ["## Evaluation", ""]
+    if ev and trained_eval:
+        from koret.evaluate import markdown_table
+
+        entries = [e for e in (base_eval, trained_eval) if e]
+        body += [f"Data: `{ev['data']['source']}`, {ev['data']['queries']:,} queries, {ev['data']['passages']:,} "
+                 "passages, exact search; metrics as defined by trec_eval. The first row is the baseline.", "",
+                 markdown_table(entries)]
+    else:
+        body += ["No evaluation record was found (run `koret eval` with the base and the trained model).", ""]
+    body += ["## Citation", "", CITATIONS, ""]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+
+
+def _hub_datasets(train_cfg: dict[str, Any], mine_cfg: dict[str, Any]) -> list[str]:
+    """Hub dataset ids among the data sources (local files are not datasets on the Hub)."""
+    out = []
+    for src in ((mine_cfg.get("data") or {}).get("train"), (train_cfg.get("data") or {}).get("train")):
+        if src and not Path(str(src).split("#")[0]).exists() and str(src).count("/") == 1 \
+                and not str(src).startswith((".", "/", "~")):
+            out.append(src)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def stage_folder(cfg: PushConfig, dest: Path) -> list[str]:
+    """Write the folder that would be uploaded (model files in safetensors + README.md card) to ``dest``."""
+    model_dir = Path(cfg.model)
+    check_model_folder(model_dir)
+    sources = gather_sources(cfg)
+    card = build_card(cfg, sources)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("training_args.bin", "*.tmp", ".*"))
+    if not list(tmp.rglob("*.safetensors")):
+        from sentence_transformers import SentenceTransformer
+
+        SentenceTransformer(str(model_dir), device="cpu").save(str(tmp), safe_serialization=True)
+        for f in tmp.rglob("pytorch_model.bin"):
+            f.unlink()
+    write_text(tmp / "README.md", card)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+
+def push(cfg: PushConfig, dry_run: str | Path | None = None) -> dict[str, Any]:
+    """Upload (or, with ``dry_run``, only stage) the model; returns {"url" | "dry_run", "files", ...}."""
+    if dry_run is not None:
+        dest = Path(dry_run)
+        files = stage_folder(cfg, dest)
+        show(table(f"koret push --dry-run: {dest}", ["file", "bytes"],
+                   [[f, (dest / f).stat().st_size] for f in files]))
+        info((dest / "README.md").read_text(encoding="utf-8"))
+        return {"dry_run": str(dest), "files": files, "repo_id": cfg.repo_id}
+
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not cfg.repo_id:
+        raise KoretError("push.repo_id: required key is missing", "e.g. --set repo_id=your-name/koret-ko-retriever")
+    try:
+        validate_repo_id(cfg.repo_id)
+        if cfg.repo_id.count("/") != 1:
+            raise HFValidationError("expected owner/name")
+    except HFValidationError as exc:
+        raise KoretError(f"push.repo_id: {cfg.repo_id!r} is not a valid repo id ({exc})",
+                         "use owner/name with letters, digits, '-', '_', '.'") from None
+    check_model_folder(Path(cfg.model))
+    token = get_token()
+    if not token:
+        raise KoretError("push: no Hugging Face token", "set HF_TOKEN or run `huggingface-cli login`")
+    import tempfile
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="koret-push-") as tmpdir:
+        staged = Path(tmpdir) / "model"
+        files = stage_folder(cfg, staged)
+        if cfg.create_repo:
+            _call(lambda: api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True, repo_type="model"),
+                  "create the repo", cfg)
+        if cfg.revision:
+            _call(lambda: api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True), "create the branch",
+                  cfg)
+        commit = _call(lambda: api.upload_folder(repo_id=cfg.repo_id, folder_path=str(staged), repo_type="model",
+                                                 revision=cfg.revision, commit_message=cfg.commit_message),
+                       "upload", cfg)
+    url = f"https://huggingface.co/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision else "")
+    show(table("koret push", ["", "value"], [["repo", cfg.repo_id], ["url", url], ["files", len(files)],
+                                             ["commit", getattr(commit, "oid", "") or ""]]))
+    return {"url": url, "files": files, "repo_id": cfg.repo_id, "commit": getattr(commit, "oid", None)}
+
+
+def _status(exc: Exception) -> int | None:
+    resp = getattr(exc, "response", None)
+    return getattr(resp, "status_code", None)
+
+
+def _call(fn: Any, what: str, cfg: PushConfig) -> Any:
+    """Run one Hub call; 401/403 are one-line errors, transient failures are retried with backoff."""
+    delay = 1.0
+    for attempt in range(cfg.retries + 1):
+        try:
+            return fn()
+        except Exception as exc:  # huggingface_hub raises HTTP and connection errors of several types
+            status = _status(exc)
+            if status == 401:
+                raise KoretError(f"push: could not {what}: the token was rejected (401, bad or expired token)",
+                                 "check HF_TOKEN or run `huggingface-cli login` again") from None
+            if status == 403:
+                raise KoretError(f"push: could not {what} in {cfg.repo_id!r}: no write access (403)",
+                                 "use a token with write permission for that owner") from None
+            transient = status is None or status >= 500 or status == 429
+            if not transient or attempt == cfg.retries:
+                detail = f"HTTP {status}" if status else type(exc).__name__
+                raise KoretError(f"push: could not {what} after {attempt + 1} attempt(s) ({detail})",
+                                 "nothing was claimed as uploaded; rerun koret push") from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
