@@ -35,9 +35,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: install
-	HF_HUB_OFFLINE=1 $(BIN)/koret mine -c configs/quickstart.yaml
-	HF_HUB_OFFLINE=1 $(BIN)/koret filter -c configs/quickstart.yaml --set filter.perc=0.90 \
-		--set filter.candidates=runs/quickstart/mine --set output.dir=runs/quickstart/filter-p90
+	HF_HUB_OFFLINE=1 $(BIN)/koret run -c configs/quickstart.yaml
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -46,7 +44,7 @@ lint: install-dev
 	$(BIN)/ruff check koret tests scripts
 
 bench: install-dev
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_mine.py
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -167,3 +167,71 @@ def write(data: SynthData, out_dir: str | Path, eval_fraction: float = 0.0, seed
     files["corpus.txt"] = str(out / "corpus.txt")
     dump("planted.jsonl", data.planted)
     return files
+
+
+def build_random_bert(out: Path, texts: list[str], seed: int = 0, num_labels: int | None = None,
+                      lexical: bool = False, hidden: int = 64, layers: int = 2, heads: int = 2,
+                      intermediate: int | None = None, vocab_size: int = 1200, max_positions: int = 130) -> Path:
+    """Save a random-weight BERT (+ a WordPiece tokenizer trained on ``texts``) to ``out``: no download.
+
+    Used by the tests (a 2-layer, 64-wide model), the benchmarks and the GPU check (BERT-base or XLM-R-large
+    shapes). Pass ``num_labels`` for a sequence-classification head (a cross-encoder).
+
+    A random BERT maps every text to nearly the same direction (cosine ~0.93 for any pair), which makes any
+    filtering test degenerate. With ``lexical=True`` the blocks' output projections start at zero, so each
+    layer is the identity and mean pooling averages random token vectors: a random-projection bag of words,
+    whose scores follow word overlap. Training still moves every weight.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(texts, trainer)
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions - 2)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate or 2 * hidden,
+                        max_position_embeddings=max_positions, initializer_range=0.5 if lexical else 0.02)
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = BertModel(config)
+    else:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    if lexical:
+        with torch.no_grad():
+            base = model if num_labels is None else model.bert
+            base.embeddings.position_embeddings.weight.zero_()
+            base.embeddings.token_type_embeddings.weight.zero_()
+            for layer in base.encoder.layer:
+                for lin in (layer.attention.output.dense, layer.output.dense):
+                    lin.weight.mul_(0.01)
+                    lin.bias.zero_()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def build_random_sentence_transformer(out: Path, texts: list[str], prompts: dict[str, str] | None = None,
+                                      max_seq_length: int = 96, **bert: object) -> Path:
+    """A SentenceTransformer folder (random BERT, mean pooling, L2 normalization) at ``out``."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    bert_dir = build_random_bert(Path(f"{out}-bert"), texts, **bert)  # type: ignore[arg-type]
+    word = Transformer(str(bert_dir), max_seq_length=max_seq_length)
+    pooling = Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+    model = SentenceTransformer(modules=[word, pooling, Normalize()], device="cpu", prompts=prompts)
+    model.save(str(out))
+    return Path(out)

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from koret.synth import generate  # noqa: E402
+from koret.synth import build_random_bert, build_random_sentence_transformer, generate  # noqa: E402
 
 # Hand-written pairs with the usual difficulties: one query with two positives, near-duplicate passages,
 # passages that differ only in whitespace, and mixed Korean/English.
@@ -66,69 +66,13 @@ def _corpus_for_tokenizer(pairs: list[dict[str, str]], extra: list[str]) -> list
     return texts + ["query: ", "passage: "]
 
 
-def build_tiny_bert(out: Path, texts: list[str], seed: int = 0, num_labels: int | None = None,
-                    lexical: bool = False) -> Path:
-    """Save a tiny random BERT (+ WordPiece tokenizer trained on ``texts``) to ``out``.
-
-    A random BERT maps every text to nearly the same direction (cosine ~0.93 for any pair), which makes any
-    filtering test degenerate. With ``lexical=True`` the blocks' output projections start at zero, so each
-    layer is the identity and mean pooling averages random token vectors: a random-projection bag of words,
-    whose scores follow word overlap. Training still moves every weight.
-    """
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=1200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(texts, trainer)
-    from tokenizers import processors
-
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=130, initializer_range=0.5 if lexical else 0.02)
-    torch.manual_seed(seed)
-    if num_labels is None:
-        model = BertModel(config)
-    else:
-        config.num_labels = num_labels
-        model = BertForSequenceClassification(config)
-    if lexical:
-        with torch.no_grad():
-            base = model if num_labels is None else model.bert
-            base.embeddings.position_embeddings.weight.zero_()
-            base.embeddings.token_type_embeddings.weight.zero_()
-            for layer in base.encoder.layer:
-                for lin in (layer.attention.output.dense, layer.output.dense):
-                    lin.weight.mul_(0.01)
-                    lin.bias.zero_()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, pairs, extra_corpus) -> Path:
     """A tiny SentenceTransformer folder with prompts 'query' / 'passage'."""
-    from sentence_transformers import SentenceTransformer, models
-
     root = tmp_path_factory.mktemp("models")
-    bert = build_tiny_bert(root / "bert", _corpus_for_tokenizer(pairs, extra_corpus), seed=0, lexical=True)
-    word = models.Transformer(str(bert), max_seq_length=96)
-    pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
-    st = SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu",
-                             prompts={"query": "query: ", "passage": "passage: "})
-    path = root / "tiny-st"
-    st.save(str(path))
-    return path
+    return build_random_sentence_transformer(root / "tiny-st", _corpus_for_tokenizer(pairs, extra_corpus),
+                                             prompts={"query": "query: ", "passage": "passage: "}, seed=0,
+                                             lexical=True)
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +80,7 @@ def tiny_cross_encoder(tmp_path_factory, pairs, extra_corpus) -> Path:
     from sentence_transformers import CrossEncoder
 
     root = tmp_path_factory.mktemp("ce")
-    bert = build_tiny_bert(root / "bert", _corpus_for_tokenizer(pairs, extra_corpus), seed=1, num_labels=1)
+    bert = build_random_bert(root / "bert", _corpus_for_tokenizer(pairs, extra_corpus), seed=1, num_labels=1)
     ce = CrossEncoder(str(bert), num_labels=1, device="cpu", max_length=96)
     path = root / "tiny-ce"
     ce.save(str(path))

@@ -83,3 +83,13 @@ def test_config_show_and_validate_cli(tmp_path):
     bad = run_cli("config", "validate", "-c", str(path), "--set", "filter.num_negatives=0")
     assert bad.exit_code == 2
     assert bad.stderr.strip().count("\n") == 0 and "filter.num_negatives" in bad.stderr
+
+
+@pytest.mark.parametrize("name,stage", [("mine.yaml", "mine"), ("train.yaml", "train"), ("eval.yaml", "eval"),
+                                        ("push.yaml", "push"), ("quickstart.yaml", "run"),
+                                        ("arctic-ko.yaml", "run")])
+def test_shipped_configs_validate(name, stage):
+    from helpers import REPO
+
+    result = run_cli("config", "validate", "-c", str(REPO / "configs" / name), "--stage", stage)
+    assert result.exit_code == 0, result.stderr

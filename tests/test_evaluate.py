@@ -112,7 +112,6 @@ def test_two_models_side_by_side_with_deltas_and_cache(tmp_path, tiny_model, bei
 
 def test_config_file_with_prompts_and_autorag(tmp_path, tiny_model):
     import pandas as pd
-
     from helpers import write_config
 
     root = tmp_path / "autorag"

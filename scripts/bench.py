@@ -1,0 +1,53 @@
+"""make bench: every benchmark in one run (about 25 minutes on 2 CPU cores); tables to bench/results/README.md.
+
+Each benchmark runs both sides (koret and its peer) in the same run on the same data and model, and reports
+ratios: absolute times on a shared 2-core machine are noise, ratios are not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import RESULTS, WORK, machine  # noqa: E402
+
+STEPS = [
+    ("bench_mine.py", []),
+    ("bench_encode.py", []),
+    ("bench_train.py", []),
+    ("bench_eval.py", []),
+    ("bench_scale.py", []),
+]
+
+
+def main() -> int:
+    here = Path(__file__).resolve().parent
+    started = time.time()
+    failed = []
+    for script, args in STEPS:
+        print(f"== {script} ==", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(here / script), *args])
+        print(f"== {script}: exit {rc}, {time.time() - t0:.0f} s ==", flush=True)
+        if rc != 0:
+            failed.append(script)
+    parts = [f"# koret benchmarks\n\n{time.strftime('%Y-%m-%d')}, {machine()}, `make bench` "
+             f"({(time.time() - started) / 60:.0f} min)\n"]
+    for name in ("mine", "encode", "train", "eval", "scale"):
+        md = WORK / f"{name}.md"
+        if md.exists():
+            parts.append(md.read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "README.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

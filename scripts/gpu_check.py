@@ -1,0 +1,208 @@
+"""GPU check: koret's GPU paths and their throughput, with only torch + sentence-transformers + transformers.
+
+Measures, on one GPU (models built from configs with random weights; nothing is downloaded):
+
+1. teacher encoding tokens/s in bf16 through SentenceTransformer.encode for a BERT-base-sized and an
+   XLM-R-large-sized (bge-m3 / arctic-embed-l shape) encoder, with model FLOPs utilization (MFU) against the
+   card's dense bf16 peak;
+2. koret's torch exact search (the path used where FAISS has no GPU): 1M x 1024 passages, 10k queries, top-100;
+3. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16.
+
+Prints one table and writes ``gpu_check.json`` to ``--out`` (default ``$OUT`` or ``bench/results``).
+``--smoke`` runs the same code at toy sizes on the CPU (the test suite does, so the GPU run cannot fail on a typo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import flops_per_token  # noqa: E402
+
+# dense bf16 peak FLOP/s by device name (NVIDIA data sheets, without sparsity)
+PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+SIZES = {
+    "full": {"encoders": {"bert-base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
+                          "xlmr-large": dict(hidden=1024, layers=24, heads=16, intermediate=4096)},
+             "seq": 512, "texts": 4096, "batch": 128, "passages": 1_000_000, "dim": 1024, "queries": 10_000,
+             "top_k": 100, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128},
+    "smoke": {"encoders": {"bert-base": dict(hidden=64, layers=2, heads=2, intermediate=128)},
+              "seq": 32, "texts": 64, "batch": 16, "passages": 5000, "dim": 32, "queries": 200, "top_k": 10,
+              "train_batch": 16, "mini_batch": 8, "train_steps": 2, "train_seq": 32},
+}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, value in PEAKS.items():
+        if key in name:
+            return value
+    return None
+
+
+def texts_of_length(n: int, approx_tokens: int) -> list[str]:
+    from koret.synth import generate
+
+    pieces = [p["positive"] for p in generate(max(50, n // 2), seed=3).pairs]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        words: list[str] = []
+        while len(words) < approx_tokens:
+            words.extend(pieces[int(rng.integers(len(pieces)))].split())
+        out.append(" ".join(words[:approx_tokens]))
+    return out
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_encode(size: dict, workdir: Path, device: str, dtype: str) -> list[dict]:
+    from koret.encode import load_sentence_transformer
+    from koret.synth import build_random_sentence_transformer
+
+    texts = texts_of_length(size["texts"], size["seq"])
+    rows = []
+    for name, shape in size["encoders"].items():
+        path = build_random_sentence_transformer(workdir / name, texts[:2000], max_seq_length=size["seq"],
+                                                 vocab_size=8000, max_positions=size["seq"] + 2, **shape)
+        model = load_sentence_transformer(str(path), device=device, dtype=dtype, max_seq_length=size["seq"])
+        model.encode(texts[: size["batch"]], batch_size=size["batch"])  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        model.encode(texts, batch_size=size["batch"], convert_to_numpy=True)
+        sync()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(ids) for ids in model.tokenizer(texts, truncation=True,
+                                                         max_length=size["seq"])["input_ids"])
+        fpt = flops_per_token(shape["hidden"], shape["layers"], shape["intermediate"], size["seq"])
+        peak = peak_flops()
+        rows.append({"check": f"encode {name} ({dtype})", "texts_per_s": len(texts) / seconds,
+                     "tokens_per_s": tokens / seconds, "mfu": tokens / seconds * fpt / peak if peak else None,
+                     "seconds": seconds})
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_search(size: dict, device: str) -> dict:
+    from koret.search import search
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shard = 250_000 if size["passages"] > 250_000 else size["passages"]
+    blocks = []
+    for start in range(0, size["passages"], shard):
+        n = min(shard, size["passages"] - start)
+        x = torch.randn(n, size["dim"], device=device, generator=gen)
+        blocks.append(torch.nn.functional.normalize(x, dim=1).cpu().numpy())
+    q = torch.nn.functional.normalize(torch.randn(size["queries"], size["dim"], device=device, generator=gen), dim=1)
+    queries = q.cpu().numpy()
+    backend = "torch"
+    t0 = time.perf_counter()
+    res = search(queries, blocks, size["top_k"], backend=backend, query_chunk_size=4096, description="search")
+    seconds = time.perf_counter() - t0
+    # exactness spot check on 50 queries against a float32 matmul
+    corpus = np.concatenate(blocks)
+    exact = np.argsort(-(queries[:50] @ corpus.T), axis=1)[:, :10]
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, res.ids[:50, :10], strict=True)]))
+    return {"check": f"search {size['passages']:,} x {size['dim']} top-{size['top_k']} ({res.backend})",
+            "queries_per_s": size["queries"] / seconds, "seconds": seconds, "recall@10_vs_fp32": recall}
+
+
+def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:
+    import pandas as pd
+
+    from koret.config import TrainConfig
+    from koret.synth import build_random_sentence_transformer, generate
+    from koret.train import train
+
+    syn = generate(max(200, size["train_batch"] * size["train_steps"] // 2 + 50), seed=5)
+    rng = np.random.default_rng(0)
+    passages = [p["positive"] for p in syn.pairs]
+    rows = [{"anchor": p["query"], "positive": p["positive"],
+             **{f"negative_{j}": passages[int(rng.integers(len(passages)))] for j in (1, 2, 3)}}
+            for p in syn.pairs]
+    data = workdir / "train.parquet"
+    pd.DataFrame(rows).to_parquet(data)
+    shape = size["encoders"]["bert-base"]
+    model = build_random_sentence_transformer(workdir / "student", passages[:2000], max_seq_length=size["train_seq"],
+                                              vocab_size=8000, max_positions=size["train_seq"] + 2, **shape)
+    cfg = TrainConfig.model_validate({
+        "model": {"name": str(model), "max_seq_length": size["train_seq"]},
+        "data": {"train": str(data)},
+        "loss": {"name": "cached_gist", "guide": "student", "mini_batch_size": size["mini_batch"]},
+        "args": {"output_dir": str(workdir / "train"), "per_device_train_batch_size": size["train_batch"],
+                 "max_steps": size["train_steps"], "bf16": bf16, "logging_steps": 1, "save_strategy": "no",
+                 "batch_sampler": "batch_sampler", "dataloader_drop_last": True},
+    })
+    m = train(cfg)
+    return {"check": f"koret train cached_gist, global batch {m['global_batch_size']} ({m['precision']})",
+            "steps_per_s": m["steps_per_second"], "samples_per_s": m["samples_per_second"],
+            "tokens_per_s": m["tokens_per_second"], "peak_cuda_gib": (m.get("peak_cuda_bytes") or 0) / 2**30,
+            "seconds": m["train_runtime"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    args = parser.parse_args()
+    size = SIZES["smoke" if args.smoke else "full"]
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    dtype = "bfloat16" if cuda else "float32"
+    from koret.report import set_quiet
+
+    set_quiet(True)
+    results: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+                     "date": time.strftime("%Y-%m-%d"), "peak_bf16_flops": peak_flops(), "smoke": args.smoke,
+                     "checks": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for step in (lambda: bench_encode(size, work, device, dtype), lambda: [bench_search(size, device)],
+                     lambda: [bench_train(size, work, bf16=cuda)]):
+            try:
+                results["checks"].extend(step())
+            except Exception as exc:  # report and go on: one failing check must not hide the others
+                results["checks"].append({"check": "error", "error": f"{type(exc).__name__}: {exc}"})
+            print(json.dumps(results["checks"][-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{results['device']}  torch {results['torch']}  {results['date']}")
+    print(f"{'check':<62} {'throughput':>28} {'MFU':>6} {'seconds':>8}")
+    for c in results["checks"]:
+        if c["check"] == "error":
+            print(f"ERROR {c['error']}")
+            continue
+        if "tokens_per_s" in c and "steps_per_s" not in c:
+            thr = f"{c['tokens_per_s']:,.0f} tokens/s"
+        elif "steps_per_s" in c:
+            thr = f"{c['steps_per_s']:.2f} steps/s ({c['samples_per_s']:,.0f} samples/s)"
+        else:
+            thr = f"{c['queries_per_s']:,.0f} queries/s"
+        mfu = f"{c['mfu']:.2f}" if c.get("mfu") else "-"
+        print(f"{c['check']:<62} {thr:>28} {mfu:>6} {c['seconds']:>8.1f}")
+    return 1 if any(c["check"] == "error" for c in results["checks"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

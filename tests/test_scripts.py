@@ -1,0 +1,23 @@
+"""The GPU check runs end to end on CPU at toy sizes, so the GPU run cannot fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_gpu_check_smoke(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env={"PYTHON": sys.executable,
+                                                                              "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = {c["check"].split(" ")[0] + " " + c["check"].split(" ")[1]: c for c in data["checks"]}
+    assert set(checks) == {"encode bert-base", "search 5,000", "koret train"}
+    assert checks["encode bert-base"]["tokens_per_s"] > 0
+    assert checks["search 5,000"]["recall@10_vs_fp32"] == 1.0
+    assert checks["koret train"]["steps_per_s"] > 0
+    assert "tokens/s" in result.stdout and "steps/s" in result.stdout
