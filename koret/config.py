@@ -12,10 +12,18 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from koret.errors import KoretError
 
@@ -23,6 +31,15 @@ FILTER_STRATEGIES = ("naive", "shifted", "abs", "margin_pos", "perc_pos")
 DATA_FORMATS = (
     "auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "hub", "squad", "beir", "autorag", "text",
 )
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("must be >= 0 (a negative margin would count scores above the positive as negatives)")
+    return value
+
+
+Margin = Annotated[float, AfterValidator(_non_negative)]
 
 
 class Section(BaseModel):
@@ -76,7 +93,7 @@ class RescoreConfig(Section):
 
 class FilterConfig(Section):
     strategy: Literal[FILTER_STRATEGIES] = "perc_pos"  # type: ignore[valid-type]
-    margin: float = Field(0.05, description="margin_pos: drop a candidate scoring above positive - margin.")
+    margin: Margin = Field(0.05, description="margin_pos: drop a candidate scoring above positive - margin.")
     perc: float = Field(0.95, gt=0, le=1.5, description="perc_pos: drop a candidate scoring above positive x perc.")
     max_score: float | None = Field(None, description="Drop candidates scoring above this (abs strategy, or any).")
     min_score: float | None = Field(None, description="Drop candidates scoring below this.")
@@ -89,13 +106,6 @@ class FilterConfig(Section):
     candidates: str | None = Field(
         None, description="koret filter: candidates.parquet (or its folder). Default: <output.dir>/candidates.parquet."
     )
-
-    @field_validator("margin")
-    @classmethod
-    def _margin_not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0 (a negative margin would keep negatives scoring above the positive)")
-        return value
 
 
 class OutputConfig(Section):
@@ -156,20 +166,13 @@ class LossConfig(Section):
                     "copy of the initial model). Default: the teacher when the data came from koret mine, else student.",
     )
     margin_strategy: Literal["absolute", "relative"] = "absolute"
-    margin: float = 0.0
+    margin: Margin = 0.0
     temperature: float = Field(0.01, gt=0)
     contrast_anchors: bool = True
     contrast_positives: bool = True
     mini_batch_size: int = Field(32, ge=1, description="GradCache mini-batch (cached losses).")
     gather_across_devices: bool = False
     matryoshka_dims: list[int] | None = Field(None, description="Wrap the loss in MatryoshkaLoss over these dims.")
-
-    @field_validator("margin")
-    @classmethod
-    def _margin_not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be >= 0 (a negative margin would mask true negatives' rivals too)")
-        return value
 
 
 class TrainConfig(Section):

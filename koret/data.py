@@ -102,29 +102,30 @@ class _Builder:
         self._pair_set: set[tuple[int, int]] = set()
 
     def add_doc(self, text: Any, ext_id: str | None = None, where: str = "") -> int:
-        norm = self._clean(text, "passage", where)
-        idx = self._doc_index.get(norm)
-        if idx is None:
-            idx = len(self.corpus)
-            self._doc_index[norm] = idx
-            self.corpus.append(norm)
-            self.doc_ids.append(str(ext_id) if ext_id is not None else f"d{idx}")
-        if ext_id is not None:
-            self._doc_ext.setdefault(str(ext_id), idx)
-        return idx
+        return self._intern(self._clean(text, "passage", where), self.corpus, self._doc_index, self.doc_ids,
+                            self._doc_ext, ext_id, "d")[0]
 
     def add_query(self, text: Any, ext_id: str | None = None, where: str = "") -> int:
-        norm = self._clean(text, "query", where)
-        idx = self._query_index.get(norm)
-        if idx is None:
-            idx = len(self.queries)
-            self._query_index[norm] = idx
-            self.queries.append(norm)
-            self.query_ids.append(str(ext_id) if ext_id is not None else f"q{idx}")
+        idx, new = self._intern(self._clean(text, "query", where), self.queries, self._query_index, self.query_ids,
+                                self._query_ext, ext_id, "q")
+        if new:
             self.qrels.append({})
-        if ext_id is not None:
-            self._query_ext.setdefault(str(ext_id), idx)
         return idx
+
+    @staticmethod
+    def _intern(norm: str, texts: list[str], index: dict[str, int], ids: list[str], ext: dict[str, int],
+                ext_id: str | None, prefix: str) -> tuple[int, bool]:
+        """Index of ``norm`` among ``texts`` (added if new); external ids map to the first text they name."""
+        idx = index.get(norm)
+        new = idx is None
+        if idx is None:
+            idx = len(texts)
+            index[norm] = idx
+            texts.append(norm)
+            ids.append(str(ext_id) if ext_id is not None else f"{prefix}{idx}")
+        if ext_id is not None:
+            ext.setdefault(str(ext_id), idx)
+        return idx, new
 
     def doc_by_id(self, ext_id: str) -> int | None:
         return self._doc_ext.get(str(ext_id))
