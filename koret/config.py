@@ -69,7 +69,6 @@ class TeacherConfig(Section):
     max_seq_length: int | None = Field(None, ge=8)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: the best available).")
-    backend: Literal["torch", "onnx"] = "torch"
 
 
 class EncodeConfig(Section):

@@ -128,7 +128,6 @@ def load_sentence_transformer(
     device: str | None = None,
     dtype: str = "float32",
     max_seq_length: int | None = None,
-    backend: str = "torch",
 ) -> Any:
     """Load a SentenceTransformer from a local folder or the Hub with one-line errors."""
     from sentence_transformers import SentenceTransformer
@@ -136,16 +135,8 @@ def load_sentence_transformer(
     quiet_transformers()
     ref = resolve_model_path(name, key)
     device = default_device(device)
-    kwargs: dict[str, Any] = {"device": device}
-    if backend == "torch":
-        kwargs["model_kwargs"] = {"dtype": torch_dtype(dtype, device)}
-    else:
-        kwargs["backend"] = backend
     try:
-        model = SentenceTransformer(ref, **kwargs)
-    except ImportError as exc:
-        raise KoretError(f"{key}: backend {backend!r} needs extra packages ({exc})",
-                         "pip install 'koret[onnx]'") from exc
+        model = SentenceTransformer(ref, device=device, model_kwargs={"dtype": torch_dtype(dtype, device)})
     except (OSError, ValueError) as exc:
         raise _hub_load_error(name, key, exc) from exc
     if max_seq_length is not None:

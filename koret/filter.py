@@ -341,5 +341,5 @@ def refilter(cfg: Any) -> dict[str, Any]:
         previous = json.loads(mined.read_text(encoding="utf-8"))
         outcome.stats.update({k: previous[k] for k in ("data", "teacher", "search") if k in previous})
     write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]},
-                         total_seconds=time.perf_counter() - started)
+                         started=started)
     return outcome.stats

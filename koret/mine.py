@@ -82,7 +82,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     model = load_sentence_transformer(cfg.teacher.model, device=cfg.teacher.device, dtype=cfg.teacher.dtype,
-                                      max_seq_length=cfg.teacher.max_seq_length, backend=cfg.teacher.backend)
+                                      max_seq_length=cfg.teacher.max_seq_length)
     phases["load_teacher"] = time.perf_counter() - t
     q_prompt = resolve_prompt(model, cfg.teacher.query_prompt, "teacher.query_prompt")
     p_prompt = resolve_prompt(model, cfg.teacher.passage_prompt, "teacher.passage_prompt")
@@ -132,7 +132,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
         "search": {"backend": result.backend, "index": cfg.search.index, "top_k": top_k,
                    "seconds": result.seconds, "queries_per_second": len(query_emb) / max(result.seconds, 1e-9)},
     })
-    write_filter_outputs(out_dir, cfg, outcome, phases, total_seconds=time.perf_counter() - started)
+    write_filter_outputs(out_dir, cfg, outcome, phases, started=started)
     return outcome.stats
 
 
@@ -302,7 +302,7 @@ def read_candidates(path: Path) -> tuple[Candidates, list[str], np.ndarray]:
 
 
 def write_filter_outputs(out_dir: Path, cfg: MineConfig, outcome: FilterOutcome, phases: dict[str, float],
-                         total_seconds: float | None = None) -> None:
+                         started: float) -> None:
     """``train.parquet``, ``stats.json``, ``scores.png``, ``config.yaml`` and the closing summary table."""
     import pyarrow as pa
 
@@ -317,7 +317,7 @@ def write_filter_outputs(out_dir: Path, cfg: MineConfig, outcome: FilterOutcome,
     phases = {**phases, "write": time.perf_counter() - t}
     stats = outcome.stats
     stats["phases_seconds"] = phases
-    stats["seconds_total"] = total_seconds if total_seconds is not None else sum(phases.values())
+    stats["seconds_total"] = time.perf_counter() - started
     write_json(out_dir / "stats.json", stats)
     _summary(out_dir, stats)
 
@@ -333,6 +333,8 @@ def _summary(out_dir: Path, stats: dict[str, Any]) -> None:
     rows += [[f"filtered: {rule}", n] for rule, n in stats["filtered"].items() if n]
     rows += [
         [f"short rows ({stats['shortage']['policy']})", stats["shortage"]["rows"]],
+        *([["padded negatives", stats["shortage"]["padded_negatives"]]]
+          if stats["shortage"]["policy"] == "pad_random" else []),
         ["positive score p50", pos.get("p50", float("nan"))],
         ["negative score p50", neg.get("p50", float("nan"))],
     ]

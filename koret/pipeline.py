@@ -158,7 +158,7 @@ def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]]:
     from koret.push import push
 
     if cfg.dry_run:
-        res = push(cfg, dry_run=root / "push")
+        res = push(cfg, dry_run=root / "push", show_card=False)
         return f"dry run: {res['dry_run']}", {"dry_run": res["dry_run"]}
     res = push(cfg)
     return res["url"], {"url": res["url"]}

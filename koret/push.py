@@ -268,14 +268,15 @@ def stage_folder(cfg: PushConfig, dest: Path) -> list[str]:
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
 
 
-def push(cfg: PushConfig, dry_run: str | Path | None = None) -> dict[str, Any]:
+def push(cfg: PushConfig, dry_run: str | Path | None = None, show_card: bool = True) -> dict[str, Any]:
     """Upload (or, with ``dry_run``, only stage) the model; returns {"url" | "dry_run", "files", ...}."""
     if dry_run is not None:
         dest = Path(dry_run)
         files = stage_folder(cfg, dest)
         show(table(f"koret push --dry-run: {dest}", ["file", "bytes"],
                    [[f, (dest / f).stat().st_size] for f in files]))
-        info((dest / "README.md").read_text(encoding="utf-8"))
+        if show_card:
+            info((dest / "README.md").read_text(encoding="utf-8"))
         return {"dry_run": str(dest), "files": files, "repo_id": cfg.repo_id}
 
     from huggingface_hub import HfApi, get_token
