@@ -158,28 +158,27 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
 
 
 def show_table(results: list[dict[str, Any]], title: str) -> None:
-    """Models x metrics, with each model's delta to the first (green up, red down)."""
+    """Metrics x models (fits a narrow terminal), each model after the first with its delta (green up, red down)."""
     if is_quiet():
         return
     from rich.table import Table
 
     t = Table(title=f"koret eval: {title}", title_justify="left", header_style="bold")
-    t.add_column("model")
-    metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
-    for k in metrics:
-        t.add_column(k, justify="right")
-    base = results[0]["metrics"]
+    t.add_column("metric")
     for i, r in enumerate(results):
+        t.add_column(r["name"] + (" (baseline)" if i == 0 else ""), justify="right")
+    base = results[0]["metrics"]
+    for k in [k for k in TABLE_METRICS if k in base]:
         cells = []
-        for k in metrics:
+        for i, r in enumerate(results):
             v = r["metrics"][k]
             if i == 0:
                 cells.append(f"{v:.4f}")
             else:
                 delta = v - base[k]
                 color = "green" if delta > 0 else "red" if delta < 0 else "dim"
-                cells.append(f"{v:.4f} [{color}]({delta:+.4f})[/{color}]")
-        t.add_row(r["name"] + (" (baseline)" if i == 0 else ""), *cells)
+                cells.append(f"{v:.4f} [{color}]{delta:+.4f}[/{color}]")
+        t.add_row(k, *cells)
     console().print(t)
 
 

@@ -168,7 +168,7 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
         }]
 
     body = [f"# {repo_name}", "",
-            "A Korean text retriever fine-tuned with [koret](https://pypi.org/project/koret/): hard negatives mined "
+            "A Korean text retriever fine-tuned with koret: hard negatives mined "
             "with a teacher and filtered with positive-aware margins (NV-Retriever), then trained with a GIST loss "
             "and several hard negatives per query.", ""]
     body += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
@@ -196,7 +196,9 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
                 ("(query, positive) rows in / written", f"{_fmt(ms.get('rows_in'))} / {_fmt(ms.get('rows_out'))}"),
                 ("suspected false negatives dropped", _fmt((ms.get("filtered") or {}).get(f.get("strategy"), 0))),
                 ("known positives dropped from candidates", _fmt((ms.get("filtered") or {}).get("positive", 0))),
-                ("rows short of negatives", f"{_fmt(ms['shortage']['rows'])} ({ms['shortage']['policy']})"),
+                ("rows short of negatives", f"{_fmt(ms['shortage']['rows'])} ({ms['shortage']['policy']}"
+                 + (f": {_fmt(ms['shortage']['padded_negatives'])} random negatives padded, scored by the teacher)"
+                    if ms["shortage"]["policy"] == "pad_random" else ")")),
                 ("median teacher score: positive / chosen negative",
                  f"{_fmt(ms['scores']['positive'].get('p50', float('nan')))} / "
                  f"{_fmt(ms['scores']['negative'].get('p50', float('nan')))}")]
