@@ -94,9 +94,32 @@ def merge_topk(scores_a: np.ndarray, ids_a: np.ndarray, scores_b: np.ndarray, id
     """
     scores = np.concatenate([scores_a, scores_b], axis=1)
     ids = np.concatenate([ids_a, ids_b], axis=1)
-    # sort by (-score, id): lexsort takes the last key as primary
+    if scores.shape[1] > k:  # keep the k best (ties at the cut resolved by the full sort below)
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        cut = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+        if not (np.sum(scores >= cut, axis=1) > k).any():
+            scores, ids = np.take_along_axis(scores, part, axis=1), np.take_along_axis(ids, part, axis=1)
+    return _sorted(scores, ids, k)
+
+
+def _sorted(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by (descending score, ascending id), first ``k`` columns; padding (-1) sorts last."""
     order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _groups(blocks: list[np.ndarray], max_bytes: int = 512 * 2**20) -> list[list[np.ndarray]]:
+    """Consecutive shards grouped up to ``max_bytes``: each group is searched as one array, read once."""
+    groups: list[list[np.ndarray]] = [[]]
+    size = 0
+    for block in blocks:
+        nbytes = block.shape[0] * block.shape[1] * 4
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(block)
+        size += nbytes
+    return groups
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -149,24 +172,33 @@ def search(
 
 def _exact_faiss_cpu(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: int,
                      description: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search with ``faiss.knn``: the corpus is visited once, group by group (at most 512 MB in memory
+    besides the shards), every query chunk against each group, keeping a running top-k per query."""
     import faiss
 
     metric = faiss.METRIC_INNER_PRODUCT
     n = len(queries)
     out_s, out_i = _empty(n, k)
+    groups = _groups(blocks)
     with progress() as bar:
-        task = bar.add_task(description, total=n, unit="queries")
-        for start in range(0, n, chunk):
-            q = queries[start:start + chunk]
-            best_s, best_i = _empty(len(q), k)
-            offset = 0
-            for block in blocks:
-                kb = min(k, len(block))
-                d, i = faiss.knn(q, np.ascontiguousarray(block, dtype=np.float32), kb, metric=metric)
-                best_s, best_i = merge_topk(best_s, best_i, d, np.where(i >= 0, i + offset, -1), k)
-                offset += len(block)
-            out_s[start:start + len(q)], out_i[start:start + len(q)] = best_s, best_i
-            bar.update(task, advance=len(q))
+        task = bar.add_task(description, total=n * len(groups), unit="queries")
+        offset = 0
+        for g, group in enumerate(groups):
+            xb = np.ascontiguousarray(group[0] if len(group) == 1 else np.concatenate(group), dtype=np.float32)
+            kb = min(k, len(xb))
+            for start in range(0, n, chunk):
+                d, i = faiss.knn(queries[start:start + chunk], xb, kb, metric=metric)
+                i = np.where(i >= 0, i + offset, -1)
+                if kb < k:
+                    pad_s, pad_i = _empty(len(d), k - kb)
+                    d, i = np.concatenate([d, pad_s], 1), np.concatenate([i, pad_i], 1)
+                rows = slice(start, start + len(d))
+                if g == 0:
+                    out_s[rows], out_i[rows] = _sorted(d, i, k)
+                else:
+                    out_s[rows], out_i[rows] = merge_topk(out_s[rows], out_i[rows], d, i, k)
+                bar.update(task, advance=len(d))
+            offset += len(xb)
     return out_s, out_i
 
 
@@ -205,11 +237,9 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
                 top_s, pos = torch.topk(cat_s, k, dim=1)
                 best_s, best_i = top_s, torch.gather(cat_i, 1, pos)
                 offset += x.shape[0]
-            s_np, i_np = best_s.cpu().numpy(), best_i.cpu().numpy()
             # canonical tie order (lower id first), as in merge_topk
-            order = np.lexsort((np.where(i_np < 0, np.iinfo(np.int64).max, i_np), -s_np), axis=1)
-            out_s[start:start + len(q)] = np.take_along_axis(s_np, order, 1)
-            out_i[start:start + len(q)] = np.take_along_axis(i_np, order, 1)
+            out_s[start:start + len(q)], out_i[start:start + len(q)] = _sorted(best_s.cpu().numpy(),
+                                                                               best_i.cpu().numpy(), k)
             bar.update(task, advance=len(q))
     return out_s, out_i
 

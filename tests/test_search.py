@@ -74,3 +74,17 @@ def test_faiss_gpu_k_cap_falls_back(monkeypatch):
     assert choose_backend("auto", "Flat", 5000) == "torch-cuda"
     monkeypatch.setattr(s, "torch_cuda", lambda: False)
     assert choose_backend("faiss", "IVF16,Flat", 5000) == "faiss-cpu"
+
+
+def test_corpus_visited_in_several_groups_gives_the_same_result(vectors, monkeypatch):
+    import koret.search as s
+
+    q, c = vectors
+    real = s._groups
+    monkeypatch.setattr(s, "_groups", lambda blocks: real(blocks, max_bytes=16 * 4 * 150))  # ~150 rows a group
+    blocks = [c[i:i + 60] for i in range(0, len(c), 60)]
+    assert len(s._groups(blocks)) > 5
+    res = search(q, blocks, 25, backend="faiss", query_chunk_size=13)
+    bs, bi = _brute(q, c, 25)
+    np.testing.assert_array_equal(res.ids, bi)
+    np.testing.assert_allclose(res.scores, bs, atol=1e-5)
