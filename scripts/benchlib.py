@@ -88,7 +88,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table (printed and pasted into the README)."""
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:,.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
+            return f"{v:.4f}" if abs(v) < 1 else f"{v:,.2f}"
         if isinstance(v, int):
             return f"{v:,}"
         return str(v)
