@@ -303,4 +303,7 @@ def version() -> None:
 
 
 def main() -> None:
+    # koret draws its own rich progress; the libraries' tqdm bars (model-card widgets, datasets maps) are noise
+    # in a CLI. tqdm reads this at import, so it is set before any of them is imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     app(prog_name="koret")

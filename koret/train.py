@@ -417,7 +417,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformerTrainer
 
     started = time.perf_counter()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # sentence-transformers' model-card tqdm; koret shows rich progress
     data = load_train_data(cfg)
     info(f"[bold]data[/bold] {data.source}: {len(data.dataset):,} rows, {data.num_negatives} negatives per row")
     if cfg.loss.name.startswith("cached") and cfg.loss.mini_batch_size > int(
