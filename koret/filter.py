@@ -319,6 +319,7 @@ def refilter(cfg: Any) -> dict[str, Any]:
     it; writes ``train.parquet``, ``stats.json``, ``scores.png`` and ``config.yaml`` into ``output.dir``.
     Returns the stats.
     """
+    from koret.io import read_record
     from koret.mine import read_candidates, teacher_score_fn, write_filter_outputs
 
     started = time.perf_counter()
@@ -334,11 +335,8 @@ def refilter(cfg: Any) -> dict[str, Any]:
     score_fn = teacher_score_fn(source.parent) if settings.on_shortage == "pad_random" else None
     outcome = apply_filter(cands, corpus, groups, settings, score_fn)
     outcome.stats["candidates"] = str(source)
-    mined = source.parent / "stats.json"
-    if mined.exists():  # what the candidates came from: data, teacher and search of the mine run
-        import json
-
-        previous = json.loads(mined.read_text(encoding="utf-8"))
+    previous = read_record(source.parent / "stats.json")  # what the candidates came from
+    if previous:
         outcome.stats.update({k: previous[k] for k in ("data", "teacher", "search") if k in previous})
     write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]},
                          started=started)

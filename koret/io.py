@@ -70,3 +70,24 @@ def write_parquet(path: str | Path, table: Any) -> None:
         table = pa.Table.from_pandas(table, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_record(path: str | Path | None) -> dict[str, Any] | None:
+    """A JSON or YAML mapping another stage wrote (``stats.json``, ``config.yaml``), or None if absent/unreadable.
+
+    For optional records (a model card section, a default guide): their absence is not an error.
+    """
+    if path is None or not Path(path).exists():
+        return None
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".json":
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+    except Exception:  # JSON/YAML syntax errors, unreadable files: treated as absent
+        return None
+    return loaded if isinstance(loaded, dict) else None

@@ -12,7 +12,6 @@ The token comes from ``HF_TOKEN`` or the login that ``huggingface-cli login`` st
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 
 from koret.config import PushConfig
 from koret.errors import KoretError
-from koret.io import write_text
+from koret.io import read_record, write_text
 from koret.report import info, show, table
 
 CITATIONS = """```bibtex
@@ -56,30 +55,11 @@ _EVAL_METRICS = [("ndcg@10", "ndcg_at_10", "NDCG@10"), ("mrr@10", "mrr_at_10", "
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _read_json(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
-        return None
-
-
-def _read_yaml(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
 def gather_sources(cfg: PushConfig) -> dict[str, Any]:
     """Find the train/mine/eval records that describe the model (explicit paths win over derived ones)."""
     model_dir = Path(cfg.model)
     train_dir = Path(cfg.train_dir) if cfg.train_dir else model_dir.parent
-    train_cfg = _read_yaml(train_dir / "config.yaml") or _read_yaml(model_dir / "koret.yaml")
+    train_cfg = read_record(train_dir / "config.yaml") or read_record(model_dir / "koret.yaml")
     mine_dir: Path | None = Path(cfg.mine_dir) if cfg.mine_dir else None
     if mine_dir is None and train_cfg and (train_cfg.get("data") or {}).get("train"):
         p = Path(train_cfg["data"]["train"])
@@ -88,16 +68,16 @@ def gather_sources(cfg: PushConfig) -> dict[str, Any]:
     return {
         "train_dir": train_dir,
         "train_config": train_cfg,
-        "train_metrics": _read_json(train_dir / "metrics.json"),
+        "train_metrics": read_record(train_dir / "metrics.json"),
         "mine_dir": mine_dir,
-        "mine_stats": _read_json(mine_dir / "stats.json") if mine_dir else None,
-        "mine_config": _read_yaml(mine_dir / "config.yaml") if mine_dir else None,
-        "eval": _read_json(eval_path),
+        "mine_stats": read_record(mine_dir / "stats.json") if mine_dir else None,
+        "mine_config": read_record(mine_dir / "config.yaml") if mine_dir else None,
+        "eval": read_record(eval_path),
     }
 
 
 def _st_config(model_dir: Path) -> dict[str, Any]:
-    return _read_json(model_dir / "config_sentence_transformers.json") or {}
+    return read_record(model_dir / "config_sentence_transformers.json") or {}
 
 
 def check_model_folder(model_dir: Path) -> None:

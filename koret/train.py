@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from koret import dist
 from koret.config import TrainConfig, dump_yaml
 from koret.data import detect_format, load_retrieval_data, normalize_text, read_table, split_source
 from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path, resolve_prompt
 from koret.errors import KoretError
-from koret.io import atomic_path, write_json, write_text
+from koret.io import atomic_path, read_record, write_json, write_text
 from koret.report import info, show, table, warn
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -73,14 +71,8 @@ class TrainData:
 
 def _mined_config(path: str) -> dict[str, Any] | None:
     p = Path(path)
-    candidate = (p if p.is_dir() else p.parent) / "config.yaml"
-    if not candidate.exists():
-        return None
-    try:
-        loaded = yaml.safe_load(candidate.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return None
-    return loaded if isinstance(loaded, dict) and "teacher" in loaded and "filter" in loaded else None
+    loaded = read_record((p if p.is_dir() else p.parent) / "config.yaml")
+    return loaded if loaded and "teacher" in loaded and "filter" in loaded else None
 
 
 def load_train_data(cfg: TrainConfig) -> TrainData:
@@ -419,12 +411,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_train_data(cfg)
     info(f"[bold]data[/bold] {data.source}: {len(data.dataset):,} rows, {data.num_negatives} negatives per row")
-    if cfg.loss.name.startswith("cached") and cfg.loss.mini_batch_size > int(
-            cfg.args.get("per_device_train_batch_size", DEFAULT_ARGS["per_device_train_batch_size"])):
+    batch = int(cfg.args.get("per_device_train_batch_size", DEFAULT_ARGS["per_device_train_batch_size"]))
+    if cfg.loss.name.startswith("cached") and cfg.loss.mini_batch_size > batch:
         raise KoretError(f"loss.mini_batch_size ({cfg.loss.mini_batch_size}) is larger than the batch "
-                         f"(args.per_device_train_batch_size = "
-                         f"{cfg.args.get('per_device_train_batch_size', DEFAULT_ARGS['per_device_train_batch_size'])})",
-                         "lower loss.mini_batch_size or raise the batch")
+                         f"(args.per_device_train_batch_size = {batch})", "lower loss.mini_batch_size or raise the batch")
     if cfg.loss.guide not in (None, "teacher", "student"):
         resolve_model_path(cfg.loss.guide, "loss.guide")
     student = load_student(cfg)
