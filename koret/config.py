@@ -80,6 +80,9 @@ class SearchConfig(Section):
     index: str = Field("Flat", description="FAISS index_factory string (Flat, IVF4096,Flat, HNSW32, IVF1024,PQ32 ...).")
     top_k: int = Field(100, ge=1)
     query_chunk_size: int = Field(4096, ge=1)
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Candidate selection precision (torch backend); scores are always rescored in float32. "
+                            "auto: float16 on CUDA, float32 elsewhere.")
     nprobe: int | None = Field(None, ge=1, description="IVF cells probed per query (FAISS IVF indexes).")
     train_sample: int = Field(262_144, ge=1000, description="Vectors sampled to train a non-Flat FAISS index.")
 
@@ -210,6 +213,8 @@ class EvalDataConfig(Section):
 class EvalSearchConfig(Section):
     backend: Literal["auto", "faiss", "torch"] = "auto"
     query_chunk_size: int = Field(4096, ge=1)
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Candidate selection precision; scores are always exact float32.")
 
 
 class EvalOutputConfig(Section):

@@ -44,7 +44,7 @@ from koret.errors import KoretError
 from koret.filter import Candidates, FilterOutcome, FilterSettings, apply_filter
 from koret.io import write_json, write_parquet, write_text
 from koret.report import info, plot_score_distributions, show, table, warn
-from koret.search import search
+from koret.search import exact_scores, search
 
 
 def mine(cfg: MineConfig) -> dict[str, Any]:
@@ -100,7 +100,8 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
 
     result = search(query_emb, corpus_emb.shards, top_k, backend=cfg.search.backend, index=cfg.search.index,
                     query_chunk_size=cfg.search.query_chunk_size, nprobe=cfg.search.nprobe,
-                    train_sample=cfg.search.train_sample, description="search", seed=cfg.filter.seed)
+                    train_sample=cfg.search.train_sample, description="search", seed=cfg.filter.seed,
+                    precision=cfg.search.precision)
     phases["search"] = result.seconds
 
     positive_ids = [np.array(sorted(d for d, g in rel.items() if g > 0), dtype=np.int64) for rel in data.qrels]
@@ -137,8 +138,10 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
 
 
 def _score_fn(query_emb: np.ndarray, corpus_emb: Embeddings):
+    """Teacher scores of (query, passage) pairs: the same exact float32 values the search returns."""
+
     def score(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,ij->i", query_emb[queries], corpus_emb.take(passages)).astype(np.float32)
+        return exact_scores(query_emb, corpus_emb, np.asarray(passages, dtype=np.int64), rows=queries)
 
     return score
 

@@ -5,13 +5,18 @@ Backends (``search.backend``):
 - ``faiss``: exact ``Flat`` search block by block with ``faiss.knn`` (no copy of the corpus into an index), or
   any ``index_factory`` string (``IVF4096,Flat``, ``HNSW32``, ``IVF1024,PQ32`` ...) trained on a sample of the
   corpus. Where FAISS was built with GPU support the index is spread over all GPUs (``shard=True``).
-- ``torch``: exact chunked matmul + ``topk``, on CUDA when torch sees a GPU. This is the GPU path where FAISS
-  has no GPU support (faiss-cpu, or no faiss at all).
+- ``torch``: chunked matmul + ``topk``, on CUDA when torch sees a GPU. This is the GPU path where FAISS
+  has no GPU support (faiss-cpu, or no faiss at all). ``search.precision`` picks the matmul precision
+  (``auto``: float16 on CUDA, float32 on CPU).
 - ``auto``: FAISS on its GPUs; else torch on CUDA; else FAISS on CPU; else torch on CPU.
 
 Queries are searched in chunks of ``query_chunk_size`` and the corpus is visited shard by shard, each chunk
 keeping a running top-k, so the full query x corpus score matrix never exists: memory is the corpus (often
-memory-mapped) plus ``chunk x shard`` scores. A backend that cannot return k results (FAISS on GPU caps k at
+memory-mapped) plus ``chunk x shard`` scores.
+
+Every score returned is exact float32 (:func:`exact_scores`: float64 products rounded once), whatever
+precision chose the candidates, and rows are ordered by (score descending, passage index ascending). For a
+Flat index the top-k is exact too, ties included: see :func:`search`. A backend that cannot return k results (FAISS on GPU caps k at
 2048) says so and falls back instead of failing.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +41,8 @@ class SearchResult:
     ids: np.ndarray  # (n_queries, k) int64 corpus indices; -1 where fewer than k hits
     backend: str
     seconds: float
+    precision: str = "float32"  # precision the candidates were selected in (scores are always exact fp32)
+    rechecked: int = 0  # query rows searched again with more candidates (near-ties at the k-th place)
 
 
 def _faiss():
@@ -126,6 +134,62 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
 
 
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+# Bound on |selection score - exact score| relative to |q| x max|x|, per selection precision: fp16 / bf16 round the
+# inputs to 11 / 8 significant bits (2 x 2^-11 / 2 x 2^-8) and the output once more, with room for reduced-precision
+# accumulation on GPUs. Every precision adds the float32 accumulation bound of a d-term dot product (see
+# _tolerance). A passage whose selection score is below the k-th exact score by more than this cannot be in the
+# top k.
+_TOLERANCE = {"float32": 0.0, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def resolve_precision(precision: str, backend: str) -> str:
+    """``auto`` selects candidates in float16 with torch on CUDA and in float32 everywhere else."""
+    if precision not in PRECISIONS:
+        raise KoretError(f"search.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "float16" if backend == "torch-cuda" else "float32"
+    if precision != "float32" and not backend.startswith("torch"):
+        raise KoretError(f"search.precision: {precision} selection needs the torch backend (got {backend})",
+                         "set search.backend: torch, or search.precision: float32")
+    return precision
+
+
+def _tolerance(precision: str, queries: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+    dim = queries.shape[1]
+    max_norm = max(float(np.sqrt(np.max(np.einsum("ij,ij->i", b, b)))) for b in blocks)
+    q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries)).astype(np.float64)
+    rel = _TOLERANCE[precision] + 4 * (dim + 2) * 2.0**-24
+    return rel * q_norm * max_norm + 1e-30
+
+
+def exact_scores(queries: np.ndarray, corpus: Any, ids: np.ndarray, rows: np.ndarray | None = None,
+                 chunk: int = 64) -> np.ndarray:
+    """The one score koret stores and ranks by: float32 inner products of ``queries[r]`` with ``corpus[ids[r, j]]``.
+
+    Products and sums are taken in float64 and rounded once to float32, so the value does not depend on the
+    backend, the shard layout, the batch a pair was computed in or the order of summation: identical embeddings
+    get identical scores. ``corpus`` is an :class:`~koret.encode.Embeddings` (or anything with ``take``); ids < 0
+    (padding) score -inf. ``rows[r]`` is the query of row ``r`` of ``ids`` (default: ``r``); ``ids`` may be 1-D
+    (one passage per row).
+    """
+    one_d = ids.ndim == 1
+    ids2 = ids[:, None] if one_d else ids
+    rows = np.arange(len(ids2)) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.full(ids2.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(ids2), chunk):
+        block = ids2[start:start + chunk]
+        valid = block >= 0
+        if not valid.any():
+            continue
+        vecs = corpus.take(np.where(valid, block, 0).reshape(-1)).astype(np.float64)
+        vecs = vecs.reshape(block.shape[0], block.shape[1], -1)
+        q = np.asarray(queries[rows[start:start + chunk]], dtype=np.float64)
+        s = np.matmul(vecs, q[:, :, None])[:, :, 0].astype(np.float32)
+        out[start:start + chunk] = np.where(valid, s, -np.inf)
+    return out[:, 0] if one_d else out
+
+
 def search(
     queries: np.ndarray,
     corpus: Sequence[np.ndarray],
@@ -138,36 +202,71 @@ def search(
     train_sample: int = 262_144,
     description: str = "search",
     seed: int = 0,
+    precision: str = "auto",
 ) -> SearchResult:
-    """Top-``k`` corpus rows by inner product for every query.
+    """Top-``k`` corpus rows by inner product for every query, with exact float32 scores.
 
     ``corpus`` is a list of row blocks (the embedding shards, possibly memory-mapped) whose concatenation is
     the corpus; returned ids index that concatenation. ``k`` larger than the corpus is padded with -1 / -inf.
+
+    Two steps: a backend *selects* candidates (in ``precision``: float16 / bfloat16 are allowed on torch), then
+    every candidate is rescored with :func:`exact_scores` and each row is ordered by (score descending, passage
+    index ascending). With a ``Flat`` index the selection fetches a few more than ``k`` and checks, per query,
+    that no passage left out could reach the k-th exact score given the selection's error bound; rows where one
+    could are searched again with twice the candidates in float32. The result is therefore the exact top-k,
+    ties included, whatever the backend, precision, ``query_chunk_size``, shard layout or process count.
+    Approximate indexes (IVF, HNSW, PQ) choose candidates approximately; their scores are still exact.
     """
+    from koret.encode import Embeddings
+
     started = time.perf_counter()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     blocks = [b for b in corpus if len(b)]
     n_corpus = sum(len(b) for b in blocks)
     if n_corpus == 0:
         raise KoretError("search: the corpus is empty")
-    chosen = choose_backend(backend, index, min(k, n_corpus))
     k_eff = min(k, n_corpus)
-    if index.strip().lower() == "flat":
+    chosen = choose_backend(backend, index, k_eff)
+    flat = index.strip().lower() == "flat"
+    prec = resolve_precision(precision, chosen)
+    emb = Embeddings(blocks)
+
+    def select(q: np.ndarray, kk: int, p: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        if not flat:
+            return _faiss_index(q, blocks, kk, index, query_chunk_size, nprobe, train_sample,
+                                chosen == "faiss-gpu", desc, seed)
         if chosen.startswith("torch"):
-            scores, ids = _exact_torch(queries, blocks, k_eff, query_chunk_size, chosen, description)
-        elif chosen == "faiss-gpu":
-            scores, ids = _faiss_index(queries, blocks, k_eff, "Flat", query_chunk_size, None, train_sample,
-                                       True, description, seed)
-        else:
-            scores, ids = _exact_faiss_cpu(queries, blocks, k_eff, query_chunk_size, description)
+            return _exact_torch(q, blocks, kk, query_chunk_size, chosen, desc, p)
+        if chosen == "faiss-gpu":
+            return _faiss_index(q, blocks, kk, "Flat", query_chunk_size, None, train_sample, True, desc, seed)
+        return _exact_faiss_cpu(q, blocks, kk, query_chunk_size, desc)
+
+    scores, ids = _empty(len(queries), k_eff)
+    rechecked = 0
+    if not flat:
+        _, found = select(queries, k_eff, prec, description)
+        scores, ids = _sorted(exact_scores(queries, emb, found), found, k_eff)
     else:
-        scores, ids = _faiss_index(queries, blocks, k_eff, index, query_chunk_size, nprobe, train_sample,
-                                   chosen == "faiss-gpu", description, seed)
+        pending = np.arange(len(queries))
+        k_fetch = min(n_corpus, k_eff + (8 if prec == "float32" else max(32, k_eff // 2)))
+        p, desc = prec, description
+        while len(pending):
+            approx, found = select(queries[pending], k_fetch, p, desc)
+            s, i = _sorted(exact_scores(queries, emb, found, rows=pending), found, k_fetch)
+            if k_fetch >= n_corpus:
+                done = np.ones(len(pending), dtype=bool)
+            else:  # a passage left out scores (in selection) at most the lowest fetched one
+                bound = _tolerance(p, queries[pending], blocks)
+                done = approx[:, -1].astype(np.float64) + bound < s[:, k_eff - 1]
+            scores[pending[done]], ids[pending[done]] = s[done, :k_eff], i[done, :k_eff]
+            pending = pending[~done]
+            rechecked += len(pending)
+            k_fetch, p, desc = min(n_corpus, 2 * k_fetch), "float32", f"{description} (recheck)"
     if k_eff < k:
         pad_s, pad_i = _empty(len(queries), k - k_eff)
         scores, ids = np.concatenate([scores, pad_s], 1), np.concatenate([ids, pad_i], 1)
     return SearchResult(scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False), chosen,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, precision=prec, rechecked=rechecked)
 
 
 def _exact_faiss_cpu(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: int,
@@ -203,16 +302,16 @@ def _exact_faiss_cpu(queries: np.ndarray, blocks: list[np.ndarray], k: int, chun
 
 
 def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: int, chosen: str,
-                 description: str) -> tuple[np.ndarray, np.ndarray]:
+                 description: str, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Candidate selection by chunked matmul + topk in ``precision`` (scores are rescored exactly afterwards)."""
     import torch
 
     device = torch.device("cuda" if chosen == "torch-cuda" else "cpu")
-    on_gpu = device.type == "cuda"
-    dtype = torch.float16 if on_gpu else torch.float32
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
     # Corpus blocks stay resident on the GPU when they fit, else they are streamed per query chunk.
     resident: list[torch.Tensor] | None = None
-    if on_gpu:
-        need = sum(b.shape[0] * b.shape[1] for b in blocks) * 2
+    if device.type == "cuda":
+        need = sum(b.shape[0] * b.shape[1] for b in blocks) * torch.tensor([], dtype=dtype).element_size()
         free, _ = torch.cuda.mem_get_info(device)
         if need < 0.7 * free:
             resident = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device, dtype) for b in blocks]
@@ -230,16 +329,14 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
                 x = resident[b] if resident is not None else \
                     torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
                 sims = (q @ x.T).float()
-                kb = min(k, x.shape[0])
-                s, i = torch.topk(sims, kb, dim=1)
+                s, i = torch.topk(sims, min(k, x.shape[0]), dim=1)
                 cat_s = torch.cat([best_s, s], 1)
                 cat_i = torch.cat([best_i, i + offset], 1)
-                top_s, pos = torch.topk(cat_s, k, dim=1)
-                best_s, best_i = top_s, torch.gather(cat_i, 1, pos)
+                best_s, pos = torch.topk(cat_s, k, dim=1)
+                best_i = torch.gather(cat_i, 1, pos)
                 offset += x.shape[0]
-            # canonical tie order (lower id first), as in merge_topk
-            out_s[start:start + len(q)], out_i[start:start + len(q)] = _sorted(best_s.cpu().numpy(),
-                                                                               best_i.cpu().numpy(), k)
+            out_s[start:start + len(q)] = best_s.cpu().numpy()
+            out_i[start:start + len(q)] = best_i.cpu().numpy()
             bar.update(task, advance=len(q))
     return out_s, out_i
 

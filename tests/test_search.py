@@ -88,3 +88,70 @@ def test_corpus_visited_in_several_groups_gives_the_same_result(vectors, monkeyp
     bs, bi = _brute(q, c, 25)
     np.testing.assert_array_equal(res.ids, bi)
     np.testing.assert_allclose(res.scores, bs, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ exact scores and ties
+
+
+def _tied_corpus():
+    """Vectors with entries in multiples of 1/8: every dot product is exact in fp32, fp16 and bf16, and many
+    passages are exact duplicates, so ties straddle chunk, shard and top-k boundaries."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(-8, 9, size=(40, 8)).astype(np.float32) / 8
+    corpus = base[rng.integers(0, 40, size=300)]  # ~7 copies of each vector, scattered
+    queries = base[rng.integers(0, 40, size=37)] + 0.0
+    return queries, corpus
+
+
+def _reference_topk(q, c, k):
+    s = (q.astype(np.float64) @ c.astype(np.float64).T).astype(np.float32)
+    order = np.lexsort((np.broadcast_to(np.arange(c.shape[0]), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("backend,precision", [("faiss", "float32"), ("torch", "float32"), ("torch", "float16"),
+                                               ("torch", "bfloat16")])
+@pytest.mark.parametrize("shards,chunk", [(1, 4096), (7, 5), (300, 1)])
+def test_ties_give_the_same_topk_on_every_backend_layout_and_precision(backend, precision, shards, chunk):
+    q, c = _tied_corpus()
+    blocks = np.array_split(c, shards)
+    res = search(q, blocks, 20, backend=backend, query_chunk_size=chunk, precision=precision)
+    ref_s, ref_i = _reference_topk(q, c, 20)
+    np.testing.assert_array_equal(res.ids, ref_i)  # ties broken by passage index
+    np.testing.assert_array_equal(res.scores, ref_s)
+    assert res.scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_low_precision_selection_matches_float32_ranks_and_scores(vectors, precision):
+    q, c = vectors  # unit vectors with crowded scores: fp16/bf16 alone would reorder many neighbours
+    blocks = [c[:300], c[300:310], c[310:]]
+    low = search(q, blocks, 25, backend="torch", query_chunk_size=13, precision=precision)
+    full = search(q, blocks, 25, backend="torch", query_chunk_size=40, precision="float32")
+    np.testing.assert_array_equal(low.ids, full.ids)
+    np.testing.assert_array_equal(low.scores, full.scores)
+    assert low.precision == precision and full.precision == "float32"
+
+
+def test_scores_are_exact_float32_inner_products(vectors):
+    from koret.search import exact_scores
+
+    q, c = vectors
+    res = search(q, [c[:500], c[500:]], 10, backend="faiss")
+    want = np.einsum("qd,qkd->qk", q.astype(np.float64), c[res.ids].astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(res.scores, want)
+    from koret.encode import Embeddings
+
+    np.testing.assert_array_equal(exact_scores(q, Embeddings([c[:3], c[3:]]), res.ids), want)
+
+
+def test_near_ties_beyond_the_fetch_are_rechecked():
+    # 60 identical passages tie for the first place, more than the candidates fetched in one go (k + 8):
+    # which 10 are returned must still be the 10 lowest indices
+    c = np.zeros((100, 4), np.float32)
+    c[:, 1] = 1.0
+    c[::2, 0] = 0.5  # even rows score 0.5 for the query, odd rows 0
+    q = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    res = search(q, [c[i:i + 7] for i in range(0, 100, 7)], 10, backend="faiss")
+    assert res.ids[0].tolist() == list(range(0, 20, 2))
+    assert res.rechecked >= 0
