@@ -64,6 +64,25 @@ class RetrievalData:
     source: str
     format: str
     notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # rows set aside while reading, by reason
+
+    def with_positives_only(self) -> RetrievalData:
+        """The same data without queries that have no positive (e.g. BEIR queries judged only 0), counted in
+        ``counts``; mining needs a positive per query. Raises a one-line error when no query is left."""
+        keep = [q for q, rel in enumerate(self.qrels) if any(g > 0 for g in rel.values())]
+        if len(keep) == len(self.queries):
+            return self
+        if not keep:
+            raise KoretError(f"data.train: {self.source}: no query has a positive (relevance > 0)",
+                             "check the qrels / positive column")
+        new_index = {q: i for i, q in enumerate(keep)}
+        counts = {**self.counts, "queries without a positive skipped": len(self.queries) - len(keep)}
+        return RetrievalData(
+            [self.queries[q] for q in keep], self.corpus, [self.qrels[q] for q in keep],
+            [(new_index[q], d) for q, d in self.pairs if q in new_index], [self.query_ids[q] for q in keep],
+            self.doc_ids, self.groups, self.source, self.format,
+            notes=[*self.notes, f"{len(self.queries) - len(keep):,} queries without a positive skipped"],
+            counts=counts)
 
     @property
     def num_positive_passages(self) -> int:
@@ -86,9 +105,11 @@ class RetrievalData:
 class _Builder:
     """Accumulates queries, passages and judgments with normalization and deduplication."""
 
-    def __init__(self, normalize: str, source: str) -> None:
+    def __init__(self, normalize: str, source: str, dedupe: bool = True) -> None:
         self.normalize = normalize
         self.source = source
+        self.dedupe = dedupe
+        self.counts: dict[str, int] = {}
         self.queries: list[str] = []
         self.query_ids: list[str] = []
         self._query_index: dict[str, int] = {}
@@ -112,10 +133,26 @@ class _Builder:
             self.qrels.append({})
         return idx
 
-    @staticmethod
-    def _intern(norm: str, texts: list[str], index: dict[str, int], ids: list[str], ext: dict[str, int],
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    def _intern(self, norm: str, texts: list[str], index: dict[str, int], ids: list[str], ext: dict[str, int],
                 ext_id: str | None, prefix: str) -> tuple[int, bool]:
-        """Index of ``norm`` among ``texts`` (added if new); external ids map to the first text they name."""
+        """Index of ``norm`` among ``texts`` (added if new); external ids map to the first text they name.
+
+        Without deduplication (evaluation sets) an external id is its own entry even when its text equals
+        another's: the set's structure is kept as published. Texts without an id are still one entry per text.
+        """
+        if not self.dedupe and ext_id is not None:
+            idx = ext.get(str(ext_id))
+            if idx is None:
+                idx = len(texts)
+                ext[str(ext_id)] = idx
+                texts.append(norm)
+                ids.append(str(ext_id))
+                index.setdefault(norm, idx)
+                return idx, True
+            return idx, False
         idx = index.get(norm)
         new = idx is None
         if idx is None:
@@ -152,13 +189,14 @@ class _Builder:
     def build(self, fmt: str) -> RetrievalData:
         if not self.queries:
             raise KoretError(f"{self.source}: no queries found (empty dataset)")
-        groups = _groups(self.corpus, self.normalize)
-        return RetrievalData(self.queries, self.corpus, self.qrels, self.pairs, self.query_ids, self.doc_ids,
-                             groups, self.source, fmt)
+        groups = _groups(self.corpus, self.normalize, self.dedupe)
+        data = RetrievalData(self.queries, self.corpus, self.qrels, self.pairs, self.query_ids, self.doc_ids,
+                             groups, self.source, fmt, counts=dict(self.counts))
+        return data
 
 
-def _groups(corpus: Sequence[str], normalize: str) -> list[int]:
-    if normalize != "none":
+def _groups(corpus: Sequence[str], normalize: str, deduped: bool = True) -> list[int]:
+    if normalize != "none" and deduped:
         return list(range(len(corpus)))
     first: dict[str, int] = {}
     return [first.setdefault(normalize_text(text, "nfc"), i) for i, text in enumerate(corpus)]
@@ -319,18 +357,20 @@ def load_retrieval_data(
     normalize: str = "nfc",
     limit: int | None = None,
     key: str = "data.train",
+    dedupe: bool = True,
 ) -> RetrievalData:
     """Read any supported layout into a :class:`RetrievalData`.
 
     ``corpus`` adds extra passages (negative candidates besides all positives); for AutoRAG it is the corpus
-    parquet that the QA file's doc ids refer to.
+    parquet that the QA file's doc ids refer to. ``dedupe=False`` (evaluation) keeps every query id and passage
+    id of the source as its own entry even when texts are equal; normalization still applies to the texts.
     """
     source = path
     path, selection = split_source(path)
     fmt = detect_format(path, key) if fmt == "auto" else fmt
     if selection is not None and fmt != "squad":
         raise KoretError(f"{key}: {source}: an '#A:B' article range only applies to SQuAD JSON")
-    builder = _Builder(normalize, source)
+    builder = _Builder(normalize, source, dedupe)
     if fmt == "squad":
         _read_squad(builder, Path(path), key, limit, selection)
     elif fmt == "beir":
@@ -358,6 +398,7 @@ def load_retrieval_data(
         for i, text in enumerate(iter_passages(corpus, corpus_format, corpus_column, "data.corpus")):
             builder.add_doc(text, where=f"passage {i}")
     data = builder.build(fmt)
+    data.notes.extend(f"{n:,} {what}" for what, n in data.counts.items())
     if corpus:
         data.notes.append(f"extra corpus added {len(data.corpus) - n_positive_docs:,} passages")
     return data
@@ -388,6 +429,9 @@ def _read_squad(builder: _Builder, path: Path, key: str, limit: int | None, sele
             for q, qa in enumerate(para.get("qas", [])):
                 if limit is not None and rows >= limit:
                     return
+                if qa.get("is_impossible"):  # KorQuAD 2.0 / KLUE-MRC: the paragraph does not answer it
+                    builder.count("unanswerable questions (is_impossible) skipped")
+                    continue
                 qi = builder.add_query(qa.get("question"), ext_id=qa.get("id"), where=f"{where}.qas[{q}].question")
                 builder.relate(qi, di, 1)
                 rows += 1

@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from koret.config import EvalConfig, EvalModelConfig, config_dict
 from koret.data import RetrievalData, load_retrieval_data
-from koret.encode import EncodeSettings, encode_texts, load_sentence_transformer
+from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer
 from koret.errors import KoretError
 from koret.io import write_json, write_text
 from koret.metrics import first_relevant_rank, mean_metrics, query_metrics
@@ -66,8 +68,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise KoretError("data.path: required key is missing", "give --data PATH")
     data = load_retrieval_data(d.path, d.format, query_column=d.query_column, positive_column=d.positive_column,
                                corpus=d.corpus, corpus_format=d.corpus_format, corpus_column=d.corpus_column,
-                               split=d.split, normalize=d.normalize, key="data.path")
-    qids, skipped = judged_queries(data)
+                               split=d.split, normalize=d.normalize, key="data.path", dedupe=False)
+    qids, no_relevant = judged_queries(data)
     if d.max_queries:
         qids = qids[: d.max_queries]
     ks = list(cfg.k)
@@ -75,8 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         clamped = sorted({min(k, len(data.corpus)) for k in ks})
         warn(f"k {max(ks)} is larger than the corpus ({len(data.corpus)} passages); clamped to {clamped}")
         ks = clamped
-    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages"
-         + (f", {skipped:,} queries without a relevant passage skipped" if skipped else ""))
+    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages")
 
     taken: set[str] = set()
     results: list[dict[str, Any]] = []
@@ -100,7 +101,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "baseline": results[0]["name"],
         "k": ks,
         "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
-                 "queries": len(qids), "queries_skipped_no_relevant": skipped, "passages": len(data.corpus)},
+                 "queries": len(qids), "queries_without_relevant": no_relevant, "passages": len(data.corpus),
+                 "skipped": data.counts},
         "config": config_dict(cfg),
         "seconds": time.perf_counter() - started,
     }
@@ -117,16 +119,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def judged_queries(data: RetrievalData) -> tuple[list[int], int]:
-    """Queries with at least one relevant passage, and how many were skipped for having none."""
-    qids = [q for q in range(len(data.queries)) if any(g >= 1 for g in data.qrels[q].values())]
-    skipped = len(data.queries) - len(qids)
-    if skipped:
-        warn(f"{skipped:,} queries have no relevant passage and are skipped")
-    if not qids:
+    """Every judged query (as trec_eval / pytrec_eval evaluate them), and how many have no relevant passage.
+
+    A query whose judgments are all grade 0 stays in the average and scores 0 on every metric, as pytrec_eval
+    (and so MTEB) count it; a query with no judgment line at all is not part of the set.
+    """
+    qids = list(range(len(data.queries)))
+    no_relevant = sum(1 for q in qids if not any(g >= 1 for g in data.qrels[q].values()))
+    if no_relevant and no_relevant < len(qids):
+        warn(f"{no_relevant:,} judged queries have no relevant passage: they count as 0 on every metric, as in "
+             "trec_eval / pytrec_eval (MTEB)")
+    if no_relevant == len(qids):
         raise KoretError(f"data.path: {data.source}: no query has a relevant passage", "check the qrels")
     if not data.corpus:
         raise KoretError(f"data.path: {data.source}: the corpus is empty")
-    return qids, skipped
+    return qids, no_relevant
 
 
 def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks: list[int],
@@ -137,13 +144,11 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     q_prompt, p_prompt = model_prompts(model, m.query_prompt, m.passage_prompt)
     enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length, dtype=m.dtype,
                          normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
-    corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages")
+    corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]
-    query_emb, query_stats = encode_texts(model, queries, q_prompt, enc, "encode queries")
-    result = search(query_emb.to_array(), corpus_emb.shards, max(ks), backend=cfg.search.backend,
-                    query_chunk_size=cfg.search.query_chunk_size, description="search")
-    per_q = [query_metrics(ranked[ranked >= 0].tolist(), data.qrels[q], ks) for q, ranked in zip(qids, result.ids,
-                                                                                                    strict=True)]
+    query_emb, query_stats = encode_unique(model, queries, q_prompt, enc, "encode queries")
+    ranked, scores, backend = rank_like_trec_eval(query_emb.to_array(), corpus_emb, max(ks), data.doc_ids, cfg)
+    per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ranked, strict=True)]
     seconds = time.perf_counter() - t0
     summary = {
         "metrics": mean_metrics(per_q),
@@ -151,10 +156,51 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
         "encode": {"passages": corpus_stats, "queries": query_stats},
         "seconds": seconds,
         "passages_per_second": corpus_stats["texts_per_second"],
-        "search_backend": result.backend,
+        "search_backend": backend,
     }
     del model
-    return {"summary": summary, "ranked": result.ids, "scores": result.scores}
+    return {"summary": summary, "ranked": ranked, "scores": scores}
+
+
+def encode_unique(model: Any, texts: list[str], prompt: str, enc: EncodeSettings,
+                  description: str) -> tuple[Embeddings, dict[str, Any]]:
+    """Encode each distinct text once; entries with equal texts (kept apart by their ids) share one embedding,
+    so they score exactly alike."""
+    index: dict[str, int] = {}
+    inverse = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
+    if len(index) == len(texts):
+        return encode_texts(model, texts, prompt, enc, description)
+    emb, stats = encode_texts(model, list(index), prompt, enc, description)
+    stats = {**stats, "texts": len(texts), "distinct_texts": len(index)}
+    return Embeddings([emb.take(inverse)]), stats
+
+
+def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ids: list[str],
+                        cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top ``k`` per query in trec_eval's order: exact score descending, then document id descending.
+
+    trec_eval (and pytrec_eval, MTEB) sort a run by score and break ties by the document id string in reverse
+    order; with graded qrels that order changes NDCG. The search breaks ties by passage index instead, so it
+    fetches past ``k`` until every tie group that reaches the k-th place is complete, then re-sorts.
+    """
+    n = len(corpus)
+    k = min(k, n)
+    # position of each doc id in descending string order: smaller sorts first among equal scores
+    order_desc = np.empty(n, dtype=np.int64)
+    order_desc[sorted(range(n), key=doc_ids.__getitem__, reverse=True)] = np.arange(n)
+    fetch = min(n, k + 16)
+    while True:
+        result = search(queries, corpus.shards, fetch, backend=cfg.search.backend,
+                        query_chunk_size=cfg.search.query_chunk_size, precision=cfg.search.precision,
+                        description="search")
+        open_ties = result.scores[:, -1] == result.scores[:, k - 1]
+        if fetch >= n or not open_ties.any():
+            break
+        fetch = min(n, fetch * 2)
+    ids, scores = result.ids, result.scores
+    rank = np.where(ids >= 0, order_desc[np.maximum(ids, 0)], np.iinfo(np.int64).max)
+    order = np.lexsort((rank, -scores), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1), result.backend
 
 
 def show_table(results: list[dict[str, Any]], title: str) -> None:

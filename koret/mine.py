@@ -66,7 +66,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                              "use on_shortage: drop")
 
     t = time.perf_counter()
-    data = load_from_config(cfg.data)
+    data = load_from_config(cfg.data).with_positives_only()
     phases["read"] = time.perf_counter() - t
     info(f"[bold]data[/bold] {data.source} ({data.format}): {len(data.queries):,} queries, "
          f"{len(data.pairs):,} (query, positive) rows, {len(data.corpus):,} passages")
@@ -126,7 +126,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     outcome.stats.update({
         "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
                  "queries": len(data.queries), "pairs": len(data.pairs), "passages": len(data.corpus),
-                 "positive_passages": data.num_positive_passages},
+                 "positive_passages": data.num_positive_passages, "skipped": data.counts},
         "teacher": {"model": cfg.teacher.model, "query_prompt": q_prompt, "passage_prompt": p_prompt,
                     "dim": corpus_emb.dim},
         "encode": {"passages": corpus_stats, "queries": query_stats},
@@ -332,6 +332,7 @@ def _summary(out_dir: Path, stats: dict[str, Any]) -> None:
         ["rows written", stats["rows_out"]],
         ["negatives per row", stats["settings"]["num_negatives"]],
         ["candidates considered", stats["candidates_considered"]],
+        *[[f"skipped: {what}", n] for what, n in (stats.get("data") or {}).get("skipped", {}).items()],
     ]
     rows += [[f"filtered: {rule}", n] for rule, n in stats["filtered"].items() if n]
     rows += [

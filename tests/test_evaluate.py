@@ -153,9 +153,9 @@ def test_eval_bad_inputs(tmp_path, tiny_model, beir):
     (beir / "qrels" / "some.tsv").write_text("qry0\tdoc1\t0\nqry1\tdoc1\t1\n")
     ok = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--set", "data.split=some",
                "--set", f"cache_dir={tmp_path}/c")
-    assert ok.exit_code == 0 and "1 queries have no relevant passage and are skipped" in ok.stderr
+    assert ok.exit_code == 0 and "1 judged queries have no relevant passage: they count as 0" in ok.stderr
     out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert out["data"]["queries"] == 1 and out["data"]["queries_skipped_no_relevant"] == 1
+    assert out["data"]["queries"] == 2 and out["data"]["queries_without_relevant"] == 1
 
     empty = tmp_path / "emptycorpus"
     (empty / "qrels").mkdir(parents=True)
@@ -172,3 +172,82 @@ def test_mteb_offline_is_one_line(tmp_path, tiny_model, beir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--mteb", "Ko-StrategyQA")
     _expect(result, "--mteb needs")
+
+
+def _beir_with_duplicates(root: Path, pairs) -> Path:
+    """BEIR folder with what published sets contain: duplicate query texts under two ids, duplicate passage texts
+    under two ids (exact score ties), graded qrels, grade-0 judgments and a query judged only 0."""
+    (root / "qrels").mkdir(parents=True)
+    rows = pairs[:24]
+    docs = {f"d{i:02d}": r["positive"] for i, r in enumerate(rows)}
+    # exact duplicates (and one NFD-decomposed copy) of relevant passages under other ids; some ids sort before,
+    # some after the original, so trec_eval's reverse-id tie order matters
+    import unicodedata
+
+    docs["d90"] = docs["d03"]
+    docs["a03"] = docs["d03"]
+    docs["d91"] = unicodedata.normalize("NFD", docs["d05"])
+    queries = {f"q{i:02d}": r["query"] for i, r in enumerate(rows)}
+    queries["q90"] = queries["q03"]  # same text, its own id and judgments
+    lines = ["query-id\tcorpus-id\tscore"]
+    for i in range(len(rows)):
+        lines.append(f"q{i:02d}\td{i:02d}\t{1 + i % 3}")
+        lines.append(f"q{i:02d}\td{(i + 7) % len(rows):02d}\t0")
+    lines += ["q03\td90\t1", "q90\ta03\t2", "q90\td03\t1", "q05\td91\t3", "q90\td11\t0"]
+    lines = [ln for ln in lines if not ln.startswith("q07\t")] + ["q07\td02\t0", "q07\td90\t0"]  # only grade 0
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}, ensure_ascii=False)
+                                               + "\n" for i, t in docs.items()), encoding="utf-8")
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                                for i, t in queries.items()), encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_beir_set_is_scored_as_published_equal_to_pytrec_eval(tmp_path, tiny_model, pairs):
+    """Every query and passage id is kept; metrics equal pytrec_eval on the set's own qrels over a run of every
+    passage, ties included (trec_eval orders equal scores by document id, descending)."""
+    import numpy as np
+    import pytrec_eval
+    from sentence_transformers import SentenceTransformer
+
+    from koret.config import EncodeConfig
+    from koret.data import load_retrieval_data
+    from koret.encode import EncodeSettings
+    from koret.evaluate import encode_unique, model_prompts
+    from koret.search import exact_scores
+
+    root = _beir_with_duplicates(tmp_path / "beir", pairs)
+    ks = [1, 3, 5, 10]
+    r = _eval(tmp_path, "--model", str(tiny_model), "--data", str(root), "--k", "1,3,5,10")
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert out["data"]["queries"] == 25 and out["data"]["passages"] == 27
+    assert out["data"]["queries_without_relevant"] == 1
+    per_query = [json.loads(x) for x in (tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()]
+    assert sorted(p["query_id"] for p in per_query) == sorted([f"q{i:02d}" for i in range(24)] + ["q90"])
+
+    # the reference: the same embeddings, every passage scored, pytrec_eval on the original qrels
+    data = load_retrieval_data(str(root), "beir", split="test", dedupe=False)
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    qp, pp = model_prompts(model, None, None)
+    enc = EncodeSettings(model_name=str(tiny_model), shard_size=EncodeConfig().shard_size, cache_dir=None)
+    c_emb, _ = encode_unique(model, data.corpus, pp, enc, "p")
+    q_emb, _ = encode_unique(model, data.queries, qp, enc, "q")
+    all_ids = np.tile(np.arange(len(data.corpus)), (len(data.queries), 1))
+    scores = exact_scores(q_emb.to_array(), c_emb, all_ids)
+    assert scores[0, data.doc_ids.index("d03")] == scores[0, data.doc_ids.index("d90")]  # an exact tie
+    run = {data.query_ids[q]: {data.doc_ids[d]: float(scores[q, d]) for d in range(len(data.corpus))}
+           for q in range(len(data.queries))}
+    qrels = {}
+    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, g = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(g)
+    cut = ",".join(map(str, ks))
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{cut}", f"recall.{cut}", f"P.{cut}",
+                                                 f"map_cut.{cut}"}).evaluate(run)
+    assert len(ref) == 25
+    m = out["models"][0]["metrics"]
+    for k in ks:
+        for ours, theirs in (("ndcg", "ndcg_cut"), ("recall", "recall"), ("precision", "P"), ("map", "map_cut")):
+            want = sum(v[f"{theirs}_{k}"] for v in ref.values()) / len(ref)
+            assert m[f"{ours}@{k}"] == pytest.approx(want, abs=1e-6), (ours, k)
