@@ -147,8 +147,11 @@ def eval_(
     k: Annotated[str | None, typer.Option("--k", help="Cut-offs, e.g. 1,3,5,10,20,100.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Output folder (default runs/eval).")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Also write a Markdown table here.")] = None,
-    query_prompt: Annotated[str | None, typer.Option(help="Query prompt (name or string) for --model models.")] = None,
-    passage_prompt: Annotated[str | None, typer.Option(help="Passage prompt for --model models.")] = None,
+    query_prompt: Annotated[str | None, typer.Option(help="Query prompt text (used as written) for --model models.")] = None,
+    query_prompt_name: Annotated[str | None, typer.Option(help="Or one of the models' prompt names.")] = None,
+    passage_prompt: Annotated[str | None, typer.Option(help="Passage prompt text for --model models.")] = None,
+    passage_prompt_name: Annotated[str | None, typer.Option(help="Or one of the models' prompt names "
+                                                             "(neither: each model's own query/document prompts).")] = None,
     max_seq_length: Annotated[int | None, typer.Option(help="Max tokens for --model models.")] = None,
     mteb: Annotated[str | None, typer.Option("--mteb", help="MTEB tasks, e.g. Ko-StrategyQA,AutoRAGRetrieval "
                                              "(needs the Hub).")] = None,
@@ -178,6 +181,7 @@ def eval_(
         merged = apply_overrides(raw, flags + list(set_ or []))
         if model:
             merged["models"] = [{"name": m, "query_prompt": query_prompt, "passage_prompt": passage_prompt,
+                                 "query_prompt_name": query_prompt_name, "passage_prompt_name": passage_prompt_name,
                                  "max_seq_length": max_seq_length} for m in model]
         evaluate(validate(EvalConfig, merged, str(config) if config else "command line"))
 

@@ -48,6 +48,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PromptFields(Section):
+    """Prompt keys shared by teacher, student and eval models (the rule is in :mod:`koret.prompts`)."""
+
+    query_prompt: str | None = Field(None, description="Query prompt text, used as written (e.g. 'query: ').")
+    query_prompt_name: str | None = Field(None, description="Name of one of the model's prompts, for queries.")
+    passage_prompt: str | None = Field(None, description="Passage prompt text, used as written.")
+    passage_prompt_name: str | None = Field(None, description="Name of one of the model's prompts, for passages. "
+                                                              "Neither set: the model's 'query' / 'document' prompts.")
+
+    @model_validator(mode="after")
+    def _name_or_text(self) -> PromptFields:
+        for side in ("query", "passage"):
+            if getattr(self, f"{side}_prompt") is not None and getattr(self, f"{side}_prompt_name") is not None:
+                raise ValueError(f"{side}_prompt and {side}_prompt_name are both set: set one")
+        return self
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 class DataConfig(Section):
     train: str | None = Field(None, description="(query, positive) source: file, folder or Hub dataset id.")
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
@@ -61,13 +81,11 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N (query, positive) rows.")
 
 
-class TeacherConfig(Section):
+class TeacherConfig(PromptFields):
     model: str | None = Field(None, description="SentenceTransformer: Hub id or local folder.")
-    query_prompt: str | None = Field(None, description="Prompt string or a prompt name of the model, for queries.")
-    passage_prompt: str | None = Field(None, description="Prompt string or prompt name, for passages.")
     batch_size: int = Field(64, ge=1)
     max_seq_length: int | None = Field(None, ge=8)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = Field("auto", description="auto: bfloat16 on a GPU that supports it, else float32.")  # type: ignore[valid-type]
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ... (default: the best available).")
 
 
@@ -136,12 +154,13 @@ class MineConfig(Section):
         return self
 
 
-class ModelConfig(Section):
+class ModelConfig(PromptFields):
+    """The student. Its query prompt is used for the anchor column, its passage prompt for positive/negatives;
+    the trained model is saved with exactly these prompts."""
+
     name: str | None = Field(None, description="SentenceTransformer or plain transformers encoder (Hub id or folder).")
     max_seq_length: int | None = Field(None, ge=8)
     pooling: Literal["mean", "cls"] = Field("mean", description="Pooling for a plain transformers encoder.")
-    query_prompt: str | None = Field(None, description="Prompt string or prompt name, for the anchor column.")
-    passage_prompt: str | None = Field(None, description="Prompt string or prompt name, for positives/negatives.")
 
 
 class TrainDataConfig(Section):
@@ -169,7 +188,8 @@ class LossConfig(Section):
     )
     margin_strategy: Literal["absolute", "relative"] = "absolute"
     margin: Margin = 0.0
-    temperature: float = Field(0.01, gt=0)
+    temperature: float | None = Field(None, gt=0, description="Default: the loss's own (GIST 0.01; MNRL 0.05, "
+                                                                    "i.e. scale 20).")
     contrast_anchors: bool = True
     contrast_positives: bool = True
     mini_batch_size: int = Field(32, ge=1, description="GradCache mini-batch (cached losses).")
@@ -187,14 +207,12 @@ class TrainConfig(Section):
     cache_dir: str = "~/.cache/koret"
 
 
-class EvalModelConfig(Section):
+class EvalModelConfig(PromptFields):
     name: str = Field(description="SentenceTransformer: Hub id, local folder or pkg:PACKAGE/folder.")
     label: str | None = Field(None, description="Name in tables (default: the folder or Hub id).")
-    query_prompt: str | None = Field(None, description="Prompt string or name; default: the model's 'query' prompt.")
-    passage_prompt: str | None = Field(None, description="Default: the model's 'document' or 'passage' prompt.")
     max_seq_length: int | None = Field(None, ge=8)
     batch_size: int = Field(64, ge=1)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = Field("auto", description="auto: bfloat16 on a GPU that supports it, else float32.")  # type: ignore[valid-type]
 
 
 class EvalDataConfig(Section):

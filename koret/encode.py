@@ -94,11 +94,24 @@ def _hub_load_error(name: str, key: str, exc: Exception) -> KoretError:
     )
 
 
+def resolve_dtype(name: str, device: str) -> str:
+    """``auto`` is bfloat16 on a GPU that supports it, else float32; the other names pass through."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+    return "float32"
+
+
 def torch_dtype(name: str, device: str) -> Any:
     import torch
 
     from koret.report import warn
 
+    name = resolve_dtype(name, device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     if device.startswith("cpu") and dtype is torch.float16:
         warn("float16 is slow or unsupported on CPU; using float32 (bfloat16 works on CPU)")
@@ -126,7 +139,7 @@ def load_sentence_transformer(
     *,
     key: str = "teacher.model",
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_seq_length: int | None = None,
 ) -> Any:
     """Load a SentenceTransformer from a local folder or the Hub with one-line errors."""
@@ -166,14 +179,6 @@ def load_cross_encoder(name: str, *, key: str = "rescore.model", device: str | N
     except (OSError, ValueError) as exc:
         raise _hub_load_error(name, key, exc) from exc
     return model
-
-
-def resolve_prompt(model: Any, prompt: str | None, key: str) -> str:
-    """A prompt is either one of the model's prompt names (``query``) or a literal string (``"query: "``)."""
-    if prompt is None:
-        return ""
-    prompts = getattr(model, "prompts", None) or {}
-    return prompts.get(prompt, prompt)
 
 
 def model_identity(name: str) -> str:

@@ -23,26 +23,15 @@ import numpy as np
 
 from koret.config import EvalConfig, EvalModelConfig, config_dict
 from koret.data import RetrievalData, load_retrieval_data
-from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer
+from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer, resolve_dtype
 from koret.errors import KoretError
 from koret.io import write_json, write_text
 from koret.metrics import first_relevant_rank, mean_metrics, query_metrics
+from koret.prompts import resolve_prompts
 from koret.report import console, info, is_quiet, warn
 from koret.search import search
 
 TABLE_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10", "precision@10", "accuracy@10", "recall@100")
-
-
-def model_prompts(model: Any, query_prompt: str | None, passage_prompt: str | None) -> tuple[str, str]:
-    """Resolve prompts: a name of the model's prompts, a literal string, or (None) the model's own defaults."""
-    prompts = getattr(model, "prompts", None) or {}
-
-    def pick(value: str | None, names: tuple[str, ...]) -> str:
-        if value is None:
-            return next((prompts[n] for n in names if prompts.get(n)), "")
-        return prompts.get(value, value)
-
-    return pick(query_prompt, ("query",)), pick(passage_prompt, ("document", "passage", "corpus"))
 
 
 def _label(m: EvalModelConfig, taken: set[str]) -> str:
@@ -141,8 +130,9 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     """Encode (cached), search and score one model; returns summary, rankings and scores per query."""
     t0 = time.perf_counter()
     model = load_sentence_transformer(m.name, key=f"models[{m.name}]", dtype=m.dtype, max_seq_length=m.max_seq_length)
-    q_prompt, p_prompt = model_prompts(model, m.query_prompt, m.passage_prompt)
-    enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length, dtype=m.dtype,
+    q_prompt, p_prompt = resolve_prompts(model.prompts, m, f"models[{m.name}]")
+    enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length,
+                         dtype=resolve_dtype(m.dtype, str(model.device)),
                          normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
     corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]

@@ -37,12 +37,13 @@ from koret.encode import (
     encode_texts,
     load_cross_encoder,
     load_sentence_transformer,
+    resolve_dtype,
     resolve_model_path,
-    resolve_prompt,
 )
 from koret.errors import KoretError
 from koret.filter import Candidates, FilterOutcome, FilterSettings, apply_filter
 from koret.io import write_json, write_parquet, write_text
+from koret.prompts import resolve_prompts
 from koret.report import info, plot_score_distributions, show, table, warn
 from koret.search import exact_scores, search
 
@@ -84,15 +85,16 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     model = load_sentence_transformer(cfg.teacher.model, device=cfg.teacher.device, dtype=cfg.teacher.dtype,
                                       max_seq_length=cfg.teacher.max_seq_length)
     phases["load_teacher"] = time.perf_counter() - t
-    q_prompt = resolve_prompt(model, cfg.teacher.query_prompt, "teacher.query_prompt")
-    p_prompt = resolve_prompt(model, cfg.teacher.passage_prompt, "teacher.passage_prompt")
+    q_prompt, p_prompt = resolve_prompts(model.prompts, cfg.teacher, "teacher")
 
     enc = EncodeSettings(model_name=cfg.teacher.model, batch_size=cfg.teacher.batch_size,
-                         max_seq_length=cfg.teacher.max_seq_length, dtype=cfg.teacher.dtype,
+                         max_seq_length=cfg.teacher.max_seq_length,
+                         dtype=resolve_dtype(cfg.teacher.dtype, str(model.device)),
                          normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
     corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages")
     query_emb_s, query_stats = encode_texts(model, data.queries, q_prompt, enc, "encode queries")
     phases["encode"] = corpus_stats["seconds"] + query_stats["seconds"]
+    teacher_max_len = model.max_seq_length
     del model
     if not dist.is_main():
         return {}
@@ -128,6 +130,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                  "queries": len(data.queries), "pairs": len(data.pairs), "passages": len(data.corpus),
                  "positive_passages": data.num_positive_passages, "skipped": data.counts},
         "teacher": {"model": cfg.teacher.model, "query_prompt": q_prompt, "passage_prompt": p_prompt,
+                    "dtype": enc.dtype, "max_seq_length": teacher_max_len,
                     "dim": corpus_emb.dim},
         "encode": {"passages": corpus_stats, "queries": query_stats},
         "search": {"backend": result.backend, "index": cfg.search.index, "top_k": top_k,

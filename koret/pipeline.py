@@ -86,11 +86,13 @@ def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
             if "train" not in out:
                 raise KoretError(f"{source}: eval.models is required when there is no train section")
             t = out["train"]
-            common = {"query_prompt": t.model.query_prompt, "passage_prompt": t.model.passage_prompt,
-                      "max_seq_length": t.model.max_seq_length}
+            # the base model is read with the prompts training used; the trained one was saved with exactly those
+            prompts = {k: getattr(t.model, k) for k in ("query_prompt", "query_prompt_name", "passage_prompt",
+                                                         "passage_prompt_name")}
             ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "models": [
-                {"name": t.model.name, "label": "base", **common},
-                {"name": str(root / "train" / "final"), "label": "trained", **common}]}, f"{source}: eval")
+                {"name": t.model.name, "label": "base", "max_seq_length": t.model.max_seq_length, **prompts},
+                {"name": str(root / "train" / "final"), "label": "trained",
+                 "max_seq_length": t.model.max_seq_length}]}, f"{source}: eval")
         ev.output.dir = str(root / "eval")
         out["eval"] = ev
     if cfg.push is not None:

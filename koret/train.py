@@ -36,9 +36,10 @@ from typing import Any
 from koret import dist
 from koret.config import TrainConfig, dump_yaml
 from koret.data import detect_format, load_retrieval_data, normalize_text, read_table, split_source
-from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path, resolve_prompt
+from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
 from koret.io import atomic_path, read_record, write_json, write_text
+from koret.prompts import resolve_prompts, saved_prompts
 from koret.report import info, show, table, warn
 
 DEFAULT_ARGS: dict[str, Any] = {
@@ -186,25 +187,94 @@ def _hub_has_modules(repo_id: str) -> bool:
         return False
 
 
-def resolve_guide(cfg: TrainConfig, data: TrainData, student: Any) -> tuple[Any, str]:
-    """The GIST guide and a description of where it came from."""
+@dataclasses.dataclass
+class Guide:
+    """The GIST guide with the prompts it scores with (the teacher's, when the guide is the mining teacher)."""
+
+    model: Any
+    query_prompt: str
+    passage_prompt: str
+    description: str
+
+
+def resolve_guide(cfg: TrainConfig, data: TrainData, student: Any, student_prompts: tuple[str, str]) -> Guide:
+    """The GIST guide. The mining teacher (the default for mined data) scores texts as it did in mining: its
+    prompts, max length and dtype from the mine run's config.yaml."""
+    from koret.config import TeacherConfig, validate
+
     guide = cfg.loss.guide
     teacher = (data.mined_config or {}).get("teacher", {}).get("model")
-    if guide in (None, "teacher"):
-        if teacher:
-            mc = data.mined_config["teacher"]
-            model = load_sentence_transformer(teacher, key="loss.guide (the mining teacher)",
-                                              device=str(student.device), max_seq_length=mc.get("max_seq_length"))
-            return _freeze(model), f"teacher: {teacher}"
-        if guide == "teacher":
-            raise KoretError(f"loss.guide: 'teacher' requested, but {data.source} has no koret mine config.yaml beside "
-                             f"it naming a teacher; no guide is available for loss {cfg.loss.name!r}",
-                             "set loss.guide to a model, 'student', or use loss mnrl / cached_mnrl")
-        return _freeze(copy.deepcopy(student)), "student: frozen copy of the initial model"
-    if guide == "student":
-        return _freeze(copy.deepcopy(student)), "student: frozen copy of the initial model"
+    if guide in (None, "teacher") and teacher:
+        key = "loss.guide (the mining teacher)"
+        tcfg = validate(TeacherConfig, data.mined_config["teacher"], f"{data.source}: mined config.yaml")
+        model = load_sentence_transformer(teacher, key=key, device=str(student.device), dtype=tcfg.dtype,
+                                          max_seq_length=tcfg.max_seq_length)
+        q, p = resolve_prompts(model.prompts, tcfg, "teacher")
+        return Guide(_freeze(model), q, p, f"teacher: {teacher}")
+    if guide == "teacher":
+        raise KoretError(f"loss.guide: 'teacher' requested, but {data.source} has no koret mine config.yaml beside "
+                         f"it naming a teacher; no guide is available for loss {cfg.loss.name!r}",
+                         "set loss.guide to a model, 'student', or use loss mnrl / cached_mnrl")
+    if guide in (None, "student"):
+        return Guide(_freeze(copy.deepcopy(student)), *student_prompts, "student: frozen copy of the initial model")
     model = load_sentence_transformer(guide, key="loss.guide", device=str(student.device))
-    return _freeze(model), guide
+    q, p = resolve_prompts(model.prompts, None, "loss.guide")
+    return Guide(_freeze(model), q, p, guide)
+
+
+GUIDE_PREFIX = "guide:"
+
+
+def _guide_module_class() -> type:
+    import torch
+
+    class GuideOnOwnInputs(torch.nn.Module):
+        """The guide as GISTEmbedLoss / CachedGISTEmbedLoss call it, reading its own tokens.
+
+        The library hands the guide the student's features (or the student's tokens decoded and re-tokenized),
+        so the guide would see the student's prompt and max length. koret's collator adds the guide's own
+        tokens of the raw texts, with the guide's prompts and max length, under ``guide:*`` keys of every
+        column; this module feeds those to the guide. It shows the student's tokenizer and max length so the
+        library does not re-tokenize.
+        """
+
+        def __init__(self, guide: Any, student: Any) -> None:
+            super().__init__()
+            self.guide = guide
+            self.tokenizer = student.tokenizer
+            self.max_seq_length = student.max_seq_length
+
+        @property
+        def device(self) -> Any:
+            return self.guide.device
+
+        def forward(self, features: dict[str, Any]) -> dict[str, Any]:
+            own = {k[len(GUIDE_PREFIX):]: v for k, v in features.items() if k.startswith(GUIDE_PREFIX)}
+            if not own:
+                raise RuntimeError("the guide's inputs are missing from the batch (koret's GuideCollator not used)")
+            return self.guide(own)
+
+    return GuideOnOwnInputs
+
+
+class GuideCollator:
+    """Wraps the trainer's collator: each text column also gets the guide's tokens (``<column>_guide:*``)."""
+
+    def __init__(self, collator: Any, guide: Guide, query_column: str = "anchor") -> None:
+        self.collator = collator
+        self.guide = guide
+        self.query_column = query_column
+        self.valid_label_columns = getattr(collator, "valid_label_columns", [])
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        columns = [c for c in features[0] if c not in ("dataset_name", *self.valid_label_columns)]
+        for col in columns:
+            prompt = self.guide.query_prompt if col == self.query_column else self.guide.passage_prompt
+            encoded = self.guide.model.preprocess([row[col] for row in features], prompt=prompt or None)
+            for key, value in encoded.items():
+                batch[f"{col}_{GUIDE_PREFIX}{key}"] = value
+        return batch
 
 
 def _freeze(model: Any) -> Any:
@@ -215,19 +285,24 @@ def _freeze(model: Any) -> Any:
 
 
 def stack_features(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Concatenate tokenized batches along the batch axis, right-padding to the longest sequence."""
+    """Concatenate tokenized batches along the batch axis, right-padding each key to its longest sequence.
+
+    Padded batches only: a flattened (unpadded, flash-attention ``cu_seq_lens_q``) batch cannot be stacked row
+    by row, as sentence-transformers' own merge refuses it too.
+    """
     import torch
 
-    width = max(f["input_ids"].shape[1] for f in features)
+    if any("cu_seq_lens_q" in f for f in features):
+        raise KoretError("loss.name gist: several negative columns cannot be stacked from unpadded (flash-attention "
+                         "cu_seq_lens_q) batches", "use loss.name cached_gist, or a padded attention implementation")
     out: dict[str, Any] = {}
     for key in features[0]:
-        parts = []
-        for f in features:
-            t = f[key]
-            if torch.is_tensor(t) and t.dim() == 2 and t.shape[1] < width:
-                fill = pad_id if key == "input_ids" else 0
-                t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
-            parts.append(t)
+        parts = [f[key] for f in features]
+        if torch.is_tensor(parts[0]) and parts[0].dim() == 2:
+            width = max(p.shape[1] for p in parts)
+            fill = pad_id if key == "input_ids" else 0
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) if p.shape[1] < width else p
+                     for p in parts]
         out[key] = torch.cat(parts, dim=0) if torch.is_tensor(parts[0]) else parts[0]
     return out
 
@@ -253,27 +328,42 @@ def _multi_negative_gist() -> type:
     return MultiNegativeGISTEmbedLoss
 
 
+MNRL_TEMPERATURE = 0.05  # scale 20, MultipleNegativesRankingLoss's own default
+GIST_TEMPERATURE = 0.01  # GISTEmbedLoss's own default
+
+
+def loss_temperature(lc: Any) -> float:
+    """``loss.temperature``, or the library default of the chosen loss (GIST 0.01, MNRL 0.05 = scale 20)."""
+    if lc.temperature is not None:
+        return float(lc.temperature)
+    return GIST_TEMPERATURE if lc.name in GIST_LOSSES else MNRL_TEMPERATURE
+
+
 def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
-    """The configured sentence-transformers loss (wrapped in MatryoshkaLoss when ``matryoshka_dims`` is set)."""
+    """The configured sentence-transformers loss (wrapped in MatryoshkaLoss when ``matryoshka_dims`` is set).
+
+    ``guide`` is the module the GIST losses call as their guide (see :func:`_guide_module_class`).
+    """
     from sentence_transformers.sentence_transformer import losses
 
     lc = cfg.loss
+    temperature = loss_temperature(lc)
     if lc.name == "gist":
-        loss = _multi_negative_gist()(student, guide, temperature=lc.temperature, margin_strategy=lc.margin_strategy,
+        loss = _multi_negative_gist()(student, guide, temperature=temperature, margin_strategy=lc.margin_strategy,
                                     margin=lc.margin, contrast_anchors=lc.contrast_anchors,
                                     contrast_positives=lc.contrast_positives,
                                     gather_across_devices=lc.gather_across_devices)
     elif lc.name == "cached_gist":
-        loss = losses.CachedGISTEmbedLoss(student, guide, temperature=lc.temperature,
+        loss = losses.CachedGISTEmbedLoss(student, guide, temperature=temperature,
                                           mini_batch_size=lc.mini_batch_size, margin_strategy=lc.margin_strategy,
                                           margin=lc.margin, contrast_anchors=lc.contrast_anchors,
                                           contrast_positives=lc.contrast_positives,
                                           gather_across_devices=lc.gather_across_devices)
     elif lc.name == "mnrl":
-        loss = losses.MultipleNegativesRankingLoss(student, scale=1.0 / lc.temperature,
+        loss = losses.MultipleNegativesRankingLoss(student, scale=1.0 / temperature,
                                                    gather_across_devices=lc.gather_across_devices)
     else:
-        loss = losses.CachedMultipleNegativesRankingLoss(student, scale=1.0 / lc.temperature,
+        loss = losses.CachedMultipleNegativesRankingLoss(student, scale=1.0 / temperature,
                                                          mini_batch_size=lc.mini_batch_size,
                                                          gather_across_devices=lc.gather_across_devices)
     if lc.matryoshka_dims:
@@ -281,7 +371,8 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
         too_big = [d for d in lc.matryoshka_dims if d > dim or d < 1]
         if too_big:
             raise KoretError(f"loss.matryoshka_dims: {too_big} outside 1..{dim} (the model's dimension)")
-        loss = losses.MatryoshkaLoss(student, loss, matryoshka_dims=sorted(lc.matryoshka_dims, reverse=True))
+        dims = sorted(set(lc.matryoshka_dims) | {dim}, reverse=True)  # the full dimension is always trained
+        loss = losses.MatryoshkaLoss(student, loss, matryoshka_dims=dims)
     return loss
 
 
@@ -384,6 +475,40 @@ def _callback_class() -> type:
 # --------------------------------------------------------------------------------------------- stage
 
 
+def split_by_anchor(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Hold out ``fraction`` of the anchors with all their rows: no anchor is in both parts."""
+    import random
+
+    anchors = sorted(set(dataset["anchor"]))
+    if len(anchors) < 2:
+        raise KoretError(f"data.holdout: {len(anchors)} distinct anchor(s); a held-out split needs at least 2")
+    held = set(random.Random(seed).sample(anchors, max(1, round(len(anchors) * fraction))))
+    is_held = [a in held for a in dataset["anchor"]]
+    return (dataset.select([i for i, h in enumerate(is_held) if not h]),
+            dataset.select([i for i, h in enumerate(is_held) if h]))
+
+
+def resume_checkpoint(setting: Any, resume: bool, out_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``args.resume_from_checkpoint: PATH`` as given (it must exist), or with
+    ``--resume`` / ``resume_from_checkpoint: true`` the last checkpoint in the output folder."""
+    if isinstance(setting, str) and setting.lower() not in ("true", "false", ""):
+        if not Path(setting).is_dir():
+            raise KoretError(f"args.resume_from_checkpoint: {setting} is not a checkpoint folder",
+                             "give a checkpoint-N folder, or true for the last one in args.output_dir")
+        info(f"resuming from {setting}")
+        return setting
+    if not (resume or setting is True or (isinstance(setting, str) and setting.lower() == "true")):
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out_dir)) if out_dir.exists() else None
+    if last:
+        info(f"resuming from {last}")
+        return last
+    warn(f"--resume: no checkpoint in {out_dir}; starting from the beginning")
+    return None
+
+
 def _count_tokens(model: Any, dataset: Any, sample: int = 4000) -> float:
     """Tokens per training row (prompts included, truncated at max_seq_length), estimated on a sample."""
     rows = dataset.select(range(min(sample, len(dataset))))
@@ -418,16 +543,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.loss.guide not in (None, "teacher", "student"):
         resolve_model_path(cfg.loss.guide, "loss.guide")
     student = load_student(cfg)
-    q_prompt = resolve_prompt(student, cfg.model.query_prompt, "model.query_prompt")
-    p_prompt = resolve_prompt(student, cfg.model.passage_prompt, "model.passage_prompt")
-    guide, guide_desc = (resolve_guide(cfg, data, student) if cfg.loss.name in GIST_LOSSES else (None, "none"))
-    if guide is None and cfg.loss.guide not in (None,):
+    q_prompt, p_prompt = resolve_prompts(student.prompts, cfg.model, "model")
+    guide = resolve_guide(cfg, data, student, (q_prompt, p_prompt)) if cfg.loss.name in GIST_LOSSES else None
+    guide_desc = guide.description if guide else "none"
+    if guide is None and cfg.loss.guide is not None:
         warn(f"loss.guide is ignored by loss {cfg.loss.name!r}")
 
     dataset, eval_dataset = data.dataset, None
     if cfg.data.holdout > 0:
-        split = dataset.train_test_split(test_size=cfg.data.holdout, seed=int(cfg.args.get("seed", 42)))
-        dataset, eval_dataset = split["train"], split["test"]
+        dataset, eval_dataset = split_by_anchor(dataset, cfg.data.holdout, int(cfg.args.get("seed", 42)))
     evaluator = _ir_evaluator(cfg, q_prompt, p_prompt, int(cfg.args.get("per_device_eval_batch_size", 32))) \
         if cfg.data.eval else None
     args = build_args(cfg, dataset.column_names, q_prompt, p_prompt, evaluator is not None or eval_dataset is not None)
@@ -435,46 +559,38 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # prompts saved with the model: sentence-transformers stores model.prompts in its config
-    prompts = dict(getattr(student, "prompts", {}) or {})
-    if q_prompt:
-        prompts["query"] = q_prompt
-    if p_prompt:
-        prompts["document"] = p_prompt
-        prompts["passage"] = p_prompt
-    student.prompts = prompts
+    # the model is saved with exactly the prompts it was trained with (sentence-transformers stores model.prompts)
+    student.prompts = saved_prompts(q_prompt, p_prompt)
+    student.default_prompt_name = None
     card = student.model_card_data
     card.language = ["ko"]
     card.tags = sorted(set((card.tags or []) + ["koret", "korean", "retrieval"]))
 
-    loss = build_loss(cfg, student, guide)
+    loss = build_loss(cfg, student, _guide_module_class()(guide.model, student) if guide else None)
     callback = _callback_class()()
     trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                                          loss=loss, evaluator=evaluator, callbacks=[callback])
+    if guide is not None:
+        trainer.data_collator = GuideCollator(trainer.data_collator, guide)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    for noisy in (PrinterCallback, ProgressCallback):  # replaced by koret's rich progress
+    for noisy in (PrinterCallback, ProgressCallback):  # replaced by koret's progress
         trainer.remove_callback(noisy)
-    resume_from = None
-    if resume or cfg.args.get("resume_from_checkpoint"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(out_dir)) if out_dir.exists() else None
-        if last:
-            resume_from = last
-            info(f"resuming from {last}")
-        else:
-            warn(f"--resume: no checkpoint in {out_dir}; starting from the beginning")
+    resume_from = resume_checkpoint(cfg.args.get("resume_from_checkpoint"), resume, out_dir)
     tokens_per_row = _count_tokens(student, dataset)
     output = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - started
 
-    if not trainer.is_world_process_zero():
-        return {}
+    # every rank takes part in saving (FSDP / DeepSpeed ZeRO-3 gather the weights); only the main one writes
     final = out_dir / "final"
     tmp = out_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     trainer.save_model(str(tmp))
+    dist.barrier()
+    if not trainer.is_world_process_zero():
+        return {}
     write_text(tmp / "koret.yaml", dump_yaml(cfg))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -529,7 +645,8 @@ def _plot(path: Path, logs: list[dict[str, Any]], evals: list[dict[str, Any]]) -
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=key)
         ax2.set_ylabel("eval")
         ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
+    if logs:
+        ax.legend(loc="upper left")
     ax.set_title("koret train")
     fig.tight_layout()
     with atomic_path(path) as tmp:

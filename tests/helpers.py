@@ -31,7 +31,7 @@ def mine_config(tmp: Path, model: Path, train: Path | str, *, out: str = "out", 
                 **overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "data": {"train": str(train)},
-        "teacher": {"model": str(model), "query_prompt": "query", "passage_prompt": "passage", "batch_size": 16},
+        "teacher": {"model": str(model), "query_prompt_name": "query", "passage_prompt_name": "passage", "batch_size": 16},
         "encode": {"shard_size": 64},
         "search": {"top_k": 30},
         "filter": {"num_negatives": 3},

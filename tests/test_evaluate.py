@@ -213,7 +213,8 @@ def test_beir_set_is_scored_as_published_equal_to_pytrec_eval(tmp_path, tiny_mod
     from koret.config import EncodeConfig
     from koret.data import load_retrieval_data
     from koret.encode import EncodeSettings
-    from koret.evaluate import encode_unique, model_prompts
+    from koret.evaluate import encode_unique
+    from koret.prompts import resolve_prompts
     from koret.search import exact_scores
 
     root = _beir_with_duplicates(tmp_path / "beir", pairs)
@@ -229,7 +230,7 @@ def test_beir_set_is_scored_as_published_equal_to_pytrec_eval(tmp_path, tiny_mod
     # the reference: the same embeddings, every passage scored, pytrec_eval on the original qrels
     data = load_retrieval_data(str(root), "beir", split="test", dedupe=False)
     model = SentenceTransformer(str(tiny_model), device="cpu")
-    qp, pp = model_prompts(model, None, None)
+    qp, pp = resolve_prompts(model.prompts, None, "m")
     enc = EncodeSettings(model_name=str(tiny_model), shard_size=EncodeConfig().shard_size, cache_dir=None)
     c_emb, _ = encode_unique(model, data.corpus, pp, enc, "p")
     q_emb, _ = encode_unique(model, data.queries, qp, enc, "q")

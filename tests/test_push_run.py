@@ -20,11 +20,11 @@ def pipeline_run(tmp_path_factory, tiny_model, data_dir):
     cfg = {
         "run": {"dir": str(root / "run")},
         "mine": {"data": {"train": str(data_dir / "pairs.jsonl"), "corpus": str(data_dir / "corpus.txt")},
-                 "teacher": {"model": str(tiny_model), "query_prompt": "query", "passage_prompt": "passage"},
+                 "teacher": {"model": str(tiny_model), "query_prompt_name": "query", "passage_prompt_name": "passage"},
                  "search": {"top_k": 30}, "filter": {"num_negatives": 3, "perc": 0.98},
                  "cache_dir": str(root / "cache")},
         "filter": {"num_negatives": 2, "perc": 0.97},
-        "train": {"model": {"name": str(tiny_model), "query_prompt": "query", "passage_prompt": "passage"},
+        "train": {"model": {"name": str(tiny_model), "query_prompt_name": "query", "passage_prompt_name": "passage"},
                   "loss": {"name": "cached_gist", "mini_batch_size": 8},
                   "args": {"per_device_train_batch_size": 16, "learning_rate": 1e-3, "logging_steps": 1,
                            "num_train_epochs": 2, "save_steps": 1000}},

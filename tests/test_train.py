@@ -25,7 +25,7 @@ def mined(tmp_path_factory, tiny_model, data_dir) -> Path:
 
 def train_config(tmp: Path, model: Path, train: Path | str, **args) -> dict:
     return {
-        "model": {"name": str(model), "query_prompt": "query", "passage_prompt": "passage"},
+        "model": {"name": str(model), "query_prompt_name": "query", "passage_prompt_name": "passage"},
         "data": {"train": str(train)},
         "loss": {"name": "cached_gist", "mini_batch_size": 8},
         "args": {"output_dir": str(tmp / "train"), "per_device_train_batch_size": 16, "learning_rate": 1e-3,
