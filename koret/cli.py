@@ -55,7 +55,8 @@ def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
     except KoretError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "shown_elsewhere", False):
+            print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(code=exc.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished embedding shards are cached)",
@@ -221,16 +222,23 @@ def run_(
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run only this stage.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo stages whose outputs are current.")] = False,
+    num_processes: ProcsOpt = 1,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run the whole chain (mine, filter, train, eval, push) from one config; current stages are skipped."""
+    """Run the whole chain (mine, filter, train, eval, push) from one config; current stages are skipped.
+
+    With --num-processes N (or under accelerate launch / torchrun) mine's encoding and train use every
+    process; filter, eval and push run on the main one.
+    """
 
     def go() -> None:
         from koret.config import load_config
-        from koret.pipeline import PipelineConfig, run_pipeline
+        from koret.pipeline import PipelineConfig, resolve, run_pipeline
 
         cfg = load_config(PipelineConfig, config, set_)
+        resolve(cfg, str(config))  # cross-stage errors before any process starts
+        _relaunch(num_processes)
         run_pipeline(cfg, str(config), start=from_, until=until, only=only, force=force)
 
     _run(go, debug, quiet)

@@ -6,19 +6,47 @@ picks the backend (NCCL on GPUs, gloo on CPUs). Nothing is initialised for a pla
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import subprocess
-import sys
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+_solo = {"on": False}
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return 1 if _solo["on"] else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
+    return 0 if _solo["on"] else int(os.environ.get("RANK", "0"))
+
+
+def launched_rank() -> int:
+    """This process's rank in the launched job, even inside :func:`single_process`."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Run a single-process stage on the main process of a launched job: inside, koret's own code sees one
+    process (no collectives), while the other processes wait in :class:`FileSync`."""
+    previous = _solo["on"]
+    _solo["on"] = True
+    try:
+        yield
+    finally:
+        _solo["on"] = previous
 
 
 def is_main() -> bool:
@@ -50,24 +78,75 @@ def gather_objects(obj: Any) -> list[Any]:
     return list(gather_object([obj]))
 
 
-def launch(num_processes: int, module_args: list[str]) -> int:
-    """Re-run ``python -m koret <module_args>`` as ``num_processes`` processes on this machine.
+class FileSync:
+    """Meeting points between the processes of a launched ``koret run``, through small files in a folder every
+    process sees (the run folder, like the embedding cache).
 
-    With GPUs this is ``accelerate launch --multi_gpu`` (one GPU per process, NCCL). Without, it is torchrun with
-    gloo: ``accelerate launch --cpu`` starts a single process unless MPI is set up, so it cannot be used here.
+    A collective barrier would time out (NCCL/gloo's default is 10-30 minutes) while the main process runs a
+    long single-process stage (a large evaluation); files wait as long as needed. If a process dies, the
+    launcher (torchrun / accelerate launch) ends the others.
     """
-    import torch
 
-    if torch.cuda.is_available():
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-               "--master_port", str(_free_port())]
-    cmd += ["-m", "koret", *module_args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_processes))))
-    return subprocess.call(cmd, env=env)
+    def __init__(self, root: Path, token: str, poll_seconds: float = 0.2) -> None:
+        self.dir = root / ".koret-sync" / token
+        self.poll = poll_seconds
+        self.steps = 0
+
+    @classmethod
+    def start(cls, root: Path) -> FileSync:
+        """Agree on a fresh folder (one collective call, at the start when every process is there)."""
+        token = uuid.uuid4().hex[:12]
+        if is_main() and (root / ".koret-sync").exists():
+            shutil.rmtree(root / ".koret-sync", ignore_errors=True)  # stale folders of earlier runs
+        token = gather_objects(token)[0]
+        sync = cls(root, token)
+        if is_main():
+            sync.dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        return sync
+
+    def exchange(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """Post ``payload`` and return every process's, in rank order, once all have posted."""
+        from koret.io import write_json
+
+        step = self.steps
+        self.steps += 1
+        write_json(self.dir / f"{step}.{launched_rank()}.json", payload)
+        paths = [self.dir / f"{step}.{r}.json" for r in range(launched_world_size())]
+        while not all(p.exists() for p in paths):
+            time.sleep(self.poll)
+        return [json.loads(p.read_text()) for p in paths]
+
+    def close(self) -> None:
+        """After the last exchange every process is at the end: one barrier, then the folder goes."""
+        barrier()
+        if is_main():
+            shutil.rmtree(self.dir.parent, ignore_errors=True)
+
+
+def launch(num_processes: int, module_args: list[str]) -> int:
+    """Re-run ``python -m koret <module_args>`` as ``num_processes`` processes on this machine; returns the exit code.
+
+    This is torchrun's launcher, called in-process: one process per GPU (each takes ``cuda:LOCAL_RANK``, NCCL)
+    or, without GPUs, CPU processes with gloo (``accelerate launch --cpu`` starts a single process unless MPI
+    is set up, so it cannot be used there). koret's processes print their own one-line errors, so the
+    launcher's traceback and failure report are left out.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_processes))))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(["--nproc_per_node", str(num_processes), "--master_port", str(_free_port()),
+                                         "-m", "koret", *module_args])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [getattr(f, "exitcode", 1) for f in exc.failures.values()]
+        return 2 if 2 in codes else next((c for c in codes if c and c > 0), 1)
+    return 0
 
 
 def _free_port() -> int:

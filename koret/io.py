@@ -91,3 +91,28 @@ def read_record(path: str | Path | None) -> dict[str, Any] | None:
     except Exception:  # JSON/YAML syntax errors, unreadable files: treated as absent
         return None
     return loaded if isinstance(loaded, dict) else None
+
+
+def fingerprint_paths(paths: list[str], content_limit: int = 64 * 2**20) -> str:
+    """A short hash that changes when any of ``paths`` changes: the content of files up to ``content_limit``
+    bytes, size and modification time of larger ones, every file of a folder; a name that is not a local path
+    (a Hub id) counts as its text. ``file.json#A:B`` selections fingerprint the file."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists() and "#" in raw:
+            path = Path(raw.rpartition("#")[0])
+        h.update(raw.encode() + b"\x00")
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.exists() else []
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}".encode())
+            if st.st_size <= content_limit:
+                with open(f, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023
+                        h.update(block)
+            else:
+                h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()

@@ -14,7 +14,6 @@ stage stops the chain with its one-line error; rerunning resumes from there. The
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
+from koret import dist
 from koret.config import (
     EvalConfig,
     FilterConfig,
@@ -33,7 +33,7 @@ from koret.config import (
     validate,
 )
 from koret.errors import KoretError
-from koret.io import write_json
+from koret.io import fingerprint_paths, read_record, write_json
 from koret.report import console, info, is_quiet
 
 STAGES = ("mine", "filter", "train", "eval", "push")
@@ -132,12 +132,14 @@ def _expected_outputs(name: str, cfg: Any) -> list[Path]:
     return []
 
 
-def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]]:
-    """Run one stage; returns (key figure, details)."""
+def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]] | None:
+    """Run one stage; returns (key figure, details) on the main process, None on the others."""
     if name == "mine":
         from koret.mine import mine
 
         stats = mine(cfg)
+        if not dist.is_main():
+            return None
         return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
     if name == "filter":
         from koret.filter import refilter
@@ -148,6 +150,8 @@ def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]]:
         from koret.train import train
 
         m = train(cfg)
+        if not dist.is_main():
+            return None
         return f"final loss {m['final_loss']:.4f} ({m['steps']} steps)", {"final_loss": m["final_loss"]}
     if name == "eval":
         from koret.evaluate import evaluate
@@ -182,10 +186,20 @@ def select(present: list[str], start: str | None, until: str | None, only: str |
     return chosen
 
 
+MULTI_PROCESS_STAGES = ("mine", "train")  # the others run on the main process while the rest wait
+
+
 def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None = None, until: str | None = None,
                  only: str | None = None, force: bool = False,
                  on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the chain; returns the summary (also ``<run.dir>/summary.json``). Raises the failing stage's error."""
+    """Run the chain; returns the summary (also ``<run.dir>/summary.json``). Raises the failing stage's error.
+
+    Under ``accelerate launch`` / torchrun (or ``koret run --num-processes N``) every process runs this. Stages
+    that use many processes (mine's encoding, train) run on all of them; filter, eval and push run on the main
+    process while the others wait. The main process decides what is skipped, writes the stage records and
+    ``summary.json``; after each stage the processes exchange their outcome, so a stage that fails on any
+    process fails the run everywhere, with its one-line error on the main process.
+    """
     root = Path(cfg.run.dir)
     stages = resolve(cfg, source)
     if not stages:
@@ -193,44 +207,96 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
     hashes = _stage_hashes(stages)
     present = [s for s in STAGES if s in stages]
     chosen = select(present, start, until, only)
+    main = dist.is_main()
+    sync = dist.FileSync.start(root) if dist.world_size() > 1 else None
     rows: list[dict[str, Any]] = []
     failure: KoretError | None = None
     for name in present:
-        if name not in chosen:
-            rows.append({"stage": name, "status": "not selected", "seconds": 0.0, "figure": ""})
-            continue
-        if failure is not None:
-            rows.append({"stage": name, "status": "not run", "seconds": 0.0, "figure": ""})
+        if name not in chosen or failure is not None:
+            rows.append({"stage": name, "status": "not selected" if name not in chosen else "not run",
+                         "seconds": 0.0, "figure": ""})
             continue
         record_path = root / name / ".koret-stage.json"
-        record = json.loads(record_path.read_text()) if record_path.exists() else None
-        if (not force and record and record.get("hash") == hashes[name] and record.get("status") == "ran"
-                and all(p.exists() for p in _expected_outputs(name, stages[name]))):
-            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config; --force redoes it)")
-            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": record.get("figure", "")})
+        key = hashes[name] + ":" + _inputs_fingerprint(name, stages[name])
+        skip_figure = _current(record_path, key, name, stages[name]) if main and not force else None
+        if sync is not None:  # the main process's decision holds for every process
+            skip_figure = sync.exchange({"skip": skip_figure})[0]["skip"]
+        if skip_figure is not None:
+            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config and inputs; --force redoes it)")
+            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": skip_figure})
             continue
         if on_stage:
             on_stage(name)
         info(f"[bold cyan]== {name} ==[/bold cyan]")
         started = time.perf_counter()
+        outcome: dict[str, Any] = {"ok": True}
         try:
-            figure, details = _run_stage(name, stages[name], root)
+            if name in MULTI_PROCESS_STAGES:
+                result = _run_stage(name, stages[name], root)
+            elif main:
+                with dist.single_process():
+                    result = _run_stage(name, stages[name], root)
+            else:
+                result = None
+            if main:
+                outcome["figure"], outcome["details"] = result
         except KoretError as exc:
+            outcome = {"ok": False, "error": str(exc), "rank": dist.rank()}
             failure = exc
-            record_path.unlink(missing_ok=True)
-            rows.append({"stage": name, "status": "failed", "seconds": time.perf_counter() - started,
-                         "figure": str(exc)})
-            continue
+        if sync is not None:
+            every = sync.exchange(outcome)
+            failed = next((o for o in every if not o["ok"]), None)
+            if failed is not None and failure is None:
+                failure = KoretError(f"process {failed['rank']}: {failed['error']}")
         seconds = time.perf_counter() - started
-        write_json(record_path, {"hash": hashes[name], "status": "ran", "figure": figure, "seconds": seconds,
-                                 "details": details})
-        rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": figure})
-    summary = {"run_dir": str(root), "stages": rows, "ok": failure is None}
-    write_json(root / "summary.json", summary)
-    _show(rows, root)
+        if failure is not None:
+            if main:
+                record_path.unlink(missing_ok=True)
+            rows.append({"stage": name, "status": "failed", "seconds": seconds, "figure": str(failure)})
+            continue
+        if main:
+            write_json(record_path, {"hash": key, "status": "ran", "figure": outcome["figure"], "seconds": seconds,
+                                     "details": outcome["details"]})
+            rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": outcome["figure"]})
+        else:
+            rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": ""})
+    summary = {"run_dir": str(root), "stages": rows, "ok": failure is None, "processes": dist.world_size()}
+    if main:
+        write_json(root / "summary.json", summary)
+        _show(rows, root)
+    if sync is not None:
+        sync.exchange({"done": True})
+        sync.close()
     if failure is not None:
+        if not main:
+            failure.shown_elsewhere = True  # the main process prints it; the CLI stays quiet here
         raise failure
     return summary
+
+
+def _current(record_path: Path, key: str, name: str, cfg: Any) -> str | None:
+    """The recorded key figure when the stage's outputs exist with the same config and inputs, else None."""
+    record = read_record(record_path)
+    if (record and record.get("hash") == key and record.get("status") == "ran"
+            and all(p.exists() for p in _expected_outputs(name, cfg))):
+        return str(record.get("figure", ""))
+    return None
+
+
+def _inputs_fingerprint(name: str, cfg: Any) -> str:
+    """What a stage reads from outside the run folder, so that a changed input file reruns it.
+
+    The stage's data files (size, modification time, and a content hash of files up to 64 MB) are covered;
+    the upstream stages' outputs are covered by the upstream hashes in the stage key.
+    """
+    paths: list[str | None] = []
+    if name == "mine":
+        paths = [cfg.data.train, cfg.data.corpus]
+    elif name == "train":
+        paths = [cfg.data.train, cfg.data.eval, cfg.data.eval_corpus]
+    elif name == "eval":
+        paths = [cfg.data.path, cfg.data.corpus]
+    return fingerprint_paths([p for p in paths if p])
 
 
 def _show(rows: list[dict[str, Any]], root: Path) -> None:

@@ -168,3 +168,39 @@ def test_offline_hub_dataset_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(KoretError, match=r"Hub dataset 'nobody/no-such-korean-set'.*HF_HUB_OFFLINE"):
         load_retrieval_data("nobody/no-such-korean-set")
+
+
+def test_squad_unanswerable_questions_are_never_positives(tmp_path):
+    doc = {"version": "KLUE-MRC style", "data": [{"title": "a", "paragraphs": [
+        {"context": "세종은 한글을 만들었다.", "qas": [
+            {"id": "1", "question": "한글은 누가?", "is_impossible": False},
+            {"id": "2", "question": "세종의 키는?", "is_impossible": True}]}]}]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc, ensure_ascii=False))
+    data = load_retrieval_data(str(path))
+    assert data.query_ids == ["1"] and data.pairs == [(0, 0)]
+    assert data.counts == {"unanswerable questions (is_impossible) skipped": 1}
+    assert "1 unanswerable questions (is_impossible) skipped" in data.notes
+
+
+def test_eval_keeps_ids_mining_merges_equal_texts(tmp_path):
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "a", "text": "같은 문서"}\n{"_id": "b", "text": "같은  문서"}\n'
+                                       '{"_id": "c", "text": "다른 문서"}\n', encoding="utf-8")
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "질문"}\n{"_id": "q2", "text": "질문"}\n',
+                                        encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text("q1\ta\t1\nq2\tb\t2\nq2\tc\t0\n")
+    kept = load_retrieval_data(str(root), split="test", dedupe=False)
+    assert kept.query_ids == ["q1", "q2"] and kept.doc_ids == ["a", "b", "c"]
+    assert kept.qrels == [{0: 1}, {1: 2, 2: 0}]
+    assert kept.groups == [0, 0, 2], "equal texts are still recognised as one passage"
+    merged = load_retrieval_data(str(root), split="test")
+    assert len(merged.queries) == 1 and len(merged.corpus) == 2
+    only = merged.with_positives_only()
+    assert only is merged
+    zero = load_retrieval_data(str(root), split="test", dedupe=False)
+    zero.qrels[0] = {0: 0}
+    only = zero.with_positives_only()
+    assert only.query_ids == ["q2"] and only.pairs == [(0, 1)]
+    assert only.counts == {"queries without a positive skipped": 1}

@@ -225,3 +225,37 @@ def test_two_processes_write_the_same_outputs(tmp_path, tiny_model, data_dir):
     assert run_cli("mine", "-c", str(one), "--quiet").exit_code == 0
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "train.parquet"),
                                   pd.read_parquet(tmp_path / "two" / "train.parquet"), atol=1e-6)
+
+
+def _beir(root: Path, pairs, zero_judged: int) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    rows = pairs[2:32]  # distinct query texts
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": r["positive"]},
+                                                          ensure_ascii=False) + "\n" for i, r in enumerate(rows)))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": r["query"]},
+                                                           ensure_ascii=False) + "\n" for i, r in enumerate(rows)))
+    (root / "qrels" / "train.tsv").write_text("".join(f"q{i}\td{i}\t{0 if i < zero_judged else 1}\n"
+                                                      for i in range(len(rows))))
+    return root
+
+
+def test_queries_without_a_positive_are_skipped_before_any_model_loads(tmp_path, tiny_model, pairs, monkeypatch):
+    some = _beir(tmp_path / "some", pairs, zero_judged=3)
+    cfg = mine_config(tmp_path, tiny_model, some, search__top_k=10)
+    r = run_cli("mine", "-c", str(write_config(tmp_path / "m.yaml", cfg)), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["rows_in"] == 27 and stats["data"]["skipped"] == {"queries without a positive skipped": 3}
+
+    import koret.mine as m
+
+    def no_model(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(m, "load_sentence_transformer", no_model)
+    none = _beir(tmp_path / "none", pairs, zero_judged=30)
+    cfg = mine_config(tmp_path, tiny_model, none, out="out2", cache="cache2", search__top_k=10)
+    r = run_cli("mine", "-c", str(write_config(tmp_path / "m2.yaml", cfg)))
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: data.train: {none}: no query has a positive (relevance > 0) (check the qrels / positive column)"]
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "cache2").exists()

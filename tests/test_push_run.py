@@ -233,3 +233,74 @@ def test_push_errors(tiny_model, fake_hub, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     _expect(run_cli(*base), "no Hugging Face token", "HF_TOKEN")
+
+
+@pytest.mark.slow
+def test_run_on_two_processes_matches_one(pipeline_run, tmp_path):
+    """koret run --num-processes 2 (torchrun, gloo): exit 0, one summary.json, a loadable final/, and the same
+    mined and filtered train.parquet as the 1-process run."""
+    import pandas as pd
+    from helpers import run_subprocess
+    from sentence_transformers import SentenceTransformer
+
+    _, path, _ = pipeline_run
+    cfg = yaml.safe_load(path.read_text())
+    cfg["run"]["dir"] = str(tmp_path / "run2")
+    cfg["mine"]["cache_dir"] = cfg["eval"]["cache_dir"] = str(tmp_path / "cache2")
+    cfg["train"]["args"]["per_device_train_batch_size"] = 8
+    two = write_config(tmp_path / "two.yaml", cfg)
+    r = run_subprocess("run", "-c", str(two), "--num-processes", "2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    run2 = tmp_path / "run2"
+    summary = json.loads((run2 / "summary.json").read_text())
+    assert summary["processes"] == 2 and all(s["status"] == "ran" for s in summary["stages"]), summary
+    assert r.stderr.count("koret run: ") == 1, "one summary table, from the main process"
+    assert not (run2 / ".koret-sync").exists()
+    cfg["run"]["dir"] = str(tmp_path / "run1")
+    one = run_cli("run", "-c", str(write_config(tmp_path / "one.yaml", cfg)), "--until", "filter", "--quiet")
+    assert one.exit_code == 0, one.stderr
+    for stage in ("mine", "filter"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run2 / stage / "train.parquet"),
+                                      pd.read_parquet(tmp_path / "run1" / stage / "train.parquet"))
+    assert json.loads((run2 / "train" / "metrics.json").read_text())["world_size"] == 2
+    assert SentenceTransformer(str(run2 / "train" / "final"), device="cpu").encode(["한글"]).shape == (1, 64)
+    # a second run skips every stage on both processes
+    again = run_subprocess("run", "-c", str(two), "--num-processes", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(s["status"] == "skipped" for s in json.loads((run2 / "summary.json").read_text())["stages"])
+
+
+@pytest.mark.slow
+def test_run_failure_on_two_processes_is_one_line_from_the_main_process(tmp_path, tiny_model, data_dir):
+    from helpers import run_subprocess
+
+    cfg = {"run": {"dir": str(tmp_path / "run")},
+           "mine": {"data": {"train": str(data_dir / "pairs.jsonl")},
+                    "teacher": {"model": str(tiny_model), "query_prompt_name": "nope"},
+                    "search": {"top_k": 10}, "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "c")}}
+    r = run_subprocess("run", "-c", str(write_config(tmp_path / "bad.yaml", cfg)), "--num-processes", "2",
+                       timeout=300)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "teacher.query_prompt_name: 'nope'" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"][0]["status"] == "failed"
+
+
+def test_run_reruns_a_stage_whose_input_file_changed(tmp_path, tiny_model, data_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text((data_dir / "pairs.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = {"run": {"dir": str(tmp_path / "run")},
+           "mine": {"data": {"train": str(data)}, "teacher": {"model": str(tiny_model)}, "search": {"top_k": 10},
+                    "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "c")}}
+    path = write_config(tmp_path / "p.yaml", cfg)
+
+    def status():
+        assert run_cli("run", "-c", str(path), "--quiet").exit_code == 0
+        return json.loads((tmp_path / "run" / "summary.json").read_text())["stages"][0]["status"]
+
+    assert status() == "ran" and status() == "skipped"
+    lines = data.read_text(encoding="utf-8").splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one pair less, same config
+    assert status() == "ran"
