@@ -275,7 +275,8 @@ class PushConfig(Section):
     mine_dir: str | None = Field(None, description="koret mine output (default: from the train config).")
     eval_dir: str | None = Field(None, description="koret eval output whose metrics.json goes in the card.")
     retries: int = Field(3, ge=0, le=10)
-    dry_run: bool = Field(False, description="koret run: stage into <run.dir>/push instead of uploading.")
+    dry_run: bool = Field(False, description="Stage the folder instead of uploading (koret run: into <run.dir>/push).")
+    dry_run_dir: str = Field("runs/push", description="Where koret push -c writes the staged folder in a dry run.")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -249,13 +249,24 @@ def check_mteb_reachable(timeout: float = 3.0) -> None:
 
 
 def run_mteb(cfg: EvalConfig) -> list[dict[str, Any]]:  # pragma: no cover - needs the Hub
+    """MTEB's Korean retrieval tasks for every model, each loaded and prompted exactly as koret's own eval does
+    (same loader, dtype, max length and prompt rule), so base and trained model are treated alike."""
     import mteb
+
+    try:
+        from mteb.models import SentenceTransformerEncoderWrapper
+    except ImportError:
+        from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
 
     results = []
     tasks = mteb.get_tasks(tasks=cfg.mteb, languages=["kor"])
     for m in cfg.models:
-        model = mteb.get_model(m.name) if not Path(m.name).exists() else load_sentence_transformer(m.name)
-        for task_result in mteb.evaluate(model, tasks=tasks):
-            results.append({"model": m.name, "task": task_result.task_name,
-                            "ndcg@10": task_result.get_score()})
+        model = load_sentence_transformer(m.name, key=f"models[{m.name}]", dtype=m.dtype,
+                                          max_seq_length=m.max_seq_length)
+        q_prompt, p_prompt = resolve_prompts(model.prompts, m, f"models[{m.name}]")
+        prompts = {k: v for k, v in (("query", q_prompt), ("document", p_prompt)) if v}
+        wrapped = SentenceTransformerEncoderWrapper(model, model_prompts=prompts or None)
+        for task_result in mteb.evaluate(wrapped, tasks=tasks):
+            results.append({"model": m.name, "task": task_result.task_name, "ndcg@10": task_result.get_score(),
+                            "prompts": prompts})
     return results

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from koret.config import PushConfig
 from koret.errors import KoretError
 from koret.io import read_record, write_text
@@ -114,9 +112,9 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     """The model card (README.md): YAML front matter + body, from recorded facts only."""
     model_dir = Path(cfg.model)
     st_cfg = _st_config(model_dir)
-    prompts = st_cfg.get("prompts") or {}
-    q_prompt = prompts.get("query", "")
-    p_prompt = prompts.get("document", prompts.get("passage", ""))
+    from koret.prompts import resolve_prompts
+
+    q_prompt, p_prompt = resolve_prompts(st_cfg.get("prompts") or {}, None, "push.model")
     tcfg = sources["train_config"] or {}
     tm = sources["train_metrics"]
     ms = sources["mine_stats"]
@@ -125,32 +123,26 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     base_model = (tcfg.get("model") or {}).get("name")
     repo_name = (cfg.repo_id or model_dir.name).split("/")[-1]
 
-    front: dict[str, Any] = {
-        "language": ["ko"], "library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
-        "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"],
-        "license": cfg.license or "other",
-    }
-    if base_model and not Path(base_model).exists() and not base_model.startswith("pkg:"):
-        front["base_model"] = base_model
-    datasets = [d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d]
-    if datasets:
-        front["datasets"] = sorted(set(datasets))
-    base_eval, trained_eval = _trained_eval_entry(ev, model_dir) if ev else (None, None)
-    if trained_eval:
-        front["model-index"] = [{
-            "name": repo_name,
-            "results": [{
-                "task": {"type": "retrieval", "name": "Retrieval"},
-                "dataset": {"name": ev["data"]["source"], "type": ev["data"]["source"], "split": "test"},
-                "metrics": [{"type": t, "value": round(float(trained_eval["metrics"][k]), 6), "name": n}
-                            for k, t, n in _EVAL_METRICS if k in trained_eval["metrics"]],
-            }],
-        }]
+    from huggingface_hub import EvalResult, ModelCardData
 
-    body = [f"# {repo_name}", "",
-            "A Korean text retriever fine-tuned with koret: hard negatives mined "
-            "with a teacher and filtered with positive-aware margins (NV-Retriever), then trained with a GIST loss "
-            "and several hard negatives per query.", ""]
+    base_eval, trained_eval = _trained_eval_entry(ev, model_dir) if ev else (None, None)
+    eval_results = None
+    if trained_eval:
+        source = ev["data"]["source"]
+        eval_results = [EvalResult(task_type="retrieval", task_name="Retrieval", dataset_type=source,
+                                   dataset_name=source, dataset_split="test", metric_type=t, metric_name=n,
+                                   metric_value=round(float(trained_eval["metrics"][k]), 6))
+                        for k, t, n in _EVAL_METRICS if k in trained_eval["metrics"]]
+    datasets = sorted({d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d}) or None
+    card_data = ModelCardData(
+        language=["ko"], library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+        tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"],
+        license=cfg.license or "other", datasets=datasets, model_name=repo_name, eval_results=eval_results,
+        base_model=base_model if base_model and not Path(base_model).exists() and not base_model.startswith("pkg:")
+        else None,
+    )
+
+    body = [f"# {repo_name}", "", describe_recipe(tm, ms), ""]
     body += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f'model = SentenceTransformer("{cfg.repo_id or model_dir}")',
              'queries = ["한국의 수도는 어디인가?"]',
@@ -213,7 +205,35 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     else:
         body += ["No evaluation record was found (run `koret eval` with the base and the trained model).", ""]
     body += ["## Citation", "", CITATIONS, ""]
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+LOSS_WORDS = {
+    "gist": "GISTEmbedLoss (a guide model masks suspected false negatives in the batch)",
+    "cached_gist": "CachedGISTEmbedLoss (GISTEmbedLoss with GradCache)",
+    "mnrl": "MultipleNegativesRankingLoss (no guide model)",
+    "cached_mnrl": "CachedMultipleNegativesRankingLoss (no guide model, GradCache)",
+}
+
+
+def describe_recipe(train_metrics: dict[str, Any] | None, mine_stats: dict[str, Any] | None) -> str:
+    """One paragraph saying what was actually done: mining or not, the loss, hard negatives or in-batch only."""
+    if not train_metrics:
+        return "A Korean text retriever prepared with koret (no training record was found)."
+    loss = LOSS_WORDS.get(str(train_metrics.get("loss")), str(train_metrics.get("loss")))
+    negs = int(train_metrics.get("num_negatives") or 0)
+    if mine_stats:
+        f = mine_stats.get("settings", {})
+        data = (f"hard negatives mined with the teacher `{(mine_stats.get('teacher') or {}).get('model', '?')}` and "
+                f"filtered with {f.get('strategy', '?')} (NV-Retriever's positive-aware false-negative filtering)")
+    elif negs:
+        data = "hard negatives given in the training data (not mined by koret)"
+    else:
+        data = "(query, passage) pairs without hard negatives: the other passages of each batch are the negatives"
+    per_row = f", {negs} hard negative(s) per query" if negs else ""
+    return f"A Korean text retriever fine-tuned with koret: {data}; trained with {loss}{per_row}."
 
 
 def _hub_datasets(train_cfg: dict[str, Any], mine_cfg: dict[str, Any]) -> list[str]:
@@ -251,7 +271,13 @@ def stage_folder(cfg: PushConfig, dest: Path) -> list[str]:
 
 
 def push(cfg: PushConfig, dry_run: str | Path | None = None, show_card: bool = True) -> dict[str, Any]:
-    """Upload (or, with ``dry_run``, only stage) the model; returns {"url" | "dry_run", "files", ...}."""
+    """Upload (or, with ``dry_run`` or ``push.dry_run: true``, only stage) the model.
+
+    Returns {"url" | "dry_run", "files", ...}. A dry run writes the folder to ``dry_run`` (default
+    ``push.dry_run_dir``) and touches no network.
+    """
+    if dry_run is None and cfg.dry_run:
+        dry_run = cfg.dry_run_dir
     if dry_run is not None:
         dest = Path(dry_run)
         files = stage_folder(cfg, dest)
@@ -303,6 +329,15 @@ def _status(exc: Exception) -> int | None:
     return getattr(resp, "status_code", None)
 
 
+def _is_connection_error(exc: BaseException) -> bool:
+    """Connection resets, refusals and timeouts (of the socket, requests or httpx): worth retrying."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "TimeoutException",
+                         "TransportError", "NetworkError", "RemoteProtocolError", "ChunkedEncodingError"})
+
+
 def _call(fn: Any, what: str, cfg: PushConfig) -> Any:
     """Run one Hub call; 401/403 are one-line errors, transient failures are retried with backoff."""
     delay = 1.0
@@ -317,8 +352,12 @@ def _call(fn: Any, what: str, cfg: PushConfig) -> Any:
             if status == 403:
                 raise KoretError(f"push: could not {what} in {cfg.repo_id!r}: no write access (403)",
                                  "use a token with write permission for that owner") from None
+            if status is None and not _is_connection_error(exc):
+                raise  # not an HTTP or network failure: a bug, with its traceback
             transient = status is None or status >= 500 or status == 429
-            if not transient or attempt == cfg.retries:
+            if not transient:
+                raise KoretError(f"push: could not {what} (HTTP {status}: {str(exc).splitlines()[0][:200]})") from None
+            if attempt == cfg.retries:
                 detail = f"HTTP {status}" if status else type(exc).__name__
                 raise KoretError(f"push: could not {what} after {attempt + 1} attempt(s) ({detail})",
                                  "nothing was claimed as uploaded; rerun koret push") from None

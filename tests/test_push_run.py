@@ -304,3 +304,63 @@ def test_run_reruns_a_stage_whose_input_file_changed(tmp_path, tiny_model, data_
     lines = data.read_text(encoding="utf-8").splitlines()
     data.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one pair less, same config
     assert status() == "ran"
+
+
+def test_push_config_dry_run_never_uploads(tiny_model, fake_hub, tmp_path):
+    cfg = write_config(tmp_path / "push.yaml", {"model": str(tiny_model), "repo_id": "someone/x", "dry_run": True,
+                                                "dry_run_dir": str(tmp_path / "staged")})
+    r = run_cli("push", "-c", str(cfg), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    assert fake_hub.calls == [], "no Hub call at all"
+    assert (tmp_path / "staged" / "README.md").exists() and (tmp_path / "staged" / "modules.json").exists()
+
+
+def test_card_describes_the_loss_and_data_actually_used(tmp_path, tiny_model, data_dir):
+    """Plain pairs with MNRL and no mining: the card must not claim mined hard negatives or a guide."""
+    cfg = {"model": {"name": str(tiny_model)}, "data": {"train": str(data_dir / "pairs.jsonl"), "limit": 16},
+           "loss": {"name": "mnrl"},
+           "args": {"output_dir": str(tmp_path / "train"), "per_device_train_batch_size": 8, "max_steps": 1,
+                    "save_strategy": "no", "warmup_steps": 0}}
+    assert run_cli("train", "-c", str(write_config(tmp_path / "t.yaml", cfg)), "--quiet").exit_code == 0
+    r = run_cli("push", "--set", f"model={tmp_path / 'train' / 'final'}", "--set", "repo_id=a/b", "--dry-run",
+                str(tmp_path / "staged"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    card = (tmp_path / "staged" / "README.md").read_text()
+    intro = card.split("\n# b\n", 1)[1].split("##", 1)[0]
+    assert "without hard negatives" in intro and "MultipleNegativesRankingLoss (no guide model)" in intro
+    assert "mined" not in intro and "GIST" not in intro
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card)
+    assert parsed.data.language == ["ko"] and parsed.data.library_name == "sentence-transformers"
+
+
+def test_push_retries_only_transient_failures(tiny_model, fake_hub, monkeypatch):
+    base = ["push", "--set", f"model={tiny_model}", "--set", "repo_id=someone/koret-tiny", "--quiet"]
+    fake_hub.fail = {"upload_folder": [404]}
+    fake_hub.calls = []
+    _expect(run_cli(*base), "could not upload (HTTP 404")
+    assert [c[0] for c in fake_hub.calls].count("upload_folder") == 0, "a 404 is not retried"
+
+    real = FakeApi.upload_folder
+    attempts = []
+
+    def reset_then_ok(self, **kw):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real(self, **kw)
+
+    fake_hub.fail = {}
+    monkeypatch.setattr(FakeApi, "upload_folder", reset_then_ok)
+    assert run_cli(*base).exit_code == 0 and len(attempts) == 2, "a connection reset is retried"
+
+    def bug(self, **kw):
+        attempts.append(1)
+        raise TypeError("upload_folder() got an unexpected keyword argument")
+
+    attempts.clear()
+    monkeypatch.setattr(FakeApi, "upload_folder", bug)
+    with pytest.raises(TypeError):
+        run_cli(*base)
+    assert len(attempts) == 1, "a programming error is raised at once, never retried"
