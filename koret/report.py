@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,93 @@ class _Rate(TextColumn):
         return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
 
 
+def log_interval() -> float:
+    """Seconds between plain progress lines off a terminal (``KORET_LOG_INTERVAL``, default 30)."""
+    try:
+        return max(0.0, float(os.environ.get("KORET_LOG_INTERVAL", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class PlainProgress:
+    """Progress for logs (nohup, SLURM, CI): rich draws no live bar off a terminal, so this writes one plain line
+    per task at most every :func:`log_interval` seconds, when a task finishes, and on :meth:`log` (training
+    logs at every ``logging_steps``): ``name: 120/500 (24%), 35.2 texts/s, elapsed 0:00:04, ETA 0:00:11``."""
+
+    def __init__(self, console: Console, disabled: bool) -> None:
+        self.console = console
+        self.disabled = disabled
+        self.tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for i, t in enumerate(self.tasks):
+            if not t["finished"] and t["completed"] > t["start_completed"]:
+                self._line(i)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
+        now = time.monotonic()
+        self.tasks.append({"description": description, "total": total, "completed": completed,
+                           "start_completed": completed, "started": now, "last": now, "finished": False,
+                           "unit": fields.get("unit", "it")})
+        return len(self.tasks) - 1
+
+    def update(self, task: int, *, advance: float | None = None, completed: float | None = None,
+               description: str | None = None, total: float | None = None, **_: Any) -> None:
+        t = self.tasks[task]
+        if description is not None:
+            t["description"] = description
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        if advance:
+            t["completed"] += advance
+        now = time.monotonic()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if (done and not t["finished"]) or now - t["last"] >= log_interval():
+            t["finished"] = t["finished"] or done
+            self._line(task)
+
+    def log(self, task: int, extra: str = "") -> None:
+        """Write the task's line now, with ``extra`` (e.g. the loss)."""
+        self._line(task, extra)
+
+    def _line(self, task: int, extra: str = "") -> None:
+        t = self.tasks[task]
+        now = time.monotonic()
+        t["last"] = now
+        if self.disabled:
+            return
+        elapsed = now - t["started"]
+        done = t["completed"] - t["start_completed"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        total = t["total"]
+        count = f"{t['completed']:,.0f}/{total:,.0f} ({100 * t['completed'] / total:.0f}%)" if total else \
+            f"{t['completed']:,.0f}"
+        eta = (total - t["completed"]) / rate if total and rate > 0 else None
+        parts = [f"{t['description']}: {count}", *([extra] if extra else []),
+                 f"{rate:,.3g} {t['unit']}/s", f"elapsed {_clock(elapsed)}", f"ETA {_clock(eta)}"]
+        self.console.print(", ".join(parts), highlight=False, markup=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def progress() -> Iterator[Progress]:
-    """A rich Progress with description, bar, count, rate and ETA; disabled when quiet."""
+def progress() -> Iterator[Any]:
+    """Progress with description, count, rate and ETA; disabled when quiet. A live rich bar on a terminal,
+    plain lines at a steady pace otherwise (see :class:`PlainProgress`)."""
+    if not _console.is_terminal:
+        with PlainProgress(_console, disabled=is_quiet()) as plain:
+            yield plain
+        return
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -459,7 +459,9 @@ def _callback_class() -> type:
             entry = {"step": state.global_step, "epoch": state.epoch, **logs}
             if "loss" in logs:
                 self.logs.append(entry)
-                if self.bar is not None:
+                if self.bar is not None and hasattr(self.bar, "log"):  # plain lines off a terminal
+                    self.bar.log(self.task, f"loss {logs['loss']:.4f}")
+                elif self.bar is not None:
                     self.bar.update(self.task, description=f"train loss {logs['loss']:.4f}")
             elif any(k.startswith("eval_") for k in logs):
                 self.evals.append(entry)

@@ -184,3 +184,25 @@ def test_bad_train_inputs(tmp_path, tiny_model, mined):
     cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", learnig_rate=1e-4)
     _expect(_train(tmp_path, cfg), "unknown key 'args.learnig_rate'", "did you mean 'args.learning_rate'")
     assert not (tmp_path / "train" / "final").exists()
+
+
+def test_progress_off_a_terminal_is_plain_lines_at_a_steady_pace(tmp_path, tiny_model, mined):
+    """stderr to a file (nohup, SLURM, CI): every logging step of training is a line with step/total, loss, rate
+    and ETA; other long phases write a line at least every KORET_LOG_INTERVAL seconds."""
+    import re
+
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", logging_steps=2, max_steps=6)
+    path = write_config(tmp_path / "t.yaml", cfg)
+    log = tmp_path / "train.log"
+    import os
+    import subprocess
+    import sys
+
+    with open(log, "w") as fh:
+        subprocess.run([sys.executable, "-m", "koret", "train", "-c", str(path)], stdout=fh, stderr=fh, check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "KORET_LOG_INTERVAL": "0"}, timeout=600)
+    text = log.read_text()
+    steps = re.findall(r"^train: (\d)/6 \(\d+%\), loss (\d+\.\d{4}), [\d.e+-]+ steps/s, elapsed \d:\d\d:\d\d, "
+                       r"ETA \d:\d\d:\d\d$", text, flags=re.M)
+    assert [int(s) for s, _ in steps] == [2, 4, 6], text[-3000:]
+    assert "\x1b[" not in text, "no terminal control codes in a log file"

@@ -1,0 +1,42 @@
+"""Plain progress lines for logs: paced by KORET_LOG_INTERVAL, always a final line, count/rate/ETA."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+
+from koret.report import PlainProgress
+
+
+def _lines(interval: str, monkeypatch, steps: int = 5) -> list[str]:
+    monkeypatch.setenv("KORET_LOG_INTERVAL", interval)
+    out = io.StringIO()
+    with PlainProgress(Console(file=out, width=200), disabled=False) as bar:
+        task = bar.add_task("encode passages", total=steps * 10, unit="texts")
+        for _ in range(steps):
+            bar.update(task, advance=10)
+    return out.getvalue().splitlines()
+
+
+def test_a_line_per_update_at_interval_zero(monkeypatch):
+    lines = _lines("0", monkeypatch)
+    assert len(lines) == 5
+    assert re.fullmatch(r"encode passages: 10/50 \(20%\), [\d.e+,-]+ texts/s, elapsed 0:00:00, ETA \d:\d\d:\d\d",
+                        lines[0]), lines[0]
+    assert lines[-1].startswith("encode passages: 50/50 (100%)")
+
+
+def test_long_interval_still_writes_the_final_line(monkeypatch):
+    lines = _lines("3600", monkeypatch)
+    assert len(lines) == 1 and lines[0].startswith("encode passages: 50/50 (100%)")
+
+
+def test_unfinished_task_gets_a_closing_line(monkeypatch):
+    monkeypatch.setenv("KORET_LOG_INTERVAL", "3600")
+    out = io.StringIO()
+    with PlainProgress(Console(file=out, width=200), disabled=False) as bar:
+        task = bar.add_task("search", total=100, unit="queries")
+        bar.update(task, advance=30)
+    assert out.getvalue().startswith("search: 30/100 (30%)")
