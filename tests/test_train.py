@@ -206,3 +206,79 @@ def test_progress_off_a_terminal_is_plain_lines_at_a_steady_pace(tmp_path, tiny_
                        r"ETA \d:\d\d:\d\d$", text, flags=re.M)
     assert [int(s) for s, _ in steps] == [2, 4, 6], text[-3000:]
     assert "\x1b[" not in text, "no terminal control codes in a log file"
+
+
+# ------------------------------------------------------------------------------------ smaller defects (#9.8)
+
+
+def test_loss_defaults_follow_the_library(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    from koret.config import TrainConfig
+    from koret.train import build_loss
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+
+    def loss(**lc):
+        return build_loss(TrainConfig.model_validate({"loss": lc}), model, model)
+
+    assert loss(name="mnrl").scale == 20.0, "MNRL keeps its own scale (temperature 0.05)"
+    assert loss(name="cached_mnrl", mini_batch_size=4).scale == 20.0
+    assert loss(name="cached_gist").temperature == 0.01 and loss(name="gist").temperature == 0.01
+    assert loss(name="mnrl", temperature=0.02).scale == 50.0
+    mat = loss(name="mnrl", matryoshka_dims=[32, 16])
+    assert list(mat.matryoshka_dims) == [64, 32, 16], "the full dimension is always trained"
+
+
+def test_stack_features_refuses_unpadded_batches():
+    from koret.errors import KoretError
+    from koret.train import stack_features
+
+    padded = [{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+               "guide:input_ids": torch.ones(2, 5, dtype=torch.long)},
+              {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+               "guide:input_ids": torch.ones(2, 2, dtype=torch.long)}]
+    out = stack_features(padded, pad_id=0)
+    assert out["input_ids"].shape == (4, 4) and out["guide:input_ids"].shape == (4, 5)
+    assert out["attention_mask"][:2, 3].tolist() == [0, 0]
+    flat = [{"input_ids": torch.ones(1, 5, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5])}] * 2
+    with pytest.raises(KoretError, match="unpadded"):
+        stack_features(flat, pad_id=0)
+
+
+def test_holdout_splits_by_anchor():
+    from datasets import Dataset
+
+    from koret.train import split_by_anchor
+
+    anchors = [f"q{i // 3}" for i in range(60)]  # 20 anchors, 3 rows each
+    ds = Dataset.from_dict({"anchor": anchors, "positive": [f"p{i}" for i in range(60)]})
+    train, held = split_by_anchor(ds, 0.2, seed=1)
+    assert len(train) + len(held) == 60 and len(set(held["anchor"])) == 4 and len(held) == 12
+    assert not set(train["anchor"]) & set(held["anchor"])
+
+
+def test_resume_from_checkpoint_path_is_used(tmp_path):
+    from koret.errors import KoretError
+    from koret.train import resume_checkpoint
+
+    out = tmp_path / "out"
+    for step in (3, 6):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    (out / "checkpoint-6" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert resume_checkpoint(str(out / "checkpoint-3"), False, out) == str(out / "checkpoint-3")
+    assert resume_checkpoint(True, False, out).endswith("checkpoint-6")
+    assert resume_checkpoint(None, True, out).endswith("checkpoint-6")
+    assert resume_checkpoint(None, False, out) is None
+    with pytest.raises(KoretError, match="args.resume_from_checkpoint: .* is not a checkpoint folder"):
+        resume_checkpoint(str(tmp_path / "nope"), False, out)
+
+
+def test_requires_sentence_transformers_6_2():
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    st = next(Requirement(r) for r in requires("koret") if r.startswith("sentence-transformers"))
+    assert not st.specifier.contains("6.1.9") and st.specifier.contains("6.2.0")
