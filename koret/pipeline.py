@@ -158,9 +158,12 @@ def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]] | 
 
         res = evaluate(cfg)
         models = res["models"]
-        a, b = models[0]["metrics"]["ndcg@10"], models[-1]["metrics"]["ndcg@10"]
-        figure = f"NDCG@10 {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"NDCG@10 {a:.4f}"
-        return figure, {"ndcg@10": [m["metrics"]["ndcg@10"] for m in models]}
+        # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
+        key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
+        a, b = models[0]["metrics"][key], models[-1]["metrics"][key]
+        label = key.upper()
+        figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"{label} {a:.4f}"
+        return figure, {key: [m["metrics"][key] for m in models]}
     from koret.push import push
 
     if cfg.dry_run:

@@ -6,7 +6,13 @@ Measures, on one GPU (models built from configs with random weights; nothing is 
    XLM-R-large-sized (bge-m3 / arctic-embed-l shape) encoder, with model FLOPs utilization (MFU) against the
    card's dense bf16 peak;
 2. koret's torch exact search (the path used where FAISS has no GPU): 1M x 1024 passages, 10k queries, top-100;
-3. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16.
+3. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16;
+4. ``accelerate launch --num_processes 1 -m koret run`` over a small config (mine, train, eval) with an
+   e5-small-shaped student and teacher (384 hidden, 12 layers), checking that every teacher score stored in
+   ``candidates.parquet`` is the exact float32 score recomputed from the cached embeddings.
+
+The search check also verifies exactness: scores equal :func:`koret.search.exact_scores` bit for bit and the ids
+equal a float64 brute force (ties by passage index) on 50 queries, whatever precision selected the candidates.
 
 Prints one table and writes ``gpu_check.json`` to ``--out`` (default ``$OUT`` or ``bench/results``).
 ``--smoke`` runs the same code at toy sizes on the CPU (the test suite does, so the GPU run cannot fail on a typo).
@@ -35,10 +41,13 @@ SIZES = {
     "full": {"encoders": {"bert-base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
                           "xlmr-large": dict(hidden=1024, layers=24, heads=16, intermediate=4096)},
              "seq": 512, "texts": 4096, "batch": 128, "passages": 1_000_000, "dim": 1024, "queries": 10_000,
-             "top_k": 100, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128},
+             "top_k": 100, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128,
+             "run_model": dict(hidden=384, layers=12, heads=12, intermediate=1536), "run_entities": 600,
+             "run_batch": 64},
     "smoke": {"encoders": {"bert-base": dict(hidden=64, layers=2, heads=2, intermediate=128)},
               "seq": 32, "texts": 64, "batch": 16, "passages": 5000, "dim": 32, "queries": 200, "top_k": 10,
-              "train_batch": 16, "mini_batch": 8, "train_steps": 2, "train_seq": 32},
+              "train_batch": 16, "mini_batch": 8, "train_steps": 2, "train_seq": 32,
+              "run_model": dict(hidden=32, layers=2, heads=2, intermediate=64), "run_entities": 40, "run_batch": 16},
 }
 
 
@@ -116,12 +125,21 @@ def bench_search(size: dict, device: str) -> dict:
     t0 = time.perf_counter()
     res = search(queries, blocks, size["top_k"], backend=backend, query_chunk_size=4096, description="search")
     seconds = time.perf_counter() - t0
-    # exactness spot check on 50 queries against a float32 matmul
+    # exactness on 50 queries: float64 brute force, ties by passage index; scores bit for bit
+    from koret.encode import Embeddings
+    from koret.search import exact_scores
+
     corpus = np.concatenate(blocks)
-    exact = np.argsort(-(queries[:50] @ corpus.T), axis=1)[:, :10]
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, res.ids[:50, :10], strict=True)]))
-    return {"check": f"search {size['passages']:,} x {size['dim']} top-{size['top_k']} ({res.backend})",
-            "queries_per_s": size["queries"] / seconds, "seconds": seconds, "recall@10_vs_fp32": recall}
+    ref = (queries[:50].astype(np.float64) @ corpus.T.astype(np.float64)).astype(np.float32)
+    ref_ids = np.lexsort((np.broadcast_to(np.arange(len(corpus)), ref.shape), -ref), axis=1)[:, :size["top_k"]]
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref_ids[:, :10], res.ids[:50, :10],
+                                                                      strict=True)]))
+    scores_exact = bool(np.array_equal(res.scores[:50], exact_scores(queries, Embeddings(blocks), res.ids[:50])))
+    return {"check": f"search {size['passages']:,} x {size['dim']} top-{size['top_k']} ({res.backend}, "
+                     f"{res.precision} selection)",
+            "queries_per_s": size["queries"] / seconds, "seconds": seconds, "recall@10_vs_fp32": recall,
+            "ids_equal_fp64": bool(np.array_equal(res.ids[:50], ref_ids)), "scores_exact": scores_exact,
+            "rechecked_rows": res.rechecked}
 
 
 def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:
@@ -157,6 +175,59 @@ def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:
             "seconds": m["train_runtime"]}
 
 
+def check_run(size: dict, workdir: Path) -> dict:
+    """``accelerate launch --num_processes 1 -m koret run`` over a small config; stored scores are exact fp32."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from koret.encode import open_shard_files
+    from koret.search import exact_scores
+    from koret.synth import build_random_sentence_transformer, generate, write
+
+    syn = generate(size["run_entities"], seed=11, paraphrase_rate=0.2)
+    files = write(syn, workdir / "data", eval_fraction=0.2, seed=11)
+    texts = [p["query"] for p in syn.pairs] + [p["positive"] for p in syn.pairs]
+    model = build_random_sentence_transformer(workdir / "e5-small-shape", texts, max_seq_length=128,
+                                              prompts={"query": "query: ", "document": "passage: "},
+                                              vocab_size=8000, max_positions=130, **size["run_model"])
+    root = workdir / "run"
+    cfg = {"run": {"dir": str(root)},
+           "mine": {"data": {"train": files["train.jsonl"], "corpus": files["corpus.txt"]},
+                    "teacher": {"model": str(model), "batch_size": 128}, "search": {"top_k": 30},
+                    "filter": {"num_negatives": 3, "on_shortage": "pad_random"}, "cache_dir": str(workdir / "cache")},
+           "train": {"model": {"name": str(model)}, "loss": {"name": "cached_gist", "mini_batch_size": 16},
+                     "args": {"per_device_train_batch_size": size["run_batch"], "max_steps": 10, "logging_steps": 5,
+                              "save_strategy": "no", "bf16": torch.cuda.is_available()}},
+           "eval": {"data": {"path": files["eval.jsonl"]}, "k": [1, 10], "cache_dir": str(workdir / "cache")}}
+    path = workdir / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *([] if torch.cuda.is_available() else ["--cpu"]),
+           "-m", "koret", "run", "-c", str(path), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error: ")] or \
+            proc.stderr.strip().splitlines()[-15:]
+        raise RuntimeError(f"koret run exited {proc.returncode}: {' | '.join(tail)}")
+    summary = json.loads((root / "summary.json").read_text())
+    cand = pq.read_table(root / "mine" / "candidates.parquet").to_pandas()
+    emb = json.loads((root / "mine" / "embeddings.json").read_text())
+    passages, queries = open_shard_files(emb["passages"]), open_shard_files(emb["queries"])
+    ids = np.concatenate(cand["candidate_ids"].to_numpy())
+    rows = np.repeat(np.arange(len(cand)), cand["candidate_ids"].map(len).to_numpy())
+    stored = np.concatenate(cand["teacher_candidate_scores"].to_numpy()).astype(np.float32)
+    exact = exact_scores(queries.to_array(), passages, ids, rows=rows)
+    figures = {s["stage"]: s["figure"] for s in summary["stages"]}
+    return {"check": "accelerate launch --num_processes 1 -m koret run (mine, train, eval)", "seconds": seconds,
+            "stages": [s["status"] for s in summary["stages"]], "eval": figures.get("eval", ""),
+            "stored_scores_exact_fp32": bool(stored.dtype == np.float32 and np.array_equal(stored, exact)),
+            "candidates": int(len(ids))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU")
@@ -178,7 +249,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for step in (lambda: bench_encode(size, work, device, dtype), lambda: [bench_search(size, device)],
-                     lambda: [bench_train(size, work, bf16=cuda)]):
+                     lambda: [bench_train(size, work, bf16=cuda)], lambda: [check_run(size, work)]):
             try:
                 results["checks"].extend(step())
             except Exception as exc:  # report and go on: one failing check must not hide the others
@@ -193,15 +264,21 @@ def main() -> int:
         if c["check"] == "error":
             print(f"ERROR {c['error']}")
             continue
-        if "tokens_per_s" in c and "steps_per_s" not in c:
+        if "stored_scores_exact_fp32" in c:
+            thr = f"{c['eval']}; exact fp32: {c['stored_scores_exact_fp32']}"
+        elif "tokens_per_s" in c and "steps_per_s" not in c:
             thr = f"{c['tokens_per_s']:,.0f} tokens/s"
         elif "steps_per_s" in c:
             thr = f"{c['steps_per_s']:.2f} steps/s ({c['samples_per_s']:,.0f} samples/s)"
         else:
-            thr = f"{c['queries_per_s']:,.0f} queries/s"
+            thr = f"{c['queries_per_s']:,.0f} queries/s, exact: {c['ids_equal_fp64'] and c['scores_exact']}"
         mfu = f"{c['mfu']:.2f}" if c.get("mfu") else "-"
         print(f"{c['check']:<62} {thr:>28} {mfu:>6} {c['seconds']:>8.1f}")
-    return 1 if any(c["check"] == "error" for c in results["checks"]) else 0
+    inexact = [c["check"] for c in results["checks"] if c.get("scores_exact") is False
+               or c.get("ids_equal_fp64") is False or c.get("stored_scores_exact_fp32") is False]
+    for name in inexact:
+        print(f"NOT EXACT: {name}")
+    return 1 if inexact or any(c["check"] == "error" for c in results["checks"]) else 0
 
 
 if __name__ == "__main__":

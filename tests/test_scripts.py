@@ -16,8 +16,11 @@ def test_gpu_check_smoke(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {c["check"].split(" ")[0] + " " + c["check"].split(" ")[1]: c for c in data["checks"]}
-    assert set(checks) == {"encode bert-base", "search 5,000", "koret train"}
+    assert set(checks) == {"encode bert-base", "search 5,000", "koret train", "accelerate launch"}
     assert checks["encode bert-base"]["tokens_per_s"] > 0
     assert checks["search 5,000"]["recall@10_vs_fp32"] == 1.0
+    assert checks["search 5,000"]["ids_equal_fp64"] and checks["search 5,000"]["scores_exact"]
+    run = checks["accelerate launch"]
+    assert run["stages"] == ["ran", "ran", "ran"] and run["stored_scores_exact_fp32"], run
     assert checks["koret train"]["steps_per_s"] > 0
     assert "tokens/s" in result.stdout and "steps/s" in result.stdout
