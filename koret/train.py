@@ -477,6 +477,56 @@ def _callback_class() -> type:
 # --------------------------------------------------------------------------------------------- stage
 
 
+class VariableSizeBatches:
+    """The trainer's batch sampler as several processes should see it.
+
+    With more than one process, transformers turns on ``dataloader_drop_last`` and accelerate's
+    ``BatchSamplerShard`` hands out a round of batches only when the round's last batch is full. But
+    ``batch_sampler: no_duplicates`` yields short batches wherever texts repeat across rows (hard negatives
+    shared by many queries): with drop_last it yields almost nothing, and an epoch silently ended after a step or
+    two. This wrapper keeps the short batches (``drop_last`` off), tells accelerate their size varies
+    (``batch_size = None``: every process gets its batch of every round), and yields the same number of batches,
+    a multiple of the process count, on every process so that no process waits for another at the end.
+    """
+
+    def __init__(self, inner: Any, num_processes: int) -> None:
+        self.inner = inner
+        self.num_processes = num_processes
+        self.batch_size = None
+        self.drop_last = False
+
+    def __len__(self) -> int:
+        return max(self.num_processes, len(self.inner) // self.num_processes * self.num_processes)
+
+    def __iter__(self) -> Any:
+        count, total = 0, len(self)
+        while count < total:
+            yielded = False
+            for batch in self.inner:
+                yield batch
+                yielded = yielded or bool(batch)
+                count += 1
+                if count >= total:
+                    return
+            if not yielded:
+                return
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+
+def _shard_short_batches(trainer: Any) -> None:
+    make = trainer.get_batch_sampler
+
+    def get_batch_sampler(*args: Any, **kwargs: Any) -> Any:
+        kwargs["drop_last"] = False
+        sampler = make(*args, **kwargs)
+        return VariableSizeBatches(sampler, dist.world_size()) if sampler is not None else None
+
+    trainer.get_batch_sampler = get_batch_sampler
+
+
 def split_by_anchor(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """Hold out ``fraction`` of the anchors with all their rows: no anchor is in both parts."""
     import random
@@ -574,6 +624,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                                          loss=loss, evaluator=evaluator, callbacks=[callback])
     if guide is not None:
         trainer.data_collator = GuideCollator(trainer.data_collator, guide)
+    if dist.world_size() > 1:
+        _shard_short_batches(trainer)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (PrinterCallback, ProgressCallback):  # replaced by koret's progress

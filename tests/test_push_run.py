@@ -262,7 +262,10 @@ def test_run_on_two_processes_matches_one(pipeline_run, tmp_path):
     for stage in ("mine", "filter"):
         pd.testing.assert_frame_equal(pd.read_parquet(run2 / stage / "train.parquet"),
                                       pd.read_parquet(tmp_path / "run1" / stage / "train.parquet"))
-    assert json.loads((run2 / "train" / "metrics.json").read_text())["world_size"] == 2
+    tm = json.loads((run2 / "train" / "metrics.json").read_text())
+    rows = len(pd.read_parquet(run2 / "filter" / "train.parquet"))
+    assert tm["world_size"] == 2 and tm["steps"] >= 2 * (rows // 16) - 2, (tm["steps"], rows)  # 2 epochs
+    assert len(tm["loss_curve"]) == tm["steps"]
     assert SentenceTransformer(str(run2 / "train" / "final"), device="cpu").encode(["한글"]).shape == (1, 64)
     # a second run skips every stage on both processes
     again = run_subprocess("run", "-c", str(two), "--num-processes", "2")

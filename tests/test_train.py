@@ -282,3 +282,28 @@ def test_requires_sentence_transformers_6_2():
 
     st = next(Requirement(r) for r in requires("koret") if r.startswith("sentence-transformers"))
     assert not st.specifier.contains("6.1.9") and st.specifier.contains("6.2.0")
+
+
+def test_short_no_duplicate_batches_reach_every_process_equally():
+    """Rows sharing hard negatives make no_duplicates yield short batches; under 2 processes accelerate used to
+    drop every round whose last batch was short (a 6-step epoch ended after 1 step)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from datasets import Dataset
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    from koret.train import VariableSizeBatches
+
+    negatives = [f"공통 음성 문단 {i}" for i in range(6)]  # every row draws from six shared negatives
+    ds = Dataset.from_dict({"anchor": [f"질문 {i}" for i in range(120)], "positive": [f"문단 {i}" for i in range(120)],
+                            "negative_1": [negatives[i % 6] for i in range(120)]})
+    plain = BatchSamplerShard(NoDuplicatesBatchSampler(ds, batch_size=16, drop_last=True, seed=0), 2, 0,
+                              even_batches=False)
+    assert len(list(plain)) < len(plain), "the failure this guards against"
+    def sampler():  # every process builds the same seeded sampler, as the trainer does
+        return NoDuplicatesBatchSampler(ds, batch_size=16, drop_last=False, seed=0, generator=torch.Generator())
+
+    shards = [list(BatchSamplerShard(VariableSizeBatches(sampler(), 2), 2, r, even_batches=False)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 4  # len(sampler) 8 batches -> 4 per process, on both
+    assert all(b for s in shards for b in s)
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen)), "no row twice within the epoch's batches"
