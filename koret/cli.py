@@ -318,4 +318,8 @@ def main() -> None:
     # koret draws its own rich progress; the libraries' tqdm bars (model-card widgets, datasets maps) are noise
     # in a CLI. tqdm reads this at import, so it is set before any of them is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    import warnings
+
+    # deprecations inside the libraries (accelerate's DDP kwargs) are not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"accelerate\.")
     app(prog_name="koret")

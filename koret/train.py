@@ -403,6 +403,10 @@ def build_args(cfg: TrainConfig, columns: list[str], query_prompt: str, passage_
     if has_eval:
         merged.setdefault("eval_strategy", "steps")
         merged.setdefault("eval_steps", merged.get("save_steps", 500))
+    if dist.world_size() > 1:
+        # what transformers sets (with a warning on every process) under DDP; koret's VariableSizeBatches keeps
+        # the sampler's short batches anyway
+        merged.setdefault("dataloader_drop_last", True)
     if not torch.cuda.is_available():
         merged["use_cpu"] = True
         if dist.world_size() > 1:
