@@ -22,6 +22,7 @@ Flat index the top-k is exact too, ties included: see :func:`search`. A backend 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,11 +137,11 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 # Bound on |selection score - exact score| relative to |q| x max|x|, per selection precision: fp16 / bf16 round the
-# inputs to 11 / 8 significant bits (2 x 2^-11 / 2 x 2^-8) and the output once more, with room for reduced-precision
-# accumulation on GPUs. Every precision adds the float32 accumulation bound of a d-term dot product (see
-# _tolerance). A passage whose selection score is below the k-th exact score by more than this cannot be in the
-# top k.
-_TOLERANCE = {"float32": 0.0, "float16": 1e-2, "bfloat16": 5e-2}
+# inputs to 11 / 8 significant bits (at most 2 x 2^-11 / 2 x 2^-8 on the product) and the output once more (2^-11 /
+# 2^-8), with a margin; accumulation is float32 (reduced-precision reductions are switched off during the search),
+# whose bound for a d-term dot product every precision adds (see _tolerance). A passage whose selection score is
+# below the k-th exact score by more than this cannot be in the top k.
+_TOLERANCE = {"float32": 0.0, "float16": 2.5e-3, "bfloat16": 1.5e-2}
 
 
 def resolve_precision(precision: str, backend: str) -> str:
@@ -248,7 +249,7 @@ def search(
         scores, ids = _sorted(exact_scores(queries, emb, found), found, k_eff)
     else:
         pending = np.arange(len(queries))
-        k_fetch = min(n_corpus, k_eff + (8 if prec == "float32" else max(32, k_eff // 2)))
+        k_fetch = min(n_corpus, k_eff + (8 if prec == "float32" else max(32, k_eff)))
         p, desc = prec, description
         while len(pending):
             approx, found = select(queries[pending], k_fetch, p, desc)
@@ -318,7 +319,11 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
     n = len(queries)
     out_s = np.empty((n, k), dtype=np.float32)
     out_i = np.empty((n, k), dtype=np.int64)
-    with progress() as bar, torch.inference_mode():
+    reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    with progress() as bar, torch.inference_mode(), contextlib.ExitStack() as undo:
+        # float32 accumulation for float16 matmuls, so the selection error stays within _TOLERANCE
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        undo.callback(setattr, torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", reduced)
         task = bar.add_task(description, total=n, unit="queries")
         for start in range(0, n, chunk):
             q = torch.from_numpy(queries[start:start + chunk]).to(device, dtype)
