@@ -489,8 +489,9 @@ class VariableSizeBatches:
     ``batch_sampler: no_duplicates`` yields short batches wherever texts repeat across rows (hard negatives
     shared by many queries): with drop_last it yields almost nothing, and an epoch silently ended after a step or
     two. This wrapper keeps the short batches (``drop_last`` off), tells accelerate their size varies
-    (``batch_size = None``: every process gets its batch of every round), and yields the same number of batches,
-    a multiple of the process count, on every process so that no process waits for another at the end.
+    (``batch_size = None``: every process gets its batch of every round), cuts the batches of a round to the
+    same size, and yields the same number of batches, a multiple of the process count, so that no process waits
+    for another at the end. Every process builds the same seeded sampler, so each knows every round.
     """
 
     def __init__(self, inner: Any, num_processes: int) -> None:
@@ -503,13 +504,22 @@ class VariableSizeBatches:
         return max(self.num_processes, len(self.inner) // self.num_processes * self.num_processes)
 
     def __iter__(self) -> Any:
+        """Rounds of ``num_processes`` batches, each batch cut to the round's shortest, so every process's batch
+        has the same size (losses that gather embeddings across processes need equal shapes)."""
         count, total = 0, len(self)
         while count < total:
             yielded = False
+            round_: list[list[int]] = []
             for batch in self.inner:
-                yield batch
                 yielded = yielded or bool(batch)
-                count += 1
+                round_.append(list(batch))
+                if len(round_) < self.num_processes:
+                    continue
+                size = min(len(b) for b in round_)
+                for b in round_:
+                    yield b[:size]
+                round_ = []
+                count += self.num_processes
                 if count >= total:
                     return
             if not yielded:

@@ -305,5 +305,6 @@ def test_short_no_duplicate_batches_reach_every_process_equally():
     shards = [list(BatchSamplerShard(VariableSizeBatches(sampler(), 2), 2, r, even_batches=False)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 4  # len(sampler) 8 batches -> 4 per process, on both
     assert all(b for s in shards for b in s)
+    assert [len(b) for b in shards[0]] == [len(b) for b in shards[1]], "equal shapes for gathers across ranks"
     seen = [i for s in shards for b in s for i in b]
     assert len(seen) == len(set(seen)), "no row twice within the epoch's batches"
