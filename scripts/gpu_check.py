@@ -196,7 +196,7 @@ def check_run(size: dict, workdir: Path) -> dict:
     cfg = {"run": {"dir": str(root)},
            "mine": {"data": {"train": files["train.jsonl"], "corpus": files["corpus.txt"]},
                     "teacher": {"model": str(model), "batch_size": 128}, "search": {"top_k": 30},
-                    "filter": {"num_negatives": 3, "on_shortage": "pad_random"}, "cache_dir": str(workdir / "cache")},
+                    "filter": {"strategy": "naive", "num_negatives": 3}, "cache_dir": str(workdir / "cache")},
            "train": {"model": {"name": str(model)}, "loss": {"name": "cached_gist", "mini_batch_size": 16},
                      "args": {"per_device_train_batch_size": size["run_batch"], "max_steps": 10, "logging_steps": 5,
                               "save_strategy": "no", "bf16": torch.cuda.is_available()}},
