@@ -112,7 +112,7 @@ def filter_(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, deb
     """Re-filter an existing candidates.parquet with new settings (no model; seconds)."""
 
     def go() -> None:
-        from koret.filter import refilter
+        from koret.refilter import refilter
 
         refilter(_load_mine_config(config, set_))
 

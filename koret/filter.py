@@ -17,8 +17,8 @@ Ranks count non-positive candidates only: ``range_min: 10`` skips the ten best p
 Thresholds are per (query, positive) row: a query with two positives has two rows with their own thresholds.
 
 Each removed candidate is counted under the first rule that removes it, in the order of :data:`RULES`.
-The module also holds :func:`refilter`, the model-free ``koret filter`` stage that re-applies these rules to an
-existing ``candidates.parquet``.
+This module is a pure leaf: it imports nothing of koret but its errors. The ``koret filter`` stage that
+re-applies these rules to an existing ``candidates.parquet`` is :mod:`koret.refilter`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,37 +306,3 @@ def _pad_random(neg_ids: np.ndarray, neg_scores: np.ndarray, short: np.ndarray, 
             order = np.argsort(-neg_scores[r], kind="stable")  # keep negatives in descending score order
             neg_ids[r], neg_scores[r] = neg_ids[r][order], neg_scores[r][order]
     return padded
-
-
-# --------------------------------------------------------------------------------------------- stage
-
-
-def refilter(cfg: Any) -> dict[str, Any]:
-    """``koret filter``: re-apply filtering and sampling to an existing ``candidates.parquet``, no model needed.
-
-    Reads ``filter.candidates`` (default ``<output.dir>/candidates.parquet``) and the ``corpus.parquet`` beside
-    it; writes ``train.parquet``, ``stats.json``, ``scores.png`` and ``config.yaml`` into ``output.dir``.
-    Returns the stats.
-    """
-    from koret.io import read_record
-    from koret.mine import read_candidates, teacher_score_fn, write_filter_outputs
-
-    started = time.perf_counter()
-    settings = FilterSettings.from_config(cfg.filter)
-    settings.check()
-    source = Path(cfg.filter.candidates or Path(cfg.output.dir) / "candidates.parquet")
-    if source.is_dir():
-        source = source / "candidates.parquet"
-    cands, corpus, groups = read_candidates(source)
-    if settings.num_negatives > cands.candidate_ids.shape[1]:
-        raise KoretError(f"filter.num_negatives ({settings.num_negatives}) is larger than the {cands.candidate_ids.shape[1]} "
-                         f"candidates per query in {source}", "mine again with a larger search.top_k")
-    score_fn = teacher_score_fn(source.parent) if settings.on_shortage == "pad_random" else None
-    outcome = apply_filter(cands, corpus, groups, settings, score_fn)
-    outcome.stats["candidates"] = str(source)
-    previous = read_record(source.parent / "stats.json")  # what the candidates came from
-    if previous:
-        outcome.stats.update({k: previous[k] for k in ("data", "teacher", "search") if k in previous})
-    write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]},
-                         started=started)
-    return outcome.stats

@@ -142,7 +142,7 @@ def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]] | 
             return None
         return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
     if name == "filter":
-        from koret.filter import refilter
+        from koret.refilter import refilter
 
         stats = refilter(cfg)
         return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
