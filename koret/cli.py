@@ -245,41 +245,54 @@ def run_(
 
 
 def _schema(stage: str) -> Any:
-    from koret.config import EvalConfig, MineConfig, PushConfig, TrainConfig
     from koret.pipeline import PipelineConfig
+    from koret.stages import get
 
-    schemas = {"mine": MineConfig, "filter": MineConfig, "train": TrainConfig, "eval": EvalConfig,
-               "push": PushConfig, "run": PipelineConfig}
-    if stage not in schemas:
-        raise KoretError(f"--stage: unknown stage {stage!r}", f"one of {', '.join(schemas)}")
-    return schemas[stage]
+    return PipelineConfig if stage == "run" else get(stage).schema
 
 
-StageOpt = Annotated[str, typer.Option("--stage", help=f"Which stage's schema: {', '.join(STAGE_SCHEMAS)}.")]
+def _stage_of(config: Path, stage: str | None) -> str:
+    """``--stage``, or the stage a config file is for, told by its top-level keys."""
+    if stage is not None:
+        if stage != "run":
+            _schema(stage)  # unknown names are one-line errors
+        return stage
+    from koret.config import read_yaml, stage_of_keys
+
+    return stage_of_keys(set(read_yaml(config)), str(config))
+
+
+StageOpt = Annotated[str | None, typer.Option("--stage", help=f"Which stage's schema: {', '.join(STAGE_SCHEMAS)} "
+                                                               "(default: told by the file's top-level keys).")]
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = "mine", debug: DebugOpt = False) -> None:
+def config_show(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = None, debug: DebugOpt = False) -> None:
     """Print the fully resolved config (defaults filled in, overrides applied)."""
 
     def go() -> None:
         from koret.config import dump_yaml, load_config
 
-        print(dump_yaml(load_config(_schema(stage), config, set_)), end="")
+        print(dump_yaml(load_config(_schema(_stage_of(config, stage)), config, set_)), end="")
 
     _run(go, debug, False)
 
 
 @config_app.command("validate")
-def config_validate(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = "mine",
+def config_validate(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = None,
                     debug: DebugOpt = False) -> None:
     """Check a config; exit code 2 with the offending key when it is invalid."""
 
     def go() -> None:
         from koret.config import load_config
 
-        load_config(_schema(stage), config, set_)
-        print(f"{config}: valid {stage} config")
+        name = _stage_of(config, stage)
+        cfg = load_config(_schema(name), config, set_)
+        if name == "run":
+            from koret.pipeline import resolve
+
+            resolve(cfg, str(config))  # what the chain needs across sections
+        print(f"{config}: valid {name} config")
 
     _run(go, debug, False)
 

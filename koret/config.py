@@ -127,6 +127,17 @@ class FilterConfig(Section):
         None, description="koret filter: candidates.parquet (or its folder). Default: <output.dir>/candidates.parquet."
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> FilterConfig:
+        """The cross-key rules of :meth:`koret.filter.FilterSettings.check` (abs needs max_score, ...)."""
+        from koret.filter import FilterSettings
+
+        try:
+            FilterSettings.from_config(self).check()
+        except KoretError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class OutputConfig(Section):
     dir: str = "runs/mine"
@@ -205,6 +216,38 @@ class TrainConfig(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     args: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str = "~/.cache/koret"
+
+    @model_validator(mode="after")
+    def _args_and_batch(self) -> TrainConfig:
+        unknown_training_args(self.args, "SentenceTransformerTrainingArguments")
+        batch = int(self.args.get("per_device_train_batch_size", DEFAULT_TRAIN_BATCH))
+        if self.loss.name.startswith("cached") and self.loss.mini_batch_size > batch:
+            raise ValueError(f"loss.mini_batch_size ({self.loss.mini_batch_size}) is larger than the batch "
+                             f"(args.per_device_train_batch_size = {batch}): lower loss.mini_batch_size or raise "
+                             "the batch")
+        return self
+
+
+DEFAULT_TRAIN_BATCH = 32
+
+
+def training_argument_names(class_name: str) -> set[str]:
+    """Field names of sentence-transformers' training arguments class (imported only when asked)."""
+    import dataclasses
+
+    import sentence_transformers
+
+    return {f.name for f in dataclasses.fields(getattr(sentence_transformers, class_name))}
+
+
+def unknown_training_args(args: dict[str, Any], class_name: str) -> None:
+    """A ValueError naming the first ``args.*`` key the trainer's arguments do not have, with a suggestion."""
+    known = training_argument_names(class_name)
+    for key in args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean 'args.{close[0]}'?" if close else ""
+            raise ValueError(f"unknown key 'args.{key}'{hint} (args takes the fields of {class_name})")
 
 
 class EvalModelConfig(PromptFields):
@@ -389,6 +432,34 @@ def load_config(model: type[C], path: str | Path | None, overrides: list[str] | 
     merged = apply_overrides(raw, overrides)
     source = str(path) if path is not None else "--set"
     return validate(model, merged, source)
+
+
+STAGE_KEYS = {  # top-level keys that tell one stage's config from the others'
+    "mine": {"teacher", "rescore"},
+    "train": {"loss", "args"},
+    "eval": {"models", "k", "mteb"},
+    "push": {"repo_id", "private", "revision", "commit_message", "create_repo", "train_dir", "mine_dir", "eval_dir"},
+}
+
+
+def stage_of_keys(keys: set[str], source: str) -> str:
+    """The stage a config is for, told by its top-level keys (``run`` for a file with stage sections).
+
+    A stage fits when its schema has every key; among several, the one with a key only it has wins. A file of
+    ``filter`` and ``output`` without a teacher is a ``koret filter`` config.
+    """
+    if keys & {"run", "mine", "train", "eval", "push"}:  # not "filter": a mine config has a filter section
+        return "run"
+    schemas = {"mine": MineConfig, "train": TrainConfig, "eval": EvalConfig, "push": PushConfig}
+    fits = [s for s, schema in schemas.items() if keys <= set(schema.model_fields)]
+    marked = [s for s in fits if keys & STAGE_KEYS[s]]
+    found = fits if len(fits) == 1 else marked
+    if found == ["mine"] and "filter" in keys and "teacher" not in keys:
+        return "filter"
+    if len(found) == 1:
+        return found[0]
+    raise KoretError(f"{source}: cannot tell which stage this config is for (top-level keys: "
+                     f"{', '.join(sorted(keys)) or 'none'})", "give --stage mine|filter|train|eval|push|run")
 
 
 def config_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -35,8 +35,9 @@ from koret.config import (
 from koret.errors import KoretError
 from koret.io import fingerprint_paths, read_record, write_json
 from koret.report import console, info, is_quiet
+from koret.stages import STAGES as REGISTRY
 
-STAGES = ("mine", "filter", "train", "eval", "push")
+STAGES = tuple(REGISTRY)
 
 
 class RunSection(Section):
@@ -97,6 +98,7 @@ def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
         out["eval"] = ev
     if cfg.push is not None:
         push = cfg.push.model_copy(deep=True)
+        push.dry_run_dir = str(root / "push")
         if "train" in out:
             push.model = str(root / "train" / "final")
             push.train_dir = str(root / "train")
@@ -122,57 +124,6 @@ def _stage_hashes(stages: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _expected_outputs(name: str, cfg: Any) -> list[Path]:
-    if name in ("mine", "filter"):
-        return [Path(cfg.output.dir) / "train.parquet", Path(cfg.output.dir) / "stats.json"]
-    if name == "train":
-        return [Path(cfg.args["output_dir"]) / "final" / "modules.json"]
-    if name == "eval":
-        return [Path(cfg.output.dir) / "metrics.json"]
-    return []
-
-
-def _run_stage(name: str, cfg: Any, root: Path) -> tuple[str, dict[str, Any]] | None:
-    """Run one stage; returns (key figure, details) on the main process, None on the others."""
-    if name == "mine":
-        from koret.mine import mine
-
-        stats = mine(cfg)
-        if not dist.is_main():
-            return None
-        return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
-    if name == "filter":
-        from koret.refilter import refilter
-
-        stats = refilter(cfg)
-        return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
-    if name == "train":
-        from koret.train import train
-
-        m = train(cfg)
-        if not dist.is_main():
-            return None
-        return f"final loss {m['final_loss']:.4f} ({m['steps']} steps)", {"final_loss": m["final_loss"]}
-    if name == "eval":
-        from koret.evaluate import evaluate
-
-        res = evaluate(cfg)
-        models = res["models"]
-        # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
-        key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
-        a, b = models[0]["metrics"][key], models[-1]["metrics"][key]
-        label = key.upper()
-        figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"{label} {a:.4f}"
-        return figure, {key: [m["metrics"][key] for m in models]}
-    from koret.push import push
-
-    if cfg.dry_run:
-        res = push(cfg, dry_run=root / "push", show_card=False)
-        return f"dry run: {res['dry_run']}", {"dry_run": res["dry_run"]}
-    res = push(cfg)
-    return res["url"], {"url": res["url"]}
-
-
 def select(present: list[str], start: str | None, until: str | None, only: str | None) -> list[str]:
     for flag, value in (("--from", start), ("--until", until), ("--only", only)):
         if value is not None and value not in STAGES:
@@ -187,9 +138,6 @@ def select(present: list[str], start: str | None, until: str | None, only: str |
     if until:
         chosen = chosen[: chosen.index(until) + 1] if until in chosen else []
     return chosen
-
-
-MULTI_PROCESS_STAGES = ("mine", "train")  # the others run on the main process while the rest wait
 
 
 def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None = None, until: str | None = None,
@@ -233,16 +181,17 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
         info(f"[bold cyan]== {name} ==[/bold cyan]")
         started = time.perf_counter()
         outcome: dict[str, Any] = {"ok": True}
+        stage = REGISTRY[name]
         try:
-            if name in MULTI_PROCESS_STAGES:
-                result = _run_stage(name, stages[name], root)
+            if stage.multi_process:
+                result = stage.call(stages[name])
             elif main:
                 with dist.single_process():
-                    result = _run_stage(name, stages[name], root)
+                    result = stage.call(stages[name])
             else:
                 result = None
             if main:
-                outcome["figure"], outcome["details"] = result
+                outcome["figure"], outcome["details"] = stage.figure(stages[name], result)
         except KoretError as exc:
             outcome = {"ok": False, "error": str(exc), "rank": dist.rank()}
             failure = exc
@@ -281,25 +230,15 @@ def _current(record_path: Path, key: str, name: str, cfg: Any) -> str | None:
     """The recorded key figure when the stage's outputs exist with the same config and inputs, else None."""
     record = read_record(record_path)
     if (record and record.get("hash") == key and record.get("status") == "ran"
-            and all(p.exists() for p in _expected_outputs(name, cfg))):
+            and all(p.exists() for p in REGISTRY[name].outputs(cfg))):
         return str(record.get("figure", ""))
     return None
 
 
 def _inputs_fingerprint(name: str, cfg: Any) -> str:
-    """What a stage reads from outside the run folder, so that a changed input file reruns it.
-
-    The stage's data files (size, modification time, and a content hash of files up to 64 MB) are covered;
-    the upstream stages' outputs are covered by the upstream hashes in the stage key.
-    """
-    paths: list[str | None] = []
-    if name == "mine":
-        paths = [cfg.data.train, cfg.data.corpus]
-    elif name == "train":
-        paths = [cfg.data.train, cfg.data.eval, cfg.data.eval_corpus]
-    elif name == "eval":
-        paths = [cfg.data.path, cfg.data.corpus]
-    return fingerprint_paths([p for p in paths if p])
+    """What a stage reads from outside the run folder (its registry entry's inputs), so that a changed input
+    file reruns it: content of files up to 64 MB, size and modification time of larger ones."""
+    return fingerprint_paths([p for p in REGISTRY[name].inputs(cfg) if p])
 
 
 def _show(rows: list[dict[str, Any]], root: Path) -> None:

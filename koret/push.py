@@ -324,6 +324,11 @@ def push(cfg: PushConfig, dry_run: str | Path | None = None, show_card: bool = T
     return {"url": url, "files": files, "repo_id": cfg.repo_id, "commit": getattr(commit, "oid", None)}
 
 
+def push_stage(cfg: PushConfig) -> dict[str, Any]:
+    """The push stage of ``koret run``: as :func:`push`, without printing the card."""
+    return push(cfg, show_card=False)
+
+
 def _status(exc: Exception) -> int | None:
     resp = getattr(exc, "response", None)
     return getattr(resp, "status_code", None)

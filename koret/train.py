@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import re
 import resource
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from koret import dist
-from koret.config import TrainConfig, dump_yaml
+from koret.config import DEFAULT_TRAIN_BATCH, TrainConfig, dump_yaml, unknown_training_args
 from koret.data import detect_format, load_retrieval_data, normalize_text, read_table, split_source
 from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
@@ -45,7 +44,7 @@ from koret.report import info, show, table, warn
 DEFAULT_ARGS: dict[str, Any] = {
     "output_dir": "runs/train",
     "num_train_epochs": 1,
-    "per_device_train_batch_size": 32,
+    "per_device_train_batch_size": DEFAULT_TRAIN_BATCH,
     "learning_rate": 2e-5,
     "batch_sampler": "no_duplicates",
     "logging_steps": 10,
@@ -385,13 +384,10 @@ def build_args(cfg: TrainConfig, columns: list[str], query_prompt: str, passage_
     import torch
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    known = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
-    for key in cfg.args:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean 'args.{close[0]}'?" if close else ""
-            raise KoretError(f"unknown key 'args.{key}'{hint}",
-                             "args takes the fields of SentenceTransformerTrainingArguments")
+    try:
+        unknown_training_args(cfg.args, "SentenceTransformerTrainingArguments")  # also checked at validation
+    except ValueError as exc:
+        raise KoretError(str(exc)) from None
     import transformers
 
     # 10% warmup: a float warmup_steps on Transformers v5+, warmup_ratio before (deprecated there)
@@ -602,10 +598,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_train_data(cfg)
     info(f"[bold]data[/bold] {data.source}: {len(data.dataset):,} rows, {data.num_negatives} negatives per row")
-    batch = int(cfg.args.get("per_device_train_batch_size", DEFAULT_ARGS["per_device_train_batch_size"]))
-    if cfg.loss.name.startswith("cached") and cfg.loss.mini_batch_size > batch:
-        raise KoretError(f"loss.mini_batch_size ({cfg.loss.mini_batch_size}) is larger than the batch "
-                         f"(args.per_device_train_batch_size = {batch})", "lower loss.mini_batch_size or raise the batch")
     if cfg.loss.guide not in (None, "teacher", "student"):
         resolve_model_path(cfg.loss.guide, "loss.guide")
     student = load_student(cfg)

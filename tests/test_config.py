@@ -75,12 +75,12 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_config_show_and_validate_cli(tmp_path):
     path = _write(tmp_path, "data: {train: x.jsonl}\n")
-    shown = run_cli("config", "show", "-c", str(path), "--set", "filter.perc=0.9")
+    shown = run_cli("config", "show", "-c", str(path), "--set", "filter.perc=0.9", "--stage", "mine")
     assert shown.exit_code == 0
     resolved = yaml.safe_load(shown.stdout)
     assert resolved["filter"]["perc"] == 0.9 and resolved["search"]["top_k"] == 100
-    assert run_cli("config", "validate", "-c", str(path)).exit_code == 0
-    bad = run_cli("config", "validate", "-c", str(path), "--set", "filter.num_negatives=0")
+    assert run_cli("config", "validate", "-c", str(path), "--stage", "mine").exit_code == 0
+    bad = run_cli("config", "validate", "-c", str(path), "--set", "filter.num_negatives=0", "--stage", "mine")
     assert bad.exit_code == 2
     assert bad.stderr.strip().count("\n") == 0 and "filter.num_negatives" in bad.stderr
 
@@ -93,3 +93,35 @@ def test_shipped_configs_validate(name, stage):
 
     result = run_cli("config", "validate", "-c", str(REPO / "configs" / name), "--stage", stage)
     assert result.exit_code == 0, result.stderr
+    told = run_cli("config", "validate", "-c", str(REPO / "configs" / name))  # the stage told by the keys
+    assert told.exit_code == 0 and f"valid {stage} config" in told.stdout, told.stderr
+
+
+def test_validate_catches_what_a_run_would_reject_before_any_model_loads(tmp_path):
+    def check(cfg: dict, *needles: str, stage: str | None = None) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        r = run_cli("config", "validate", "-c", str(path), *(["--stage", stage] if stage else []))
+        assert r.exit_code == 2, r.stdout
+        line = r.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        for n in needles:
+            assert n in line, (n, line)
+
+    check({"model": {"name": "x"}, "args": {"learnin_rate": 1e-5}}, "unknown key 'args.learnin_rate'",
+          "did you mean 'args.learning_rate'?")
+    check({"teacher": {"model": "x"}, "filter": {"strategy": "abs"}}, "filter.max_score: required by filter.strategy")
+    check({"model": {"name": "x"}, "loss": {"mini_batch_size": 64}, "args": {"per_device_train_batch_size": 16}},
+          "loss.mini_batch_size (64) is larger than the batch")
+    check({"run": {"dir": "r"}, "filter": {"perc": 0.9}}, "the filter stage needs a mine section")
+    check({"nothing": 1}, "cannot tell which stage", "--stage")
+
+
+@pytest.mark.parametrize("keys,stage", [({"teacher", "data", "filter"}, "mine"), ({"filter", "output"}, "filter"),
+                                        ({"model", "loss", "args"}, "train"), ({"models", "data"}, "eval"),
+                                        ({"repo_id", "model"}, "push"), ({"run", "mine", "train"}, "run"),
+                                        ({"mine"}, "run")])
+def test_stage_is_told_by_top_level_keys(keys, stage):
+    from koret.config import stage_of_keys
+
+    assert stage_of_keys(keys, "f.yaml") == stage

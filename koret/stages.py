@@ -1,0 +1,92 @@
+"""The registry of stages: what ``koret run``, the CLI and ``koret config`` know about each stage, in one place.
+
+A stage is its own module (``koret/mine.py``, ``koret/refilter.py``, ...) with a run function taking its
+config; the entry here names its config schema, how to run it, the outputs that mark it as done, the input
+files whose change reruns it, its key figure for the summary table, and whether it uses every process of a
+launched run. Adding a stage is one entry here plus its module. Run functions are imported when called, so
+reading the registry loads no model library.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from koret.config import EvalConfig, MineConfig, PushConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    schema: type
+    run: str  # "module:function", called with the stage's config
+    outputs: Callable[[Any], list[Path]]
+    inputs: Callable[[Any], list[str | None]]
+    figure: Callable[[Any, Any], tuple[str, dict[str, Any]]]
+    multi_process: bool = False  # uses every process of a launched run (else: the main one, the others wait)
+    help: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    def call(self, cfg: Any) -> Any:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)(cfg)
+
+
+def _rows_figure(cfg: Any, stats: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return f"{stats['rows_out']:,} rows x {cfg.filter.num_negatives} negatives", {"rows": stats["rows_out"]}
+
+
+def _train_figure(cfg: Any, m: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return f"final loss {m['final_loss']:.4f} ({m['steps']} steps)", {"final_loss": m["final_loss"]}
+
+
+def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    models = res["models"]
+    # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
+    key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
+    a, b = models[0]["metrics"][key], models[-1]["metrics"][key]
+    label = key.upper()
+    figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"{label} {a:.4f}"
+    return figure, {key: [m["metrics"][key] for m in models]}
+
+
+def _push_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if "dry_run" in res:
+        return f"dry run: {res['dry_run']}", {"dry_run": res["dry_run"]}
+    return res["url"], {"url": res["url"]}
+
+
+def _mine_outputs(cfg: Any) -> list[Path]:
+    return [Path(cfg.output.dir) / "train.parquet", Path(cfg.output.dir) / "stats.json"]
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s for s in (
+        Stage("mine", MineConfig, "koret.mine:mine", _mine_outputs,
+              lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True,
+              help="Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."),
+        Stage("filter", MineConfig, "koret.refilter:refilter", _mine_outputs,
+              lambda c: [], _rows_figure,
+              help="Re-filter an existing candidates.parquet with new settings (no model; seconds)."),
+        Stage("train", TrainConfig, "koret.train:train",
+              lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
+              lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
+              help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
+        Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
+              lambda c: [c.data.path, c.data.corpus], _eval_figure,
+              help="Evaluate models side by side with trec_eval's metrics."),
+        Stage("push", PushConfig, "koret.push:push_stage", lambda c: [], lambda c: [], _push_figure,
+              help="Upload a trained model to the Hugging Face Hub with an honest model card."),
+    )
+}
+
+
+def get(name: str) -> Stage:
+    from koret.errors import KoretError
+
+    if name not in STAGES:
+        raise KoretError(f"unknown stage {name!r}", f"one of {', '.join(STAGES)}")
+    return STAGES[name]
