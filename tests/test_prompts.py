@@ -84,7 +84,7 @@ def test_guide_scores_in_batch_texts_exactly_as_the_teacher(tmp_path, tiny_model
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.base.data_collator import BaseDataCollator
 
-    from koret.train import Guide, GuideCollator, _guide_module_class
+    from koret.training.biencoder import Guide, GuideCollator, guide_module_class
 
     student = SentenceTransformer(str(tiny_model), device="cpu")
     student.prompts = {}
@@ -97,7 +97,7 @@ def test_guide_scores_in_batch_texts_exactly_as_the_teacher(tmp_path, tiny_model
     batch = collator([{c: rows[c][i] for c in rows} for i in range(6)])
     features, _ = SentenceTransformerTrainer.collect_features(None, batch)
     assert len(features) == 3
-    module = _guide_module_class()(teacher, student)
+    module = guide_module_class()(teacher, student)
     with torch.no_grad():
         got = [module(dict(f))["sentence_embedding"].numpy() for f in features]
     want = [teacher.encode(rows["anchor"], prompt="query: ", convert_to_numpy=True)] + [

@@ -70,7 +70,7 @@ def test_gist_and_cached_gist_agree_on_a_batch(tiny_model, mined):
     from sentence_transformers import SentenceTransformer
 
     from koret.config import TrainConfig
-    from koret.train import build_loss
+    from koret.training.biencoder import build_loss
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
     guide = SentenceTransformer(str(tiny_model), device="cpu")
@@ -215,7 +215,7 @@ def test_loss_defaults_follow_the_library(tiny_model):
     from sentence_transformers import SentenceTransformer
 
     from koret.config import TrainConfig
-    from koret.train import build_loss
+    from koret.training.biencoder import build_loss
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
 
@@ -232,7 +232,7 @@ def test_loss_defaults_follow_the_library(tiny_model):
 
 def test_stack_features_refuses_unpadded_batches():
     from koret.errors import KoretError
-    from koret.train import stack_features
+    from koret.training.biencoder import stack_features
 
     padded = [{"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
                "guide:input_ids": torch.ones(2, 5, dtype=torch.long)},
@@ -249,7 +249,7 @@ def test_stack_features_refuses_unpadded_batches():
 def test_holdout_splits_by_anchor():
     from datasets import Dataset
 
-    from koret.train import split_by_anchor
+    from koret.training.biencoder import split_by_anchor
 
     anchors = [f"q{i // 3}" for i in range(60)]  # 20 anchors, 3 rows each
     ds = Dataset.from_dict({"anchor": anchors, "positive": [f"p{i}" for i in range(60)]})
@@ -260,7 +260,7 @@ def test_holdout_splits_by_anchor():
 
 def test_resume_from_checkpoint_path_is_used(tmp_path):
     from koret.errors import KoretError
-    from koret.train import resume_checkpoint
+    from koret.training.common import resume_checkpoint
 
     out = tmp_path / "out"
     for step in (3, 6):
@@ -291,7 +291,7 @@ def test_short_no_duplicate_batches_reach_every_process_equally():
     from datasets import Dataset
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-    from koret.train import VariableSizeBatches
+    from koret.training.common import VariableSizeBatches
 
     negatives = [f"공통 음성 문단 {i}" for i in range(6)]  # every row draws from six shared negatives
     ds = Dataset.from_dict({"anchor": [f"질문 {i}" for i in range(120)], "positive": [f"문단 {i}" for i in range(120)],

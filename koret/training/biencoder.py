@@ -1,0 +1,365 @@
+"""The bi-encoder's parts of ``koret train``: training tuples, the student, the GIST guide reading its own
+tokens, and the losses.
+
+The loss is sentence-transformers' own:
+
+- ``gist`` / ``cached_gist``: GISTEmbedLoss / CachedGISTEmbedLoss (Solatorio, 2024, arXiv:2402.16829). The
+  guide model scores every in-batch pair; an in-batch negative the guide rates above the positive (or within
+  ``loss.margin`` of it, ``margin_strategy`` absolute or relative, after NV-Retriever, arXiv:2407.15831) is a
+  suspected false negative and is masked. ``cached_gist`` adds GradCache (Gao et al., 2021, arXiv:2101.06983):
+  global batches in the thousands at the memory of ``loss.mini_batch_size``.
+- ``mnrl`` / ``cached_mnrl``: MultipleNegativesRankingLoss without a guide.
+
+``loss.matryoshka_dims`` wraps the loss in MatryoshkaLoss (the full dimension always included).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from koret.config import TrainConfig
+from koret.data import detect_format, load_retrieval_data, normalize_text, read_table, split_source
+from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
+from koret.errors import KoretError
+from koret.io import read_record
+from koret.prompts import resolve_prompts
+
+_NEGATIVE = re.compile(r"^negative(?:_(\d+))?$")
+GIST_LOSSES = ("gist", "cached_gist")
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class TrainData:
+    dataset: Any  # datasets.Dataset with anchor, positive, negative_1..N
+    num_negatives: int
+    source: str
+    mined_config: dict[str, Any] | None  # config.yaml of the koret mine run that wrote data.train
+
+
+def _mined_config(path: str) -> dict[str, Any] | None:
+    p = Path(path)
+    loaded = read_record((p if p.is_dir() else p.parent) / "config.yaml")
+    return loaded if loaded and "teacher" in loaded and "filter" in loaded else None
+
+
+def load_train_data(cfg: TrainConfig) -> TrainData:
+    """Tuples (``anchor``, ``positive``, ``negative_*``) from a mined file, or pairs through the data layer."""
+    from datasets import Dataset
+
+    d = cfg.data
+    if not d.train:
+        raise KoretError("data.train: required key is missing", "point it at runs/mine/train.parquet")
+    path, selection = split_source(d.train)
+    fmt = detect_format(path, "data.train") if d.format == "auto" else d.format
+    columns: dict[str, list[str]] | None = None
+    if selection is None and fmt in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
+        df = read_table(path, fmt, "data.train", d.split)
+        if "anchor" in df.columns or any(_NEGATIVE.match(str(c)) for c in df.columns):
+            columns = _tuple_columns(df, path)
+    if columns is None:
+        data = load_retrieval_data(d.train, d.format, query_column=d.query_column, positive_column=d.positive_column,
+                                   split=d.split, normalize=d.normalize, limit=d.limit, key="data.train")
+        columns = {"anchor": [data.queries[q] for q, _ in data.pairs],
+                   "positive": [data.corpus[p] for _, p in data.pairs]}
+    elif d.limit is not None:
+        columns = {k: v[: d.limit] for k, v in columns.items()}
+    if not columns["anchor"]:
+        raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
+    n_neg = len(columns) - 2
+    return TrainData(Dataset.from_dict(columns), n_neg, d.train, _mined_config(path))
+
+
+def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
+    cols = [str(c) for c in df.columns]
+    missing = [c for c in ("anchor", "positive") if c not in cols]
+    if missing:
+        raise KoretError(f"data.train: {path}: column {missing[0]!r} not found; available columns: {', '.join(cols)}",
+                         "a mined file has anchor, positive, negative_1..N")
+    negs = sorted((c for c in cols if _NEGATIVE.match(c)), key=lambda c: int(_NEGATIVE.match(c).group(1) or 0))
+    out: dict[str, list[str]] = {}
+    for name in ["anchor", "positive", *negs]:
+        values = df[name].tolist()
+        bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            if _NEGATIVE.match(name):
+                raise KoretError(f"data.train: {path}: rows have varying negative counts ({len(bad):,} rows, e.g. row "
+                                 f"{bad[0]}, have no {name!r})",
+                                 "every row needs the same number of negatives: mine with on_shortage drop")
+            raise KoretError(f"data.train: {path}: row {bad[0]} column {name!r} is empty")
+        out[name] = [normalize_text(v) for v in values]
+    return out
+
+
+def ir_evaluator(cfg: TrainConfig, query_prompt: str, passage_prompt: str, batch_size: int) -> Any:
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    d = cfg.data
+    data = load_retrieval_data(d.eval, d.eval_format, split=d.eval_split, corpus=d.eval_corpus, normalize=d.normalize,
+                               key="data.eval")
+    qids = [q for q in range(len(data.queries)) if any(g > 0 for g in data.qrels[q].values())]
+    if d.eval_max_queries:
+        qids = qids[: d.eval_max_queries]
+    queries = {str(q): data.queries[q] for q in qids}
+    corpus = {str(i): t for i, t in enumerate(data.corpus)}
+    relevant = {str(q): {str(doc) for doc, g in data.qrels[q].items() if g > 0} for q in qids}
+    return InformationRetrievalEvaluator(
+        queries, corpus, relevant, name="eval", batch_size=batch_size, query_prompt=query_prompt or None,
+        corpus_prompt=passage_prompt or None, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10],
+        precision_recall_at_k=[10, 100], map_at_k=[100], write_csv=False, show_progress_bar=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def load_student(cfg: TrainConfig, device: str | None = None) -> Any:
+    """A SentenceTransformer; a plain transformers encoder gets ``model.pooling`` + normalization."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    name = cfg.model.name
+    if not name:
+        raise KoretError("model.name: required key is missing", "a SentenceTransformer or encoder Hub id / folder")
+    ref = resolve_model_path(name, "model.name")
+    local = Path(ref)
+    is_st = (local / "modules.json").exists() if local.is_dir() else _hub_has_modules(ref)
+    if is_st:
+        model = load_sentence_transformer(name, key="model.name", device=device,
+                                          max_seq_length=cfg.model.max_seq_length)
+    else:
+        quiet_transformers()
+        try:
+            word = Transformer(ref, max_seq_length=cfg.model.max_seq_length)
+        except (OSError, ValueError) as exc:
+            raise KoretError(f"model.name: could not load {name!r} as a transformers encoder ({exc})") from exc
+        pooling = Pooling(word.get_embedding_dimension(), pooling_mode=cfg.model.pooling)
+        model = SentenceTransformer(modules=[word, pooling, Normalize()], device=device)
+    return model
+
+
+def _hub_has_modules(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "modules.json")
+        if isinstance(found, str):
+            return True
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            return False
+        from huggingface_hub import file_exists
+
+        return bool(file_exists(repo_id, "modules.json"))
+    except Exception:
+        return False
+
+
+@dataclasses.dataclass
+class Guide:
+    """The GIST guide with the prompts it scores with (the teacher's, when the guide is the mining teacher)."""
+
+    model: Any
+    query_prompt: str
+    passage_prompt: str
+    description: str
+
+
+def resolve_guide(cfg: TrainConfig, data: TrainData, student: Any, student_prompts: tuple[str, str]) -> Guide:
+    """The GIST guide. The mining teacher (the default for mined data) scores texts as it did in mining: its
+    prompts, max length and dtype from the mine run's config.yaml."""
+    from koret.config import TeacherConfig, validate
+
+    guide = cfg.loss.guide
+    teacher = (data.mined_config or {}).get("teacher", {}).get("model")
+    if guide in (None, "teacher") and teacher:
+        key = "loss.guide (the mining teacher)"
+        tcfg = validate(TeacherConfig, data.mined_config["teacher"], f"{data.source}: mined config.yaml")
+        model = load_sentence_transformer(teacher, key=key, device=str(student.device), dtype=tcfg.dtype,
+                                          max_seq_length=tcfg.max_seq_length)
+        q, p = resolve_prompts(model.prompts, tcfg, "teacher")
+        return Guide(_freeze(model), q, p, f"teacher: {teacher}")
+    if guide == "teacher":
+        raise KoretError(f"loss.guide: 'teacher' requested, but {data.source} has no koret mine config.yaml beside "
+                         f"it naming a teacher; no guide is available for loss {cfg.loss.name!r}",
+                         "set loss.guide to a model, 'student', or use loss mnrl / cached_mnrl")
+    if guide in (None, "student"):
+        return Guide(_freeze(copy.deepcopy(student)), *student_prompts, "student: frozen copy of the initial model")
+    model = load_sentence_transformer(guide, key="loss.guide", device=str(student.device))
+    q, p = resolve_prompts(model.prompts, None, "loss.guide")
+    return Guide(_freeze(model), q, p, guide)
+
+
+GUIDE_PREFIX = "guide:"
+
+
+def guide_module_class() -> type:
+    import torch
+
+    class GuideOnOwnInputs(torch.nn.Module):
+        """The guide as GISTEmbedLoss / CachedGISTEmbedLoss call it, reading its own tokens.
+
+        The library hands the guide the student's features (or the student's tokens decoded and re-tokenized),
+        so the guide would see the student's prompt and max length. koret's collator adds the guide's own
+        tokens of the raw texts, with the guide's prompts and max length, under ``guide:*`` keys of every
+        column; this module feeds those to the guide. It shows the student's tokenizer and max length so the
+        library does not re-tokenize.
+        """
+
+        def __init__(self, guide: Any, student: Any) -> None:
+            super().__init__()
+            self.guide = guide
+            self.tokenizer = student.tokenizer
+            self.max_seq_length = student.max_seq_length
+
+        @property
+        def device(self) -> Any:
+            return self.guide.device
+
+        def forward(self, features: dict[str, Any]) -> dict[str, Any]:
+            own = {k[len(GUIDE_PREFIX):]: v for k, v in features.items() if k.startswith(GUIDE_PREFIX)}
+            if not own:
+                raise RuntimeError("the guide's inputs are missing from the batch (koret's GuideCollator not used)")
+            return self.guide(own)
+
+    return GuideOnOwnInputs
+
+
+class GuideCollator:
+    """Wraps the trainer's collator: each text column also gets the guide's tokens (``<column>_guide:*``)."""
+
+    def __init__(self, collator: Any, guide: Guide, query_column: str = "anchor") -> None:
+        self.collator = collator
+        self.guide = guide
+        self.query_column = query_column
+        self.valid_label_columns = getattr(collator, "valid_label_columns", [])
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        columns = [c for c in features[0] if c not in ("dataset_name", *self.valid_label_columns)]
+        for col in columns:
+            prompt = self.guide.query_prompt if col == self.query_column else self.guide.passage_prompt
+            encoded = self.guide.model.preprocess([row[col] for row in features], prompt=prompt or None)
+            for key, value in encoded.items():
+                batch[f"{col}_{GUIDE_PREFIX}{key}"] = value
+        return batch
+
+
+def _freeze(model: Any) -> Any:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def stack_features(features: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Concatenate tokenized batches along the batch axis, right-padding each key to its longest sequence.
+
+    Padded batches only: a flattened (unpadded, flash-attention ``cu_seq_lens_q``) batch cannot be stacked row
+    by row, as sentence-transformers' own merge refuses it too.
+    """
+    import torch
+
+    if any("cu_seq_lens_q" in f for f in features):
+        raise KoretError("loss.name gist: several negative columns cannot be stacked from unpadded (flash-attention "
+                         "cu_seq_lens_q) batches", "use loss.name cached_gist, or a padded attention implementation")
+    out: dict[str, Any] = {}
+    for key in features[0]:
+        parts = [f[key] for f in features]
+        if torch.is_tensor(parts[0]) and parts[0].dim() == 2:
+            width = max(p.shape[1] for p in parts)
+            fill = pad_id if key == "input_ids" else 0
+            parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) if p.shape[1] < width else p
+                     for p in parts]
+        out[key] = torch.cat(parts, dim=0) if torch.is_tensor(parts[0]) else parts[0]
+    return out
+
+
+def _multi_negative_gist() -> type:
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+
+    class MultiNegativeGISTEmbedLoss(GISTEmbedLoss):
+        """GISTEmbedLoss over (anchor, positive, negative_1..N).
+
+        sentence-transformers 6.x's GISTEmbedLoss takes at most one negative column, while CachedGISTEmbedLoss
+        takes any number. This stacks the N negative columns into one column of B x N texts before the library's
+        own forward: each anchor is then scored against the same set of candidates as in CachedGISTEmbedLoss
+        (column order aside, which cross-entropy ignores), so the two losses agree on a batch.
+        """
+
+        def forward(self, sentence_features, labels=None):  # noqa: ANN001, ANN201
+            if len(sentence_features) > 3:
+                pad = self.model.tokenizer.pad_token_id or 0
+                sentence_features = [*sentence_features[:2], stack_features(list(sentence_features[2:]), pad)]
+            return super().forward(sentence_features, labels)
+
+    return MultiNegativeGISTEmbedLoss
+
+
+MNRL_TEMPERATURE = 0.05  # scale 20, MultipleNegativesRankingLoss's own default
+GIST_TEMPERATURE = 0.01  # GISTEmbedLoss's own default
+
+
+def loss_temperature(lc: Any) -> float:
+    """``loss.temperature``, or the library default of the chosen loss (GIST 0.01, MNRL 0.05 = scale 20)."""
+    if lc.temperature is not None:
+        return float(lc.temperature)
+    return GIST_TEMPERATURE if lc.name in GIST_LOSSES else MNRL_TEMPERATURE
+
+
+def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
+    """The configured sentence-transformers loss (wrapped in MatryoshkaLoss when ``matryoshka_dims`` is set).
+
+    ``guide`` is the module the GIST losses call as their guide (see :func:`guide_module_class`).
+    """
+    from sentence_transformers.sentence_transformer import losses
+
+    lc = cfg.loss
+    temperature = loss_temperature(lc)
+    if lc.name == "gist":
+        loss = _multi_negative_gist()(student, guide, temperature=temperature, margin_strategy=lc.margin_strategy,
+                                    margin=lc.margin, contrast_anchors=lc.contrast_anchors,
+                                    contrast_positives=lc.contrast_positives,
+                                    gather_across_devices=lc.gather_across_devices)
+    elif lc.name == "cached_gist":
+        loss = losses.CachedGISTEmbedLoss(student, guide, temperature=temperature,
+                                          mini_batch_size=lc.mini_batch_size, margin_strategy=lc.margin_strategy,
+                                          margin=lc.margin, contrast_anchors=lc.contrast_anchors,
+                                          contrast_positives=lc.contrast_positives,
+                                          gather_across_devices=lc.gather_across_devices)
+    elif lc.name == "mnrl":
+        loss = losses.MultipleNegativesRankingLoss(student, scale=1.0 / temperature,
+                                                   gather_across_devices=lc.gather_across_devices)
+    else:
+        loss = losses.CachedMultipleNegativesRankingLoss(student, scale=1.0 / temperature,
+                                                         mini_batch_size=lc.mini_batch_size,
+                                                         gather_across_devices=lc.gather_across_devices)
+    if lc.matryoshka_dims:
+        dim = student.get_embedding_dimension()
+        too_big = [d for d in lc.matryoshka_dims if d > dim or d < 1]
+        if too_big:
+            raise KoretError(f"loss.matryoshka_dims: {too_big} outside 1..{dim} (the model's dimension)")
+        dims = sorted(set(lc.matryoshka_dims) | {dim}, reverse=True)  # the full dimension is always trained
+        loss = losses.MatryoshkaLoss(student, loss, matryoshka_dims=dims)
+    return loss
+
+
+def split_by_anchor(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Hold out ``fraction`` of the anchors with all their rows: no anchor is in both parts."""
+    import random
+
+    anchors = sorted(set(dataset["anchor"]))
+    if len(anchors) < 2:
+        raise KoretError(f"data.holdout: {len(anchors)} distinct anchor(s); a held-out split needs at least 2")
+    held = set(random.Random(seed).sample(anchors, max(1, round(len(anchors) * fraction))))
+    is_held = [a in held for a in dataset["anchor"]]
+    return (dataset.select([i for i, h in enumerate(is_held) if not h]),
+            dataset.select([i for i, h in enumerate(is_held) if h]))
+
+
