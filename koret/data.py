@@ -614,13 +614,22 @@ def iter_passages(path: str, fmt: str = "auto", column: str | None = None, key: 
     return [t for t in df[column].tolist() if isinstance(t, str) and t.strip()]
 
 
-def load_from_config(data_cfg: Any) -> RetrievalData:
-    """Read ``data.*`` of a stage config."""
-    if not data_cfg.train:
-        raise KoretError("data.train: required key is missing", "set it to your (query, positive) data")
-    return load_retrieval_data(
-        data_cfg.train, data_cfg.format, query_column=data_cfg.query_column,
-        positive_column=data_cfg.positive_column, corpus=data_cfg.corpus, corpus_format=data_cfg.corpus_format,
-        corpus_column=data_cfg.corpus_column, split=data_cfg.split, normalize=data_cfg.normalize,
-        limit=data_cfg.limit, key="data.train",
-    )
+SOURCE_OPTIONS = ("format", "query_column", "positive_column", "corpus", "corpus_format", "corpus_column", "split",
+                  "limit")
+
+
+def load_section(section: Any, path_field: str = "train", *, prefix: str = "", dedupe: bool = True) -> RetrievalData:
+    """Read the source a config's ``data`` section names: ``section.<path_field>`` with the section's options.
+
+    The one place the data sections of mine, train and eval meet the readers. A section that holds a second
+    source names its options with a prefix (train's ``eval``, ``eval_format``, ``eval_split``, ``eval_corpus``);
+    ``normalize`` is shared by the section's sources. Options a section does not have keep their defaults.
+    """
+    path = getattr(section, path_field)
+    key = f"data.{path_field}"
+    if not path:
+        raise KoretError(f"{key}: required key is missing", "set it to your (query, positive) data")
+    options = {name: getattr(section, prefix + name) for name in SOURCE_OPTIONS if hasattr(section, prefix + name)}
+    fmt = options.pop("format", "auto")
+    return load_retrieval_data(path, fmt, key=key, normalize=getattr(section, "normalize", "nfc"), dedupe=dedupe,
+                               **options)

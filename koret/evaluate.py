@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from koret.config import EvalConfig, EvalModelConfig, config_dict
-from koret.data import RetrievalData, load_retrieval_data
+from koret.data import RetrievalData, load_section
 from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer, resolve_dtype
 from koret.errors import KoretError
 from koret.io import write_json, write_text
@@ -55,9 +55,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     d = cfg.data
     if not d.path:
         raise KoretError("data.path: required key is missing", "give --data PATH")
-    data = load_retrieval_data(d.path, d.format, query_column=d.query_column, positive_column=d.positive_column,
-                               corpus=d.corpus, corpus_format=d.corpus_format, corpus_column=d.corpus_column,
-                               split=d.split, normalize=d.normalize, key="data.path", dedupe=False)
+    data = load_section(d, "path", dedupe=False)
     qids, no_relevant = judged_queries(data)
     if d.max_queries:
         qids = qids[: d.max_queries]

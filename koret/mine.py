@@ -31,7 +31,7 @@ import numpy as np
 from koret import dist
 from koret.candidates import score_fn, write_candidates, write_filter_outputs
 from koret.config import MineConfig
-from koret.data import load_from_config
+from koret.data import load_section
 from koret.encode import (
     EncodeSettings,
     encode_texts,
@@ -67,7 +67,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                              "use on_shortage: drop")
 
     t = time.perf_counter()
-    data = load_from_config(cfg.data).with_positives_only()
+    data = load_section(cfg.data).with_positives_only()
     phases["read"] = time.perf_counter() - t
     info(f"[bold]data[/bold] {data.source} ({data.format}): {len(data.queries):,} queries, "
          f"{len(data.pairs):,} (query, positive) rows, {len(data.corpus):,} passages")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from koret.config import TrainConfig
-from koret.data import detect_format, load_retrieval_data, normalize_text, read_table, split_source
+from koret.data import detect_format, load_section, normalize_text, read_table, split_source
 from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
 from koret.io import read_record
@@ -65,8 +65,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         if "anchor" in df.columns or any(_NEGATIVE.match(str(c)) for c in df.columns):
             columns = _tuple_columns(df, path)
     if columns is None:
-        data = load_retrieval_data(d.train, d.format, query_column=d.query_column, positive_column=d.positive_column,
-                                   split=d.split, normalize=d.normalize, limit=d.limit, key="data.train")
+        data = load_section(d, "train")
         columns = {"anchor": [data.queries[q] for q, _ in data.pairs],
                    "positive": [data.corpus[p] for _, p in data.pairs]}
     elif d.limit is not None:
@@ -102,8 +101,7 @@ def ir_evaluator(cfg: TrainConfig, query_prompt: str, passage_prompt: str, batch
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     d = cfg.data
-    data = load_retrieval_data(d.eval, d.eval_format, split=d.eval_split, corpus=d.eval_corpus, normalize=d.normalize,
-                               key="data.eval")
+    data = load_section(d, "eval", prefix="eval_")
     qids = [q for q in range(len(data.queries)) if any(g > 0 for g in data.qrels[q].values())]
     if d.eval_max_queries:
         qids = qids[: d.eval_max_queries]
