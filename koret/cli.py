@@ -41,7 +41,7 @@ ProcsOpt = Annotated[
     int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
 ]
 
-STAGE_SCHEMAS = ("mine", "filter", "train", "eval", "push", "run")
+STAGE_SCHEMAS = ("mine", "filter", "train", "train-reranker", "eval", "push", "run")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
@@ -133,6 +133,24 @@ def train(config: ConfigOpt, set_: SetOpt = None,
         from koret.train import train as run_train
 
         run_train(cfg, resume=resume)
+
+    _run(go, debug, quiet)
+
+
+@app.command("train-reranker")
+def train_reranker(config: ConfigOpt, set_: SetOpt = None,
+                   resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+                   num_processes: ProcsOpt = 1, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, margin_mse)."""
+
+    def go() -> None:
+        from koret.config import RerankerConfig, load_config
+
+        cfg = load_config(RerankerConfig, config, set_)
+        _relaunch(num_processes)
+        from koret.train_reranker import train_reranker as run_train_reranker
+
+        run_train_reranker(cfg, resume=resume)
 
     _run(go, debug, quiet)
 
@@ -259,7 +277,14 @@ def _stage_of(config: Path, stage: str | None) -> str:
         return stage
     from koret.config import read_yaml, stage_of_keys
 
-    return stage_of_keys(set(read_yaml(config)), str(config))
+    raw = read_yaml(config)
+    name = stage_of_keys(set(raw), str(config))
+    # a reranker config has train's top-level keys; its model and loss tell it apart
+    model, loss = raw.get("model") or {}, raw.get("loss") or {}
+    if name == "train" and isinstance(model, dict) and isinstance(loss, dict) and (
+            "max_length" in model or loss.get("name") in ("bce", "lambda", "listnet", "margin_mse")):
+        return "train-reranker"
+    return name
 
 
 StageOpt = Annotated[str | None, typer.Option("--stage", help=f"Which stage's schema: {', '.join(STAGE_SCHEMAS)} "

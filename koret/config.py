@@ -68,17 +68,24 @@ class PromptFields(Section):
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-class DataConfig(Section):
-    train: str | None = Field(None, description="(query, positive) source: file, folder or Hub dataset id.")
+class SourceFields(Section):
+    """The (query, positive) source of a data section: the one shape mine, train and train-reranker share, and
+    what :func:`koret.data.load_section` reads."""
+
+    train: str | None = Field(None, description="(query, positive) source: file, folder or Hub dataset id; for "
+                                                "train / train-reranker also koret mine's train.parquet.")
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     query_column: str | None = None
     positive_column: str | None = None
     split: str = Field("train", description="Split of a Hub dataset, or qrels/<split>.tsv of a BEIR folder.")
+    normalize: Literal["nfc", "none"] = "nfc"
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class DataConfig(SourceFields):
     corpus: str | None = Field(None, description="Extra passages that are negative candidates besides the positives.")
     corpus_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     corpus_column: str | None = None
-    normalize: Literal["nfc", "none"] = "nfc"
-    limit: int | None = Field(None, ge=1, description="Use only the first N (query, positive) rows.")
 
 
 class TeacherConfig(PromptFields):
@@ -174,14 +181,7 @@ class ModelConfig(PromptFields):
     pooling: Literal["mean", "cls"] = Field("mean", description="Pooling for a plain transformers encoder.")
 
 
-class TrainDataConfig(Section):
-    train: str | None = Field(None, description="train.parquet from koret mine, or any pairs/triplets source.")
-    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
-    query_column: str | None = None
-    positive_column: str | None = None
-    split: str = "train"
-    normalize: Literal["nfc", "none"] = "nfc"
-    limit: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+class TrainDataConfig(SourceFields):
     eval: str | None = Field(None, description="IR set evaluated during training (pairs, SQuAD, BEIR, AutoRAG).")
     eval_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     eval_split: str = "test"
@@ -248,6 +248,42 @@ def unknown_training_args(args: dict[str, Any], class_name: str) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"; did you mean 'args.{close[0]}'?" if close else ""
             raise ValueError(f"unknown key 'args.{key}'{hint} (args takes the fields of {class_name})")
+
+
+class RerankerModelConfig(Section):
+    name: str | None = Field(None, description="CrossEncoder (Hub id or folder, e.g. BAAI/bge-reranker-v2-m3), or a "
+                                               "plain encoder that gets a new one-logit head.")
+    max_length: int | None = Field(None, ge=8, description="Max tokens of a (query, passage) pair.")
+
+
+class RerankerDataConfig(SourceFields):
+    num_negatives: int | None = Field(None, ge=1, description="Hard negatives per query (default: every "
+                                                              "negative_* column).")
+
+
+class RerankerLossConfig(Section):
+    name: Literal["mnrl", "cached_mnrl", "bce", "lambda", "listnet", "margin_mse"] = "mnrl"
+    pos_weight: float | None = Field(None, gt=0, description="bce: weight of the positive class (e.g. the number "
+                                                             "of negatives per positive).")
+    scale: float = Field(10.0, gt=0, description="mnrl / cached_mnrl: logits are scaled by this (the library's "
+                                                 "default).")
+    in_batch_negatives: int | None = Field(4, ge=0, description="mnrl / cached_mnrl: other queries' passages used "
+                                                                "as extra negatives per query (None: all).")
+    mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: GradCache mini-batch.")
+
+
+class RerankerConfig(Section):
+    """Config of ``koret train-reranker``; ``args`` passes through to CrossEncoderTrainingArguments."""
+
+    model: RerankerModelConfig = Field(default_factory=RerankerModelConfig)
+    data: RerankerDataConfig = Field(default_factory=RerankerDataConfig)
+    loss: RerankerLossConfig = Field(default_factory=RerankerLossConfig)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_args(self) -> RerankerConfig:
+        unknown_training_args(self.args, "CrossEncoderTrainingArguments")
+        return self
 
 
 class EvalModelConfig(PromptFields):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from koret.config import EvalConfig, MineConfig, PushConfig, TrainConfig
+from koret.config import EvalConfig, MineConfig, PushConfig, RerankerConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,10 @@ STAGES: dict[str, Stage] = {
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
+        Stage("train-reranker", RerankerConfig, "koret.train_reranker:train_reranker",
+              lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
+              lambda c: [c.data.train], _train_figure, multi_process=True,
+              help="Fine-tune a cross-encoder reranker on mined hard negatives."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
               lambda c: [c.data.path, c.data.corpus], _eval_figure,
               help="Evaluate models side by side with trec_eval's metrics."),

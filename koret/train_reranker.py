@@ -1,0 +1,95 @@
+"""``koret train-reranker``: fine-tune a cross-encoder reranker on mined hard negatives (the recipe).
+
+The reranker reads (query, passage) together and scores their relevance; it reorders a retriever's top-k. It
+trains on what ``koret mine`` already wrote: per query a positive and teacher-scored hard negatives, shaped for
+the chosen loss by :mod:`koret.training.crossencoder` (groups of 1 + N with in-batch negatives by default),
+through sentence-transformers' own CrossEncoderTrainer, arguments and losses; ``args`` is any field of
+CrossEncoderTrainingArguments. The plumbing is the bi-encoder recipe's (:mod:`koret.training.common`):
+progress lines off a terminal, several processes, ``--resume``, ``final/`` saved by every process, records.
+
+A reranker's negatives should be harder than a bi-encoder's: mine again with the trained retriever as teacher
+(``koret mine`` with ``teacher.model: runs/train/final``), then train the reranker on that ``train.parquet``.
+
+Phases: data -> model -> arguments, loss and trainer -> train -> save -> records.
+
+Outputs in ``args.output_dir``: ``final/`` (the CrossEncoder), ``checkpoint-*``, ``metrics.json``,
+``training.png``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from koret import dist
+from koret.config import RerankerConfig
+from koret.report import info, show, table
+from koret.training.common import (
+    callback_class,
+    prepare,
+    resume_checkpoint,
+    run_metrics,
+    save_final,
+    training_arguments,
+    write_records,
+)
+from koret.training.crossencoder import build_reranker_loss, load_reranker, load_reranker_data
+
+RERANKER_DEFAULTS: dict[str, Any] = {"output_dir": "runs/reranker", "learning_rate": 2e-5,
+                                     "per_device_train_batch_size": 16}
+
+
+def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
+    """Run ``koret train-reranker``; returns the metrics (also in ``metrics.json``) on the main process, {} on the
+    others."""
+    from sentence_transformers import CrossEncoderTrainer, CrossEncoderTrainingArguments
+
+    started = time.perf_counter()
+    # data, shaped for the loss
+    data = load_reranker_data(cfg)
+    info(f"[bold]data[/bold] {data.source}: {data.rows:,} rows for loss {cfg.loss.name}, "
+         f"{data.num_negatives} hard negatives per query")
+
+    # model
+    model = load_reranker(cfg)
+
+    # arguments, loss, trainer
+    user_args = {**RERANKER_DEFAULTS, **cfg.args}
+    # in-batch negatives must not repeat a text; other losses (pairs, lists) sample plainly
+    user_args.setdefault("batch_sampler", "no_duplicates" if cfg.loss.name in ("mnrl", "cached_mnrl")
+                         else "batch_sampler")
+    args = training_arguments(CrossEncoderTrainingArguments, user_args, has_eval=False)
+    out_dir = Path(args.output_dir)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    card = model.model_card_data
+    card.language = ["ko"]
+    card.tags = sorted(set((card.tags or []) + ["koret", "korean", "reranker"]))
+    loss = build_reranker_loss(cfg, model, data.num_negatives)
+    callback = callback_class()()
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data.dataset, loss=loss,
+                                  callbacks=[callback])
+    prepare(trainer)
+
+    # train
+    resume_from = resume_checkpoint(cfg.args.get("resume_from_checkpoint"), resume, out_dir)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - started
+
+    # save (every process takes part) and records (the main one)
+    final = save_final(trainer, out_dir, cfg)
+    if final is None:
+        return {}
+    metrics = {"kind": "reranker", "loss": cfg.loss.name, "num_negatives": data.num_negatives,
+               "train_rows": data.rows, "base_model": cfg.model.name, "data": data.source,
+               **run_metrics(output, args, callback, 0.0, wall, str(model.device), resume_from)}
+    metrics["tokens_per_second"] = metrics["tokens_per_row"] = None  # pairs are not counted in tokens here
+    write_records(out_dir, metrics, cfg, callback)
+    show(table(f"koret train-reranker: {out_dir}", ["", "value"], [
+        ["loss", cfg.loss.name], ["rows x hard negatives", f"{data.rows:,} x {data.num_negatives}"],
+        ["world size / global batch", f"{metrics['world_size']} / {metrics['global_batch_size']}"],
+        ["steps", metrics["steps"]], ["final loss", metrics["final_loss"]],
+        ["samples/s", metrics["samples_per_second"] or float("nan")], ["wall seconds", wall],
+        ["model", str(final)]]))
+    return metrics
