@@ -172,6 +172,10 @@ def eval_(
     passage_prompt_name: Annotated[str | None, typer.Option(help="Or one of the models' prompt names "
                                                              "(neither: each model's own query/document prompts).")] = None,
     max_seq_length: Annotated[int | None, typer.Option(help="Max tokens for --model models.")] = None,
+    reranker: Annotated[list[str] | None, typer.Option("--reranker", "-r", help="CrossEncoder reranking the first "
+                                                       "model's top --rerank-top-k (repeatable).")] = None,
+    rerank_top_k: Annotated[int | None, typer.Option("--rerank-top-k", help="Passages each reranker reorders "
+                                                     "(default 100).")] = None,
     mteb: Annotated[str | None, typer.Option("--mteb", help="MTEB tasks, e.g. Ko-StrategyQA,AutoRAGRetrieval "
                                              "(needs the Hub).")] = None,
     quiet: QuietOpt = False,
@@ -197,11 +201,15 @@ def eval_(
             flags.append(f"output.markdown={markdown}")
         if mteb is not None:
             flags.append(f"mteb=[{mteb}]")
+        if rerank_top_k is not None:
+            flags.append(f"rerank_top_k={rerank_top_k}")
         merged = apply_overrides(raw, flags + list(set_ or []))
         if model:
             merged["models"] = [{"name": m, "query_prompt": query_prompt, "passage_prompt": passage_prompt,
                                  "query_prompt_name": query_prompt_name, "passage_prompt_name": passage_prompt_name,
                                  "max_seq_length": max_seq_length} for m in model]
+        if reranker:
+            merged["rerankers"] = [{"name": r} for r in reranker]
         evaluate(validate(EvalConfig, merged, str(config) if config else "command line"))
 
     _run(go, debug, quiet)

@@ -319,11 +319,21 @@ class EvalOutputConfig(Section):
     markdown: str | None = Field(None, description="Also write the table as Markdown to this file.")
 
 
+class EvalRerankerConfig(Section):
+    name: str = Field(description="CrossEncoder reranker: Hub id, local folder (e.g. runs/reranker/final).")
+    label: str | None = Field(None, description="Name in tables (default: the folder or Hub id).")
+    max_length: int | None = Field(None, ge=8)
+    batch_size: int = Field(32, ge=1)
+
+
 class EvalConfig(Section):
-    """Config of ``koret eval``: the first model is the baseline the others are compared with."""
+    """Config of ``koret eval``: the first model is the baseline the others are compared with; each reranker
+    reorders the first model's top ``rerank_top_k``."""
 
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     models: list[EvalModelConfig] = Field(default_factory=list)
+    rerankers: list[EvalRerankerConfig] = Field(default_factory=list)
+    rerank_top_k: int = Field(100, ge=1, description="Passages of the first model's ranking each reranker reorders.")
     k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20, 100])
     search: EvalSearchConfig = Field(default_factory=EvalSearchConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)

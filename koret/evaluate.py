@@ -4,6 +4,8 @@ Reads any IR layout of :mod:`koret.data` (pairs, SQuAD, BEIR with graded qrels, 
 through the same shard cache as ``koret mine`` (so evaluating several checkpoints re-encodes nothing for an
 unchanged model), searches exactly through :mod:`koret.search` and scores with :mod:`koret.metrics`, whose
 definitions are trec_eval's. The first model is the baseline; the table shows every other model's delta.
+Each reranker (``rerankers``, ``--reranker``) reorders the first model's top ``rerank_top_k`` with a
+CrossEncoder and is scored the same way, as one more row; retrieval runs once however many rerankers.
 
 Outputs in ``output.dir``: ``metrics.json`` (``{"models": [{"name", "metrics": {"ndcg@10": ...}}, ...]}``
 plus config, data fingerprint, seconds and passages/s), ``per_query.jsonl`` (rank of the first relevant passage
@@ -73,16 +75,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
          "relevant": {data.doc_ids[doc]: g for doc, g in data.qrels[q].items() if g > 0}, "models": {}}
         for q in qids
     ]
-    for m in cfg.models:
+    first_ranking: tuple[str, np.ndarray] | None = None
+    for i, m in enumerate(cfg.models):
         label = _label(m, taken)
-        res = evaluate_model(m, data, qids, ks, cfg)
+        depth = max(max(ks), cfg.rerank_top_k) if i == 0 and cfg.rerankers else max(ks)
+        res = evaluate_model(m, data, qids, ks, cfg, depth=depth)
         results.append({"name": label, "model": m.name, **res["summary"]})
-        for row, q, ranked, scores in zip(per_query, qids, res["ranked"], res["scores"], strict=True):
-            q_rel = {data.doc_ids[doc]: g for doc, g in data.qrels[q].items()}
-            ids = [data.doc_ids[i] for i in ranked if i >= 0]
-            row["models"][label] = {"first_relevant_rank": first_relevant_rank(ids, q_rel),
-                                    "top10": [[i, round(float(s), 6)] for i, s in zip(ids[:10], scores[:10],
-                                                                                      strict=True)]}
+        _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
+        if i == 0:
+            first_ranking = (label, res["ranked"])
+    for r in cfg.rerankers:
+        retriever, ranked = first_ranking
+        label = f"{retriever} + {_label(r, taken)}"
+        res = rerank(r, data, qids, ranked[:, : cfg.rerank_top_k], ks)
+        results.append({"name": label, "model": r.name, "reranks": retriever, "rerank_top_k": cfg.rerank_top_k,
+                        **res["summary"]})
+        _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
     out = {
         "models": results,
         "baseline": results[0]["name"],
@@ -105,6 +113,61 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
+def _add_per_query(per_query: list[dict[str, Any]], data: RetrievalData, qids: list[int], label: str,
+                   ranked: np.ndarray, scores: np.ndarray) -> None:
+    for row, q, ids_row, scores_row in zip(per_query, qids, ranked, scores, strict=True):
+        q_rel = {data.doc_ids[doc]: g for doc, g in data.qrels[q].items()}
+        ids = [data.doc_ids[i] for i in ids_row if i >= 0]
+        row["models"][label] = {"first_relevant_rank": first_relevant_rank(ids, q_rel),
+                                "top10": [[i, float(s)] for i, s in zip(ids[:10], scores_row[:10],
+                                                                                  strict=True)]}
+
+
+def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, ks: list[int]) -> dict[str, Any]:
+    """Reorder each query's retrieved passages (``ranked``, -1 padded) by a CrossEncoder's scores, ties in
+    trec_eval's order, and score the reranked lists with the same metrics."""
+    from koret.encode import load_cross_encoder
+    from koret.report import progress
+
+    t0 = time.perf_counter()
+    ce = load_cross_encoder(r.name, key=f"rerankers[{r.name}]", max_length=r.max_length)
+    valid = ranked >= 0
+    pairs = [(data.queries[q], data.corpus[d]) for q, row in zip(qids, ranked, strict=True) for d in row if d >= 0]
+    flat = np.empty(len(pairs), dtype=np.float32)
+    step = r.batch_size * 16
+    with progress() as bar:
+        task = bar.add_task("rerank", total=len(pairs), unit="pairs")
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start:start + step]
+            flat[start:start + len(chunk)] = np.asarray(
+                ce.predict(chunk, batch_size=r.batch_size, show_progress_bar=False), dtype=np.float32).reshape(-1)
+            bar.update(task, advance=len(chunk))
+    scores = np.full(ranked.shape, -np.inf, dtype=np.float32)
+    scores[valid] = flat
+    ids, scores = trec_order(ranked, scores, doc_rank_desc(data.doc_ids))
+    per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ids, strict=True)]
+    seconds = time.perf_counter() - t0
+    del ce
+    return {"summary": {"metrics": mean_metrics(per_q), "seconds": seconds,
+                        "pairs_per_second": len(pairs) / seconds if seconds > 0 else None},
+            "ranked": ids, "scores": scores}
+
+
+def doc_rank_desc(doc_ids: list[str]) -> np.ndarray:
+    """Each passage's position in descending document-id order (trec_eval's tie order)."""
+    n = len(doc_ids)
+    rank = np.empty(n, dtype=np.int64)
+    rank[sorted(range(n), key=doc_ids.__getitem__, reverse=True)] = np.arange(n)
+    return rank
+
+
+def trec_order(ids: np.ndarray, scores: np.ndarray, doc_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted as trec_eval sorts a run: score descending, then document id descending; -1 padding last."""
+    rank = np.where(ids >= 0, doc_rank[np.maximum(ids, 0)], np.iinfo(np.int64).max)
+    order = np.lexsort((rank, -scores), axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+
 def judged_queries(data: RetrievalData) -> tuple[list[int], int]:
     """Every judged query (as trec_eval / pytrec_eval evaluate them), and how many have no relevant passage.
 
@@ -124,7 +187,7 @@ def judged_queries(data: RetrievalData) -> tuple[list[int], int]:
 
 
 def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks: list[int],
-                   cfg: EvalConfig) -> dict[str, Any]:
+                   cfg: EvalConfig, depth: int | None = None) -> dict[str, Any]:
     """Encode (cached), search and score one model; returns summary, rankings and scores per query."""
     t0 = time.perf_counter()
     model = load_sentence_transformer(m.name, key=f"models[{m.name}]", dtype=m.dtype, max_seq_length=m.max_seq_length)
@@ -135,7 +198,8 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]
     query_emb, query_stats = encode_unique(model, queries, q_prompt, enc, "encode queries")
-    ranked, scores, backend = rank_like_trec_eval(query_emb.to_array(), corpus_emb, max(ks), data.doc_ids, cfg)
+    ranked, scores, backend = rank_like_trec_eval(query_emb.to_array(), corpus_emb, depth or max(ks), data.doc_ids,
+                                                  cfg)
     per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ranked, strict=True)]
     seconds = time.perf_counter() - t0
     summary = {
@@ -173,9 +237,6 @@ def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ids
     """
     n = len(corpus)
     k = min(k, n)
-    # position of each doc id in descending string order: smaller sorts first among equal scores
-    order_desc = np.empty(n, dtype=np.int64)
-    order_desc[sorted(range(n), key=doc_ids.__getitem__, reverse=True)] = np.arange(n)
     fetch = min(n, k + 16)
     while True:
         result = search(queries, corpus.shards, fetch, backend=cfg.search.backend,
@@ -185,10 +246,8 @@ def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ids
         if fetch >= n or not open_ties.any():
             break
         fetch = min(n, fetch * 2)
-    ids, scores = result.ids, result.scores
-    rank = np.where(ids >= 0, order_desc[np.maximum(ids, 0)], np.iinfo(np.int64).max)
-    order = np.lexsort((rank, -scores), axis=1)[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1), result.backend
+    ids, scores = trec_order(result.ids, result.scores, doc_rank_desc(doc_ids))
+    return ids[:, :k], scores[:, :k], result.backend
 
 
 def show_table(results: list[dict[str, Any]], title: str) -> None:

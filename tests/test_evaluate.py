@@ -252,3 +252,31 @@ def test_beir_set_is_scored_as_published_equal_to_pytrec_eval(tmp_path, tiny_mod
         for ours, theirs in (("ndcg", "ndcg_cut"), ("recall", "recall"), ("precision", "P"), ("map", "map_cut")):
             want = sum(v[f"{theirs}_{k}"] for v in ref.values()) / len(ref)
             assert m[f"{ours}@{k}"] == pytest.approx(want, abs=1e-6), (ours, k)
+
+
+def test_reranked_eval_equals_pytrec_eval_on_the_reranked_run(tmp_path, tiny_model, tiny_cross_encoder, beir):
+    """koret eval --reranker: the first model's top 10 reordered by a CrossEncoder; metrics equal pytrec_eval on
+    that reranked run (ties by doc id descending), and the table gets a row per reranker."""
+    import pytrec_eval
+
+    r = _eval(tmp_path, "--model", str(tiny_model), "--data", str(beir), "--k", "1,3,5,10",
+              "--reranker", str(tiny_cross_encoder), "--rerank-top-k", "10")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    names = [m["name"] for m in out["models"]]
+    assert len(names) == 2 and names[1] == f"{names[0]} + tiny-ce" and out["models"][1]["rerank_top_k"] == 10
+    per_query = [json.loads(x) for x in (tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()]
+    run = {p["query_id"]: {d: s for d, s in p["models"][names[1]]["top10"]} for p in per_query}
+    retrieved = {p["query_id"]: {d for d, _ in p["models"][names[0]]["top10"]} for p in per_query}
+    assert all(set(run[q]) == retrieved[q] for q in run), "the reranker reorders the retriever's top 10"
+    qrels = {}
+    for line in (beir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, g = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(g)
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.1,3,5,10", "recall.1,3,5,10", "P.1,3,5,10"}).evaluate(run)
+    m = out["models"][1]["metrics"]
+    for k in (1, 3, 5, 10):
+        for ours, theirs in (("ndcg", "ndcg_cut"), ("recall", "recall"), ("precision", "P")):
+            want = sum(v[f"{theirs}_{k}"] for v in ref.values()) / len(ref)
+            assert m[f"{ours}@{k}"] == pytest.approx(want, abs=1e-6), (ours, k)
+    assert m["ndcg@10"] != out["models"][0]["metrics"]["ndcg@10"]
