@@ -41,7 +41,7 @@ ProcsOpt = Annotated[
     int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
 ]
 
-STAGE_SCHEMAS = ("mine", "filter", "train", "train-reranker", "eval", "push", "run")
+STAGE_SCHEMAS = ("mine", "filter", "train", "reranker", "eval", "push", "run")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
@@ -291,7 +291,7 @@ def _stage_of(config: Path, stage: str | None) -> str:
     model, loss = raw.get("model") or {}, raw.get("loss") or {}
     if name == "train" and isinstance(model, dict) and isinstance(loss, dict) and (
             "max_length" in model or loss.get("name") in ("bce", "lambda", "listnet", "margin_mse")):
-        return "train-reranker"
+        return "reranker"
     return name
 
 

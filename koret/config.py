@@ -257,6 +257,9 @@ class RerankerModelConfig(Section):
 
 
 class RerankerDataConfig(SourceFields):
+    eval: str | None = Field(None, description="A mined train.parquet of held-out queries: during training the "
+                                               "reranker reorders each one's positive and negatives (NDCG@10).")
+    eval_max_queries: int | None = Field(None, ge=1)
     num_negatives: int | None = Field(None, ge=1, description="Hard negatives per query (default: every "
                                                               "negative_* column).")
 
@@ -333,7 +336,9 @@ class EvalConfig(Section):
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     models: list[EvalModelConfig] = Field(default_factory=list)
     rerankers: list[EvalRerankerConfig] = Field(default_factory=list)
-    rerank_top_k: int = Field(100, ge=1, description="Passages of the first model's ranking each reranker reorders.")
+    rerank_top_k: int = Field(100, ge=1, description="Passages of the reranked model's ranking each reranker reorders.")
+    rerank_model: str | None = Field(None, description="Label of the model whose ranking the rerankers reorder "
+                                                       "(default: the first model).")
     k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10, 20, 100])
     search: EvalSearchConfig = Field(default_factory=EvalSearchConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)

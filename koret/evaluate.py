@@ -75,20 +75,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
          "relevant": {data.doc_ids[doc]: g for doc, g in data.qrels[q].items() if g > 0}, "models": {}}
         for q in qids
     ]
-    first_ranking: tuple[str, np.ndarray] | None = None
-    for i, m in enumerate(cfg.models):
-        label = _label(m, taken)
-        depth = max(max(ks), cfg.rerank_top_k) if i == 0 and cfg.rerankers else max(ks)
+    labels = [_label(m, taken) for m in cfg.models]
+    target = cfg.rerank_model or labels[0]
+    if cfg.rerankers and target not in labels:
+        raise KoretError(f"rerank_model: {target!r} is not one of the models' labels ({', '.join(labels)})")
+    rankings: dict[str, np.ndarray] = {}
+    for m, label in zip(cfg.models, labels, strict=True):
+        depth = max(max(ks), cfg.rerank_top_k) if cfg.rerankers and label == target else max(ks)
         res = evaluate_model(m, data, qids, ks, cfg, depth=depth)
         results.append({"name": label, "model": m.name, **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
-        if i == 0:
-            first_ranking = (label, res["ranked"])
+        rankings[label] = res["ranked"]
     for r in cfg.rerankers:
-        retriever, ranked = first_ranking
-        label = f"{retriever} + {_label(r, taken)}"
-        res = rerank(r, data, qids, ranked[:, : cfg.rerank_top_k], ks)
-        results.append({"name": label, "model": r.name, "reranks": retriever, "rerank_top_k": cfg.rerank_top_k,
+        label = f"{target} + {_label(r, taken)}"
+        res = rerank(r, data, qids, rankings[target][:, : cfg.rerank_top_k], ks)
+        results.append({"name": label, "model": r.name, "reranks": target, "rerank_top_k": cfg.rerank_top_k,
                         **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
     out = {

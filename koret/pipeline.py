@@ -27,6 +27,7 @@ from koret.config import (
     FilterConfig,
     MineConfig,
     PushConfig,
+    RerankerConfig,
     Section,
     TrainConfig,
     config_hash,
@@ -49,6 +50,7 @@ class PipelineConfig(Section):
     mine: MineConfig | None = None
     filter: FilterConfig | None = None
     train: TrainConfig | None = None
+    reranker: RerankerConfig | None = None
     eval: EvalConfig | None = None
     push: PushConfig | None = None
 
@@ -81,6 +83,16 @@ def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
             train.data.train = str(root / upstream / "train.parquet")
         train.args = {**train.args, "output_dir": str(root / "train")}
         out["train"] = train
+    if cfg.reranker is not None:
+        rr = cfg.reranker.model_copy(deep=True)
+        if not rr.data.train:
+            # a reranker wants the hardest negatives at hand: the re-filtered ones, else mine's
+            upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
+            if upstream is None:
+                raise KoretError(f"{source}: reranker.data.train is required when there is no mine section")
+            rr.data.train = str(root / upstream / "train.parquet")
+        rr.args = {**rr.args, "output_dir": str(root / "reranker")}
+        out["reranker"] = rr
     if cfg.eval is not None:
         ev = cfg.eval.model_copy(deep=True)
         if not ev.models:
@@ -94,6 +106,11 @@ def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
                 {"name": t.model.name, "label": "base", "max_seq_length": t.model.max_seq_length, **prompts},
                 {"name": str(root / "train" / "final"), "label": "trained",
                  "max_seq_length": t.model.max_seq_length}]}, f"{source}: eval")
+        if "reranker" in out and not ev.rerankers:  # the trained retriever's top-k, reordered by the reranker
+            ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "rerankers": [
+                {"name": str(root / "reranker" / "final"), "label": "reranker",
+                 "max_length": out["reranker"].model.max_length}],
+                "rerank_model": ev.rerank_model or ev.models[-1].label or None}, f"{source}: eval")
         ev.output.dir = str(root / "eval")
         out["eval"] = ev
     if cfg.push is not None:

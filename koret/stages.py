@@ -75,10 +75,11 @@ STAGES: dict[str, Stage] = {
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
-        Stage("train-reranker", RerankerConfig, "koret.train_reranker:train_reranker",
+        Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
-              lambda c: [c.data.train], _train_figure, multi_process=True,
-              help="Fine-tune a cross-encoder reranker on mined hard negatives."),
+              lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
+              help="Fine-tune a cross-encoder reranker on mined hard negatives (koret train-reranker).",
+              aliases=("train-reranker",)),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
               lambda c: [c.data.path, c.data.corpus], _eval_figure,
               help="Evaluate models side by side with trec_eval's metrics."),
@@ -91,6 +92,7 @@ STAGES: dict[str, Stage] = {
 def get(name: str) -> Stage:
     from koret.errors import KoretError
 
-    if name not in STAGES:
-        raise KoretError(f"unknown stage {name!r}", f"one of {', '.join(STAGES)}")
-    return STAGES[name]
+    for stage in STAGES.values():
+        if name == stage.name or name in stage.aliases:
+            return stage
+    raise KoretError(f"unknown stage {name!r}", f"one of {', '.join(STAGES)}")

@@ -34,7 +34,12 @@ from koret.training.common import (
     training_arguments,
     write_records,
 )
-from koret.training.crossencoder import build_reranker_loss, load_reranker, load_reranker_data
+from koret.training.crossencoder import (
+    build_reranker_loss,
+    load_reranker,
+    load_reranker_data,
+    reranking_evaluator,
+)
 
 RERANKER_DEFAULTS: dict[str, Any] = {"output_dir": "runs/reranker", "learning_rate": 2e-5,
                                      "per_device_train_batch_size": 16}
@@ -51,15 +56,16 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     info(f"[bold]data[/bold] {data.source}: {data.rows:,} rows for loss {cfg.loss.name}, "
          f"{data.num_negatives} hard negatives per query")
 
-    # model
+    # model, and the held-out reranking it is evaluated on during training
     model = load_reranker(cfg)
+    evaluator = reranking_evaluator(cfg) if cfg.data.eval else None
 
     # arguments, loss, trainer
     user_args = {**RERANKER_DEFAULTS, **cfg.args}
     # in-batch negatives must not repeat a text; other losses (pairs, lists) sample plainly
     user_args.setdefault("batch_sampler", "no_duplicates" if cfg.loss.name in ("mnrl", "cached_mnrl")
                          else "batch_sampler")
-    args = training_arguments(CrossEncoderTrainingArguments, user_args, has_eval=False)
+    args = training_arguments(CrossEncoderTrainingArguments, user_args, has_eval=evaluator is not None)
     out_dir = Path(args.output_dir)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +75,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     loss = build_reranker_loss(cfg, model, data.num_negatives)
     callback = callback_class()()
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data.dataset, loss=loss,
-                                  callbacks=[callback])
+                                  evaluator=evaluator, callbacks=[callback])
     prepare(trainer)
 
     # train
@@ -90,6 +96,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
         ["loss", cfg.loss.name], ["rows x hard negatives", f"{data.rows:,} x {data.num_negatives}"],
         ["world size / global batch", f"{metrics['world_size']} / {metrics['global_batch_size']}"],
         ["steps", metrics["steps"]], ["final loss", metrics["final_loss"]],
-        ["samples/s", metrics["samples_per_second"] or float("nan")], ["wall seconds", wall],
-        ["model", str(final)]]))
+        ["samples/s", metrics["samples_per_second"] or float("nan")],
+        *[[k.replace("eval_", "", 1), v] for e in callback.evals[-1:] for k, v in e.items() if "ndcg@10" in k],
+        ["wall seconds", wall], ["model", str(final)]]))
     return metrics

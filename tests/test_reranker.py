@@ -115,3 +115,45 @@ def test_plain_encoder_gets_a_one_logit_head_and_rescores_mining(tmp_path, mined
     assert r.exit_code == 0, r.stderr
     cands = pd.read_parquet(tmp_path / "out" / "candidates.parquet")
     assert "rescore_candidate_scores" in cands.columns and len(cands)
+
+
+def test_run_trains_a_reranker_and_eval_reports_it(tmp_path, tiny_model, tiny_cross_encoder, data_dir):
+    """koret run with a reranker section: trained after train, and eval shows base, trained and
+    trained + reranker."""
+    cfg = {"run": {"dir": str(tmp_path / "run")},
+           "mine": {"data": {"train": str(data_dir / "pairs.jsonl"), "corpus": str(data_dir / "corpus.txt")},
+                    "teacher": {"model": str(tiny_model)}, "search": {"top_k": 30},
+                    "filter": {"num_negatives": 3, "perc": 0.98}, "cache_dir": str(tmp_path / "cache")},
+           "train": {"model": {"name": str(tiny_model)}, "loss": {"name": "mnrl"},
+                     "args": {"per_device_train_batch_size": 16, "max_steps": 2, "save_strategy": "no"}},
+           "reranker": {"model": {"name": str(tiny_cross_encoder), "max_length": 64},
+                        "args": {"per_device_train_batch_size": 8, "max_steps": 2, "save_strategy": "no"}},
+           "eval": {"data": {"path": str(data_dir / "pairs.jsonl")}, "k": [1, 10], "rerank_top_k": 20,
+                    "cache_dir": str(tmp_path / "cache")}}
+    path = write_config(tmp_path / "p.yaml", cfg)
+    assert run_cli("config", "validate", "-c", str(path)).exit_code == 0
+    r = run_cli("run", "-c", str(path), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["mine", "train", "reranker", "eval"]
+    assert all(s["status"] == "ran" for s in summary["stages"])
+    ev = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert [m["name"] for m in ev["models"]] == ["base", "trained", "trained + reranker"]
+    assert ev["models"][2]["reranks"] == "trained" and ev["models"][2]["rerank_top_k"] == 20
+    rr_cfg = json.loads((tmp_path / "run" / "reranker" / "metrics.json").read_text())
+    assert rr_cfg["data"] == str(tmp_path / "run" / "mine" / "train.parquet")
+
+
+def test_held_out_reranking_is_evaluated_during_training(tmp_path, mined, tiny_cross_encoder):
+    df = pd.read_parquet(mined)
+    df.iloc[:20].to_parquet(tmp_path / "held.parquet")
+    df.iloc[20:].to_parquet(tmp_path / "train.parquet")
+    out = tmp_path / "rr"
+    cfg = {"model": {"name": str(tiny_cross_encoder)},
+           "data": {"train": str(tmp_path / "train.parquet"), "eval": str(tmp_path / "held.parquet")},
+           "args": {"output_dir": str(out), "per_device_train_batch_size": 8, "max_steps": 2, "eval_steps": 1,
+                    "save_strategy": "no"}}
+    r = run_cli("train-reranker", "-c", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    evals = json.loads((out / "metrics.json").read_text())["eval"]
+    assert len(evals) == 2 and 0 < evals[-1]["eval_ndcg@10"] <= 1, evals

@@ -123,6 +123,34 @@ def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
     return RerankerData(Dataset.from_dict(rows), len(negs), n_rows, d.train)
 
 
+def reranking_evaluator(cfg: RerankerConfig) -> Any:
+    """sentence-transformers' CrossEncoderRerankingEvaluator over ``data.eval`` (a mined file of held-out
+    queries): each query's positive and hard negatives are reordered and scored (NDCG@10, MRR@10, MAP); the
+    evaluator's "base" figures are the teacher's order of the same passages (1.0 after positive-aware filtering,
+    which keeps only negatives the teacher scores below the positive)."""
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    d = cfg.data
+    path, _ = split_source(d.eval)
+    fmt = detect_format(path, "data.eval")
+    df = read_table(path, fmt, "data.eval", d.split)
+    negs = [str(c) for c in df.columns if _NEGATIVE.match(str(c))]
+    if "anchor" not in df.columns or "positive" not in df.columns or not negs:
+        raise KoretError(f"data.eval: {path}: expected a mined file (anchor, positive, negative_1..N); columns: "
+                         f"{', '.join(map(str, df.columns))}", "mine the held-out queries with koret mine")
+    if d.eval_max_queries:
+        df = df.iloc[: d.eval_max_queries]
+    samples = []
+    for _, row in df.iterrows():
+        docs = [normalize_text(row[c], d.normalize) for c in ["positive", *negs] if isinstance(row[c], str)]
+        scores = list(row["scores"])[: len(docs)] if "scores" in df.columns else None
+        if scores is not None and len(scores) == len(docs):  # the mined (teacher) order is the "base" ranking
+            docs = [doc for _, doc in sorted(zip(scores, docs, strict=True), key=lambda x: -x[0])]
+        samples.append({"query": normalize_text(row["anchor"], d.normalize),
+                        "positive": [normalize_text(row["positive"], d.normalize)], "documents": docs})
+    return CrossEncoderRerankingEvaluator(samples, at_k=10, name="eval", write_csv=False)
+
+
 def load_reranker(cfg: RerankerConfig) -> Any:
     """A CrossEncoder from a CrossEncoder folder / Hub id, or a plain encoder with a new one-logit head."""
     from sentence_transformers import CrossEncoder
