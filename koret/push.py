@@ -78,12 +78,20 @@ def _st_config(model_dir: Path) -> dict[str, Any]:
     return read_record(model_dir / "config_sentence_transformers.json") or {}
 
 
+def is_reranker(model_dir: Path) -> bool:
+    """A CrossEncoder folder (what koret train-reranker writes): a sequence-classification model, no modules.json."""
+    if (model_dir / "modules.json").exists():
+        return False
+    archs = (read_record(model_dir / "config.json") or {}).get("architectures") or []
+    return any("SequenceClassification" in a for a in archs)
+
+
 def check_model_folder(model_dir: Path) -> None:
     if not model_dir.is_dir():
         raise KoretError(f"push.model: model folder not found: {model_dir}", "train first, or set push.model")
-    if not (model_dir / "modules.json").exists():
-        raise KoretError(f"push.model: {model_dir} is not a SentenceTransformer folder (no modules.json)",
-                         "push the final/ folder that koret train writes")
+    if not (model_dir / "modules.json").exists() and not is_reranker(model_dir):
+        raise KoretError(f"push.model: {model_dir} is neither a SentenceTransformer folder (no modules.json) nor a "
+                         "CrossEncoder reranker", "push the final/ folder that koret train or train-reranker writes")
 
 
 # --------------------------------------------------------------------------------------------- card
@@ -125,25 +133,51 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
 
     from huggingface_hub import EvalResult, ModelCardData
 
+    reranker = is_reranker(model_dir)
     base_eval, trained_eval = _trained_eval_entry(ev, model_dir) if ev else (None, None)
+    if reranker and trained_eval and trained_eval.get("reranks"):  # compare with the retrieval it reorders
+        base_eval = next((m for m in ev["models"] if m.get("name") == trained_eval["reranks"]), base_eval)
     eval_results = None
     if trained_eval:
         source = ev["data"]["source"]
-        eval_results = [EvalResult(task_type="retrieval", task_name="Retrieval", dataset_type=source,
+        task = ("text-ranking", "Reranking") if reranker else ("retrieval", "Retrieval")
+        eval_results = [EvalResult(task_type=task[0], task_name=task[1], dataset_type=source,
                                    dataset_name=source, dataset_split="test", metric_type=t, metric_name=n,
                                    metric_value=round(float(trained_eval["metrics"][k]), 6))
                         for k, t, n in _EVAL_METRICS if k in trained_eval["metrics"]]
     datasets = sorted({d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d}) or None
+    tags = (["sentence-transformers", "cross-encoder", "reranker", "text-ranking", "korean", "koret"] if reranker
+            else ["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"])
     card_data = ModelCardData(
-        language=["ko"], library_name="sentence-transformers", pipeline_tag="sentence-similarity",
-        tags=["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"],
+        language=["ko"], library_name="sentence-transformers",
+        pipeline_tag="text-ranking" if reranker else "sentence-similarity", tags=tags,
         license=cfg.license or "other", datasets=datasets, model_name=repo_name, eval_results=eval_results,
         base_model=base_model if base_model and not Path(base_model).exists() and not base_model.startswith("pkg:")
         else None,
     )
 
     body = [f"# {repo_name}", "", describe_recipe(tm, ms), ""]
-    body += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+    if reranker:
+        body += ["## Usage", "", "```python", "from sentence_transformers import CrossEncoder", "",
+                 f'model = CrossEncoder("{cfg.repo_id or model_dir}")',
+                 'query = "한국의 수도는 어디인가?"',
+                 'passages = ["서울은 대한민국의 수도이다.", "부산은 대한민국 제2의 도시이다."]',
+                 "scores = model.predict([(query, p) for p in passages])",
+                 "print(model.rank(query, passages))  # passages reordered, best first", "```", "",
+                 "Use it on a retriever's top-k (for example the top 100 of a koret-trained embedding model).", ""]
+    else:
+        body += _embedding_usage(cfg, model_dir, q_prompt, p_prompt)
+    body += _mining_section(ms, mc)
+    body += _training_section(tm, tcfg, base_model, reranker)
+    body += _evaluation_section(ev, base_eval, trained_eval, reranker)
+    body += ["## Citation", "", CITATIONS, ""]
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+def _embedding_usage(cfg: PushConfig, model_dir: Path, q_prompt: str, p_prompt: str) -> list[str]:
+    body = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f'model = SentenceTransformer("{cfg.repo_id or model_dir}")',
              'queries = ["한국의 수도는 어디인가?"]',
              'passages = ["서울은 대한민국의 수도이다.", "부산은 대한민국 제2의 도시이다."]']
@@ -153,8 +187,11 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
              "print(model.similarity(q, p))", "```", ""]
     if q_prompt or p_prompt:
         body += [f"Prompts saved with the model: query `{q_prompt!r}`, passage `{p_prompt!r}`.", ""]
+    return body
 
-    body += ["## Mining", ""]
+
+def _mining_section(ms: dict[str, Any] | None, mc: dict[str, Any]) -> list[str]:
+    body = ["## Mining", ""]
     if ms:
         f = ms.get("settings", {})
         rule = {"perc_pos": f"perc_pos (drop a candidate scoring above {f.get('perc')} x the positive)",
@@ -177,13 +214,19 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
         body += ["| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
     else:
         body += ["No mining record was found (no `stats.json` of a koret mine run).", ""]
+    return body
 
-    body += ["## Training", ""]
+
+def _training_section(tm: dict[str, Any] | None, tcfg: dict[str, Any], base_model: str | None,
+                      reranker: bool) -> list[str]:
+    body = ["## Training", ""]
     if tm:
         lc = tcfg.get("loss") or {}
-        rows = [("base model", base_model or "?"), ("loss", tm.get("loss")), ("guide", tm.get("guide")),
-                ("margin strategy / margin", f"{lc.get('margin_strategy', '?')} / {lc.get('margin', '?')}"),
-                ("training rows x negatives", f"{_fmt(tm.get('train_rows'))} x {tm.get('num_negatives')}"),
+        rows = [("base model", base_model or "?"), ("loss", tm.get("loss"))]
+        if not reranker:
+            rows += [("guide", tm.get("guide")),
+                     ("margin strategy / margin", f"{lc.get('margin_strategy', '?')} / {lc.get('margin', '?')}")]
+        rows += [("training rows x negatives", f"{_fmt(tm.get('train_rows'))} x {tm.get('num_negatives')}"),
                 ("global batch size", f"{tm.get('global_batch_size')} ({tm.get('world_size')} process(es) x "
                                       f"{tm.get('per_device_batch_size')})"),
                 ("learning rate", tm.get("learning_rate")), ("epochs", tm.get("epochs")),
@@ -193,21 +236,25 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
         body += ["| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
     else:
         body += ["No training record was found (no `metrics.json` of a koret train run).", ""]
+    return body
 
-    body += ["## Evaluation", ""]
+
+def _evaluation_section(ev: dict[str, Any] | None, base_eval: dict[str, Any] | None,
+                        trained_eval: dict[str, Any] | None, reranker: bool) -> list[str]:
+    body = ["## Evaluation", ""]
     if ev and trained_eval:
         from koret.evaluate import markdown_table
 
         entries = [e for e in (base_eval, trained_eval) if e]
+        what = (f"the reranker reorders the top {trained_eval.get('rerank_top_k')} of the first row's retrieval"
+                if reranker and trained_eval.get("reranks") else "exact search")
         body += [f"Data: `{ev['data']['source']}`, {ev['data']['queries']:,} queries, {ev['data']['passages']:,} "
-                 "passages, exact search; metrics as defined by trec_eval. The first row is the baseline.", "",
+                 f"passages; {what}; metrics as defined by trec_eval. The first row is the baseline.", "",
                  markdown_table(entries)]
     else:
-        body += ["No evaluation record was found (run `koret eval` with the base and the trained model).", ""]
-    body += ["## Citation", "", CITATIONS, ""]
-    from huggingface_hub import ModelCard
-
-    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)))
+        body += ["No evaluation record was found (run `koret eval` with the base and the trained model"
+                 + (", and --reranker for a reranker)." if reranker else ")."), ""]
+    return body
 
 
 LOSS_WORDS = {
@@ -222,6 +269,13 @@ def describe_recipe(train_metrics: dict[str, Any] | None, mine_stats: dict[str, 
     """One paragraph saying what was actually done: mining or not, the loss, hard negatives or in-batch only."""
     if not train_metrics:
         return "A Korean text retriever prepared with koret (no training record was found)."
+    if train_metrics.get("kind") == "reranker":
+        negs = int(train_metrics.get("num_negatives") or 0)
+        source = (f"hard negatives mined with the teacher `{(mine_stats.get('teacher') or {}).get('model', '?')}`"
+                  if mine_stats else "hard negatives given in the training data" if negs
+                  else "(query, passage) pairs with in-batch negatives only")
+        return (f"A Korean cross-encoder reranker fine-tuned with koret on {source}, with the "
+                f"`{train_metrics.get('loss')}` loss ({negs} hard negative(s) per query).")
     loss = LOSS_WORDS.get(str(train_metrics.get("loss")), str(train_metrics.get("loss")))
     negs = int(train_metrics.get("num_negatives") or 0)
     if mine_stats:
@@ -259,9 +313,10 @@ def stage_folder(cfg: PushConfig, dest: Path) -> list[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("training_args.bin", "*.tmp", ".*"))
     if not list(tmp.rglob("*.safetensors")):
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import CrossEncoder, SentenceTransformer
 
-        SentenceTransformer(str(model_dir), device="cpu").save(str(tmp), safe_serialization=True)
+        kind = CrossEncoder if is_reranker(model_dir) else SentenceTransformer
+        kind(str(model_dir), device="cpu").save(str(tmp), safe_serialization=True)
         for f in tmp.rglob("pytorch_model.bin"):
             f.unlink()
     write_text(tmp / "README.md", card)

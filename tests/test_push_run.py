@@ -229,7 +229,7 @@ def test_push_errors(tiny_model, fake_hub, monkeypatch, tmp_path):
             "is not a valid repo id")
     (tmp_path / "plain").mkdir()
     _expect(run_cli("push", "--set", f"model={tmp_path / 'plain'}", "--set", "repo_id=a/b"),
-            "not a SentenceTransformer folder")
+            "is neither a SentenceTransformer folder")
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     _expect(run_cli(*base), "no Hugging Face token", "HF_TOKEN")

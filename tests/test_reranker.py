@@ -157,3 +157,19 @@ def test_held_out_reranking_is_evaluated_during_training(tmp_path, mined, tiny_c
     assert r.exit_code == 0, r.stderr
     evals = json.loads((out / "metrics.json").read_text())["eval"]
     assert len(evals) == 2 and 0 < evals[-1]["eval_ndcg@10"] <= 1, evals
+    # the reranker's card: text-ranking, CrossEncoder usage, training facts, retrieval vs retrieval + reranker
+    import yaml
+
+    run = tmp_path / "run"
+    r = run_cli("push", "--set", f"model={run / 'reranker' / 'final'}", "--set", "repo_id=someone/ko-reranker",
+                "--set", f"eval_dir={run / 'eval'}", "--dry-run", str(tmp_path / "staged"), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    card = (tmp_path / "staged" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["pipeline_tag"] == "text-ranking" and "reranker" in front["tags"]
+    ndcg = next(m for m in front["model-index"][0]["results"][0]["metrics"] if m["type"] == "ndcg_at_10")
+    assert ndcg["value"] == pytest.approx(ev["models"][2]["metrics"]["ndcg@10"], abs=1e-6)
+    assert "CrossEncoder(" in card and "model.rank(query, passages)" in card and "SentenceTransformer(" not in card
+    assert "| trained | " in card and "| trained + reranker | " in card and "reorders the top 20" in card
+    assert "cross-encoder reranker fine-tuned with koret on hard negatives mined" in card
+    assert (tmp_path / "staged" / "model.safetensors").exists() and (tmp_path / "staged" / "config.json").exists()
