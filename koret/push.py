@@ -79,7 +79,11 @@ def _st_config(model_dir: Path) -> dict[str, Any]:
 
 
 def is_reranker(model_dir: Path) -> bool:
-    """A CrossEncoder folder (what koret train-reranker writes): a sequence-classification model, no modules.json."""
+    """A CrossEncoder folder (what koret train-reranker writes): sentence-transformers 6 records
+    ``model_type: CrossEncoder``; older saves are a sequence-classification model without modules.json."""
+    st = read_record(model_dir / "config_sentence_transformers.json") or {}
+    if st.get("model_type"):
+        return st["model_type"] == "CrossEncoder"
     if (model_dir / "modules.json").exists():
         return False
     archs = (read_record(model_dir / "config.json") or {}).get("architectures") or []

@@ -142,21 +142,6 @@ def test_run_trains_a_reranker_and_eval_reports_it(tmp_path, tiny_model, tiny_cr
     assert ev["models"][2]["reranks"] == "trained" and ev["models"][2]["rerank_top_k"] == 20
     rr_cfg = json.loads((tmp_path / "run" / "reranker" / "metrics.json").read_text())
     assert rr_cfg["data"] == str(tmp_path / "run" / "mine" / "train.parquet")
-
-
-def test_held_out_reranking_is_evaluated_during_training(tmp_path, mined, tiny_cross_encoder):
-    df = pd.read_parquet(mined)
-    df.iloc[:20].to_parquet(tmp_path / "held.parquet")
-    df.iloc[20:].to_parquet(tmp_path / "train.parquet")
-    out = tmp_path / "rr"
-    cfg = {"model": {"name": str(tiny_cross_encoder)},
-           "data": {"train": str(tmp_path / "train.parquet"), "eval": str(tmp_path / "held.parquet")},
-           "args": {"output_dir": str(out), "per_device_train_batch_size": 8, "max_steps": 2, "eval_steps": 1,
-                    "save_strategy": "no"}}
-    r = run_cli("train-reranker", "-c", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet")
-    assert r.exit_code == 0, r.stderr
-    evals = json.loads((out / "metrics.json").read_text())["eval"]
-    assert len(evals) == 2 and 0 < evals[-1]["eval_ndcg@10"] <= 1, evals
     # the reranker's card: text-ranking, CrossEncoder usage, training facts, retrieval vs retrieval + reranker
     import yaml
 
@@ -173,3 +158,18 @@ def test_held_out_reranking_is_evaluated_during_training(tmp_path, mined, tiny_c
     assert "| trained | " in card and "| trained + reranker | " in card and "reorders the top 20" in card
     assert "cross-encoder reranker fine-tuned with koret on hard negatives mined" in card
     assert (tmp_path / "staged" / "model.safetensors").exists() and (tmp_path / "staged" / "config.json").exists()
+
+
+def test_held_out_reranking_is_evaluated_during_training(tmp_path, mined, tiny_cross_encoder):
+    df = pd.read_parquet(mined)
+    df.iloc[:20].to_parquet(tmp_path / "held.parquet")
+    df.iloc[20:].to_parquet(tmp_path / "train.parquet")
+    out = tmp_path / "rr"
+    cfg = {"model": {"name": str(tiny_cross_encoder)},
+           "data": {"train": str(tmp_path / "train.parquet"), "eval": str(tmp_path / "held.parquet")},
+           "args": {"output_dir": str(out), "per_device_train_batch_size": 8, "max_steps": 2, "eval_steps": 1,
+                    "save_strategy": "no"}}
+    r = run_cli("train-reranker", "-c", str(write_config(tmp_path / "r.yaml", cfg)), "--quiet")
+    assert r.exit_code == 0, r.stderr
+    evals = json.loads((out / "metrics.json").read_text())["eval"]
+    assert len(evals) == 2 and 0 < evals[-1]["eval_ndcg@10"] <= 1, evals
