@@ -126,3 +126,20 @@ def test_stage_is_told_by_top_level_keys(keys, stage):
     from koret.config import stage_of_keys
 
     assert stage_of_keys(keys, "f.yaml") == stage
+
+
+def test_yaml_floats_and_no_read_as_meant(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string and a bare no as false: learning_rate: 1e-4 crashed deep in the
+    optimizer, save_strategy: no was rejected."""
+    from koret.config import TrainConfig
+
+    path = tmp_path / "t.yaml"
+    path.write_text("model: {name: x}\nargs: {learning_rate: 1e-4, weight_decay: 2E-2, save_strategy: no}\n")
+    cfg = load_config(TrainConfig, path, ["args.warmup_steps=5e-2"])
+    assert cfg.args["learning_rate"] == 1e-4 and cfg.args["weight_decay"] == 0.02 and cfg.args["warmup_steps"] == 0.05
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from koret.training.common import training_arguments
+
+    args = training_arguments(SentenceTransformerTrainingArguments, {**cfg.args, "output_dir": str(tmp_path)}, False)
+    assert args.learning_rate == 1e-4 and str(args.save_strategy.value) == "no"

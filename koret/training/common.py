@@ -55,6 +55,9 @@ def training_arguments(args_class: type, user_args: dict[str, Any], has_eval: bo
         warmup = {}
     merged = {**DEFAULT_ARGS, **warmup, **user_args, **(extra or {})}
     merged.pop("resume_from_checkpoint", None)
+    for key in ("save_strategy", "eval_strategy", "logging_strategy"):
+        if merged.get(key) is False:  # YAML reads a bare `no` as false
+            merged[key] = "no"
     if has_eval:
         merged.setdefault("eval_strategy", "steps")
         merged.setdefault("eval_steps", merged.get("save_steps", 500))
