@@ -271,7 +271,7 @@ class RerankerLossConfig(Section):
                                                              "of negatives per positive).")
     scale: float = Field(10.0, gt=0, description="mnrl / cached_mnrl: logits are scaled by this (the library's "
                                                  "default).")
-    in_batch_negatives: int | None = Field(4, ge=0, description="mnrl / cached_mnrl: other queries' passages used "
+    in_batch_negatives: int | None = Field(4, ge=1, description="mnrl / cached_mnrl: other queries' passages used "
                                                                 "as extra negatives per query (None: all).")
     mini_batch_size: int = Field(32, ge=1, description="cached_mnrl: GradCache mini-batch.")
 

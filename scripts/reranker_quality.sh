@@ -24,7 +24,7 @@ $KORET mine -c configs/mine.yaml --set data.train="$DATA#0:112" --set data.corpu
 t_mine=$(date +%s)
 $KORET train-reranker -c configs/reranker.yaml --set model.name="$E5" --set model.max_length=128 \
   --set data.train="$OUT/mine/train.parquet" --set data.limit="$RR_QUERIES" --set loss.name=mnrl \
-  --set loss.in_batch_negatives=0 --set args.output_dir="$OUT/reranker" --set args.per_device_train_batch_size=16 \
+  --set loss.in_batch_negatives=1 --set args.output_dir="$OUT/reranker" --set args.per_device_train_batch_size=16 \
   --set args.learning_rate=1e-4 --set args.logging_steps=5 --set args.save_strategy=no
 t_train=$(date +%s)
 cat > "$OUT/eval.yaml" <<YAML
