@@ -38,7 +38,7 @@ SetOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 ProcsOpt = Annotated[
-    int, typer.Option("--num-processes", "-n", min=1, help="Processes (one per GPU) via accelerate launch.")
+    int, typer.Option("--num-processes", "-n", min=1, help="Processes: one per GPU, or CPU processes with gloo.")
 ]
 
 STAGE_SCHEMAS = ("mine", "filter", "train", "reranker", "eval", "push", "run")
@@ -86,73 +86,45 @@ def _relaunch(num_processes: int) -> bool:
     raise typer.Exit(code=dist.launch(num_processes, args))
 
 
-def _load_mine_config(config: Path, overrides: list[str] | None) -> Any:
-    from koret.config import MineConfig, load_config
-
-    return load_config(MineConfig, config, overrides)
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")]
 
 
-@app.command()
-def mine(config: ConfigOpt, set_: SetOpt = None, num_processes: ProcsOpt = 1, quiet: QuietOpt = False,
-         debug: DebugOpt = False) -> None:
-    """Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."""
+def _stage_command(name: str) -> None:
+    """Register ``koret <command>`` for a registry stage: ``-c``, ``--set``, ``--quiet``, ``--debug``, plus
+    ``--num-processes`` for stages that use every process and ``--resume`` for resumable ones."""
+    import inspect
 
-    def go() -> None:
-        cfg = _load_mine_config(config, set_)
-        _relaunch(num_processes)
-        from koret.mine import mine as run_mine
+    from koret.stages import get
 
-        run_mine(cfg)
+    stage = get(name)
 
-    _run(go, debug, quiet)
+    def command(config: Path, set_: list[str] | None = None, resume: bool = False, num_processes: int = 1,
+                quiet: bool = False, debug: bool = False) -> None:
+        def go() -> None:
+            from koret.config import load_config
 
+            cfg = load_config(stage.schema, config, set_)
+            _relaunch(num_processes)
+            stage.call(cfg, **({"resume": resume} if stage.resumable else {}))
 
-@app.command("filter")
-def filter_(config: ConfigOpt, set_: SetOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
-    """Re-filter an existing candidates.parquet with new settings (no model; seconds)."""
+        _run(go, debug, quiet)
 
-    def go() -> None:
-        from koret.refilter import refilter
-
-        refilter(_load_mine_config(config, set_))
-
-    _run(go, debug, quiet)
-
-
-@app.command()
-def train(config: ConfigOpt, set_: SetOpt = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-          num_processes: ProcsOpt = 1, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
-    """Train with GIST / cached GIST (guide model, several hard negatives), data-parallel with accelerate."""
-
-    def go() -> None:
-        from koret.config import TrainConfig, load_config
-
-        cfg = load_config(TrainConfig, config, set_)
-        _relaunch(num_processes)
-        from koret.train import train as run_train
-
-        run_train(cfg, resume=resume)
-
-    _run(go, debug, quiet)
+    params = [("config", ConfigOpt, inspect.Parameter.empty), ("set_", SetOpt, None)]
+    if stage.resumable:
+        params.append(("resume", ResumeOpt, False))
+    if stage.multi_process:
+        params.append(("num_processes", ProcsOpt, 1))
+    params += [("quiet", QuietOpt, False), ("debug", DebugOpt, False)]
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a, default=d) for n, a, d in params])
+    command.__doc__ = stage.help
+    command.__name__ = stage.command.replace("-", "_")
+    app.command(stage.command)(command)
 
 
-@app.command("train-reranker")
-def train_reranker(config: ConfigOpt, set_: SetOpt = None,
-                   resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-                   num_processes: ProcsOpt = 1, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
-    """Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, margin_mse)."""
-
-    def go() -> None:
-        from koret.config import RerankerConfig, load_config
-
-        cfg = load_config(RerankerConfig, config, set_)
-        _relaunch(num_processes)
-        from koret.train_reranker import train_reranker as run_train_reranker
-
-        run_train_reranker(cfg, resume=resume)
-
-    _run(go, debug, quiet)
+# the stages whose command is the same shape come from the registry; eval and push have flags of their own
+for _name in ("mine", "filter", "train", "reranker"):
+    _stage_command(_name)
 
 
 @app.command("eval")

@@ -29,10 +29,16 @@ class Stage:
     multi_process: bool = False  # uses every process of a launched run (else: the main one, the others wait)
     help: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    resumable: bool = False  # the run function takes resume= (checkpoints)
+    cli: str | None = None  # the command's name when it differs from the stage's
 
-    def call(self, cfg: Any) -> Any:
+    @property
+    def command(self) -> str:
+        return self.cli or self.name
+
+    def call(self, cfg: Any, **kwargs: Any) -> Any:
         module, _, function = self.run.partition(":")
-        return getattr(importlib.import_module(module), function)(cfg)
+        return getattr(importlib.import_module(module), function)(cfg, **kwargs)
 
 
 def _rows_figure(cfg: Any, stats: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -74,12 +80,14 @@ STAGES: dict[str, Stage] = {
         Stage("train", TrainConfig, "koret.train:train",
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
+              resumable=True,
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
         Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
               lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
-              help="Fine-tune a cross-encoder reranker on mined hard negatives (koret train-reranker).",
-              aliases=("train-reranker",)),
+              resumable=True, cli="train-reranker", aliases=("train-reranker",),
+              help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "
+                   "margin_mse)."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
               lambda c: [c.data.path, c.data.corpus], _eval_figure,
               help="Evaluate models side by side with trec_eval's metrics."),
