@@ -19,19 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from koret import dist
 from koret.config import (
-    EvalConfig,
-    FilterConfig,
-    MineConfig,
-    PushConfig,
-    RerankerConfig,
     Section,
-    TrainConfig,
     config_hash,
-    validate,
 )
 from koret.errors import KoretError
 from koret.io import fingerprint_paths, read_record, write_json
@@ -45,85 +38,25 @@ class RunSection(Section):
     dir: str = Field("runs/pipeline", description="Every stage writes under <run.dir>/<stage>/.")
 
 
-class PipelineConfig(Section):
-    run: RunSection = Field(default_factory=RunSection)
-    mine: MineConfig | None = None
-    filter: FilterConfig | None = None
-    train: TrainConfig | None = None
-    reranker: RerankerConfig | None = None
-    eval: EvalConfig | None = None
-    push: PushConfig | None = None
+PipelineConfig = create_model(  # one optional section per registered stage, in the chain's order
+    "PipelineConfig", __base__=Section, __doc__="A koret run file: run.dir and a section per stage.",
+    run=(RunSection, Field(default_factory=RunSection)),
+    **{name: ((stage.section or stage.schema) | None, None) for name, stage in REGISTRY.items()},  # type: ignore[misc]
+)
 
 
 # --------------------------------------------------------------------------------------------- resolution
 
 
-def resolve(cfg: PipelineConfig, source: str) -> dict[str, Any]:
-    """Each present stage's own config, with the chain's defaults filled in (outputs under run.dir)."""
+def resolve(cfg: Any, source: str) -> dict[str, Any]:
+    """Each present stage's own config, with the chain's defaults filled in (outputs under run.dir): every
+    registry entry's ``chain`` turns its section into the stage's config, seeing the upstream stages'."""
     root = Path(cfg.run.dir)
     out: dict[str, Any] = {}
-    if cfg.mine is not None:
-        mine = cfg.mine.model_copy(deep=True)
-        mine.output.dir = str(root / "mine")
-        out["mine"] = mine
-    if cfg.filter is not None:
-        if cfg.mine is None:
-            raise KoretError(f"{source}: the filter stage needs a mine section (it re-filters mine's candidates)")
-        refilter_cfg = out["mine"].model_copy(deep=True)
-        refilter_cfg.filter = cfg.filter.model_copy(deep=True)
-        refilter_cfg.filter.candidates = str(root / "mine")
-        refilter_cfg.output.dir = str(root / "filter")
-        out["filter"] = validate(MineConfig, refilter_cfg.model_dump(mode="json"), f"{source}: filter")
-    if cfg.train is not None:
-        train = cfg.train.model_copy(deep=True)
-        if not train.data.train:
-            upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
-            if upstream is None:
-                raise KoretError(f"{source}: train.data.train is required when there is no mine section")
-            train.data.train = str(root / upstream / "train.parquet")
-        train.args = {**train.args, "output_dir": str(root / "train")}
-        out["train"] = train
-    if cfg.reranker is not None:
-        rr = cfg.reranker.model_copy(deep=True)
-        if not rr.data.train:
-            # a reranker wants the hardest negatives at hand: the re-filtered ones, else mine's
-            upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
-            if upstream is None:
-                raise KoretError(f"{source}: reranker.data.train is required when there is no mine section")
-            rr.data.train = str(root / upstream / "train.parquet")
-        rr.args = {**rr.args, "output_dir": str(root / "reranker")}
-        out["reranker"] = rr
-    if cfg.eval is not None:
-        ev = cfg.eval.model_copy(deep=True)
-        if not ev.models:
-            if "train" not in out:
-                raise KoretError(f"{source}: eval.models is required when there is no train section")
-            t = out["train"]
-            # the base model is read with the prompts training used; the trained one was saved with exactly those
-            prompts = {k: getattr(t.model, k) for k in ("query_prompt", "query_prompt_name", "passage_prompt",
-                                                         "passage_prompt_name")}
-            ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "models": [
-                {"name": t.model.name, "label": "base", "max_seq_length": t.model.max_seq_length, **prompts},
-                {"name": str(root / "train" / "final"), "label": "trained",
-                 "max_seq_length": t.model.max_seq_length}]}, f"{source}: eval")
-        if "reranker" in out and not ev.rerankers:  # the trained retriever's top-k, reordered by the reranker
-            ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "rerankers": [
-                {"name": str(root / "reranker" / "final"), "label": "reranker",
-                 "max_length": out["reranker"].model.max_length}],
-                "rerank_model": ev.rerank_model or ev.models[-1].label or None}, f"{source}: eval")
-        ev.output.dir = str(root / "eval")
-        out["eval"] = ev
-    if cfg.push is not None:
-        push = cfg.push.model_copy(deep=True)
-        push.dry_run_dir = str(root / "push")
-        if "train" in out:
-            push.model = str(root / "train" / "final")
-            push.train_dir = str(root / "train")
-        if "eval" in out:
-            push.eval_dir = str(root / "eval")
-        if "filter" in out or "mine" in out:
-            push.mine_dir = str(root / ("filter" if "filter" in out else "mine"))
-        out["push"] = push
+    for name, stage in REGISTRY.items():
+        section = getattr(cfg, name, None)
+        if section is not None and stage.chain is not None:
+            out[name] = stage.chain(section, out, root, source)
     return out
 
 

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from koret.config import EvalConfig, MineConfig, PushConfig, RerankerConfig, TrainConfig
+from koret.config import (
+    EvalConfig,
+    FilterConfig,
+    MineConfig,
+    PushConfig,
+    RerankerConfig,
+    TrainConfig,
+    validate,
+)
+from koret.errors import KoretError
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,10 @@ class Stage:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     resumable: bool = False  # the run function takes resume= (checkpoints)
     cli: str | None = None  # the command's name when it differs from the stage's
+    # koret run: the schema of the stage's section, and how the section becomes the stage's own config in the
+    # chain (defaults from the upstream stages, outputs under run.dir): chain(section, upstream, root, source)
+    section: type | None = None
+    chain: Callable[[Any, dict[str, Any], Path, str], Any] | None = None
 
     @property
     def command(self) -> str:
@@ -65,6 +78,87 @@ def _push_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return res["url"], {"url": res["url"]}
 
 
+# --------------------------------------------------------------------------------------------- the chain
+
+
+def _upstream_train_parquet(out: dict[str, Any], root: Path, what: str, source: str) -> str:
+    """The hardest negatives at hand: the re-filtered train.parquet, else mine's."""
+    upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
+    if upstream is None:
+        raise KoretError(f"{source}: {what}.data.train is required when there is no mine section")
+    return str(root / upstream / "train.parquet")
+
+
+def _chain_mine(section: MineConfig, out: dict[str, Any], root: Path, source: str) -> MineConfig:
+    mine = section.model_copy(deep=True)
+    mine.output.dir = str(root / "mine")
+    return mine
+
+
+def _chain_filter(section: FilterConfig, out: dict[str, Any], root: Path, source: str) -> MineConfig:
+    if "mine" not in out:
+        raise KoretError(f"{source}: the filter stage needs a mine section (it re-filters mine's candidates)")
+    refilter_cfg = out["mine"].model_copy(deep=True)
+    refilter_cfg.filter = section.model_copy(deep=True)
+    refilter_cfg.filter.candidates = str(root / "mine")
+    refilter_cfg.output.dir = str(root / "filter")
+    return validate(MineConfig, refilter_cfg.model_dump(mode="json"), f"{source}: filter")
+
+
+def _chain_train(section: TrainConfig, out: dict[str, Any], root: Path, source: str) -> TrainConfig:
+    train = section.model_copy(deep=True)
+    if not train.data.train:
+        train.data.train = _upstream_train_parquet(out, root, "train", source)
+    train.args = {**train.args, "output_dir": str(root / "train")}
+    return train
+
+
+def _chain_reranker(section: RerankerConfig, out: dict[str, Any], root: Path, source: str) -> RerankerConfig:
+    rr = section.model_copy(deep=True)
+    if not rr.data.train:
+        rr.data.train = _upstream_train_parquet(out, root, "reranker", source)
+    rr.args = {**rr.args, "output_dir": str(root / "reranker")}
+    return rr
+
+
+def _chain_eval(section: EvalConfig, out: dict[str, Any], root: Path, source: str) -> EvalConfig:
+    ev = section.model_copy(deep=True)
+    if not ev.models:
+        if "train" not in out:
+            raise KoretError(f"{source}: eval.models is required when there is no train section")
+        t = out["train"]
+        # the base model is read with the prompts training used; the trained one was saved with exactly those
+        prompts = {k: getattr(t.model, k) for k in ("query_prompt", "query_prompt_name", "passage_prompt",
+                                                     "passage_prompt_name")}
+        ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "models": [
+            {"name": t.model.name, "label": "base", "max_seq_length": t.model.max_seq_length, **prompts},
+            {"name": str(root / "train" / "final"), "label": "trained",
+             "max_seq_length": t.model.max_seq_length}]}, f"{source}: eval")
+    if "reranker" in out and not ev.rerankers:  # the trained retriever's top-k, reordered by the reranker
+        ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "rerankers": [
+            {"name": str(root / "reranker" / "final"), "label": "reranker",
+             "max_length": out["reranker"].model.max_length}],
+            "rerank_model": ev.rerank_model or ev.models[-1].label or None}, f"{source}: eval")
+    ev.output.dir = str(root / "eval")
+    return ev
+
+
+def _chain_push(section: PushConfig, out: dict[str, Any], root: Path, source: str) -> PushConfig:
+    push = section.model_copy(deep=True)
+    push.dry_run_dir = str(root / "push")
+    if "train" in out:
+        push.model = str(root / "train" / "final")
+        push.train_dir = str(root / "train")
+    if "eval" in out:
+        push.eval_dir = str(root / "eval")
+    if "filter" in out or "mine" in out:
+        push.mine_dir = str(root / ("filter" if "filter" in out else "mine"))
+    return push
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
 def _mine_outputs(cfg: Any) -> list[Path]:
     return [Path(cfg.output.dir) / "train.parquet", Path(cfg.output.dir) / "stats.json"]
 
@@ -72,26 +166,27 @@ def _mine_outputs(cfg: Any) -> list[Path]:
 STAGES: dict[str, Stage] = {
     s.name: s for s in (
         Stage("mine", MineConfig, "koret.mine:mine", _mine_outputs,
-              lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True,
+              lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True, chain=_chain_mine,
               help="Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."),
         Stage("filter", MineConfig, "koret.refilter:refilter", _mine_outputs,
-              lambda c: [], _rows_figure,
+              lambda c: [], _rows_figure, section=FilterConfig, chain=_chain_filter,
               help="Re-filter an existing candidates.parquet with new settings (no model; seconds)."),
         Stage("train", TrainConfig, "koret.train:train",
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
-              resumable=True,
+              resumable=True, chain=_chain_train,
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
         Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
               lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
-              resumable=True, cli="train-reranker", aliases=("train-reranker",),
+              resumable=True, cli="train-reranker", aliases=("train-reranker",), chain=_chain_reranker,
               help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "
                    "margin_mse)."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
-              lambda c: [c.data.path, c.data.corpus], _eval_figure,
+              lambda c: [c.data.path, c.data.corpus], _eval_figure, chain=_chain_eval,
               help="Evaluate models side by side with trec_eval's metrics."),
         Stage("push", PushConfig, "koret.push:push_stage", lambda c: [], lambda c: [], _push_figure,
+              chain=_chain_push,
               help="Upload a trained model to the Hugging Face Hub with an honest model card."),
     )
 }
