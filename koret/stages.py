@@ -105,20 +105,17 @@ def _chain_filter(section: FilterConfig, out: dict[str, Any], root: Path, source
     return validate(MineConfig, refilter_cfg.model_dump(mode="json"), f"{source}: filter")
 
 
-def _chain_train(section: TrainConfig, out: dict[str, Any], root: Path, source: str) -> TrainConfig:
-    train = section.model_copy(deep=True)
-    if not train.data.train:
-        train.data.train = _upstream_train_parquet(out, root, "train", source)
-    train.args = {**train.args, "output_dir": str(root / "train")}
-    return train
+def _chain_trainer(name: str) -> Callable[[Any, dict[str, Any], Path, str], Any]:
+    """train and reranker: data.train defaults to the hardest negatives upstream, outputs go to <run.dir>/<name>."""
 
+    def chain(section: Any, out: dict[str, Any], root: Path, source: str) -> Any:
+        cfg = section.model_copy(deep=True)
+        if not cfg.data.train:
+            cfg.data.train = _upstream_train_parquet(out, root, name, source)
+        cfg.args = {**cfg.args, "output_dir": str(root / name)}
+        return cfg
 
-def _chain_reranker(section: RerankerConfig, out: dict[str, Any], root: Path, source: str) -> RerankerConfig:
-    rr = section.model_copy(deep=True)
-    if not rr.data.train:
-        rr.data.train = _upstream_train_parquet(out, root, "reranker", source)
-    rr.args = {**rr.args, "output_dir": str(root / "reranker")}
-    return rr
+    return chain
 
 
 def _chain_eval(section: EvalConfig, out: dict[str, Any], root: Path, source: str) -> EvalConfig:
@@ -174,12 +171,12 @@ STAGES: dict[str, Stage] = {
         Stage("train", TrainConfig, "koret.train:train",
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
-              resumable=True, chain=_chain_train,
+              resumable=True, chain=_chain_trainer("train"),
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
         Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
               lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
-              resumable=True, cli="train-reranker", aliases=("train-reranker",), chain=_chain_reranker,
+              resumable=True, cli="train-reranker", aliases=("train-reranker",), chain=_chain_trainer("reranker"),
               help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "
                    "margin_mse)."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
