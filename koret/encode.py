@@ -181,6 +181,22 @@ def load_cross_encoder(name: str, *, key: str = "rescore.model", device: str | N
     return model
 
 
+def score_pairs(model: Any, pairs: Sequence[tuple[str, str]], batch_size: int, description: str) -> np.ndarray:
+    """A CrossEncoder's float32 scores of (query, passage) pairs, in chunks with progress (pairs/s, ETA)."""
+    from koret.report import progress
+
+    scores = np.empty(len(pairs), dtype=np.float32)
+    step = batch_size * 16
+    with progress() as bar:
+        task = bar.add_task(description, total=len(pairs), unit="pairs")
+        for start in range(0, len(pairs), step):
+            chunk = list(pairs[start:start + step])
+            scores[start:start + len(chunk)] = np.asarray(
+                model.predict(chunk, batch_size=batch_size, show_progress_bar=False), dtype=np.float32).reshape(-1)
+            bar.update(task, advance=len(chunk))
+    return scores
+
+
 def model_identity(name: str) -> str:
     """A string that changes when the model's files change: path + file sizes/mtimes, or Hub id + revision."""
     path = package_path(name[4:], "model") if name.startswith("pkg:") else Path(name).expanduser()

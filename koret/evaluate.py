@@ -80,15 +80,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.rerankers and target not in labels:
         raise KoretError(f"rerank_model: {target!r} is not one of the models' labels ({', '.join(labels)})")
     rankings: dict[str, np.ndarray] = {}
+    doc_rank = doc_rank_desc(data.doc_ids)  # trec_eval's tie order, once for every model and reranker
     for m, label in zip(cfg.models, labels, strict=True):
         depth = max(max(ks), cfg.rerank_top_k) if cfg.rerankers and label == target else max(ks)
-        res = evaluate_model(m, data, qids, ks, cfg, depth=depth)
+        res = evaluate_model(m, data, qids, ks, cfg, depth=depth, doc_rank=doc_rank)
         results.append({"name": label, "model": m.name, **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
         rankings[label] = res["ranked"]
     for r in cfg.rerankers:
         label = f"{target} + {_label(r, taken)}"
-        res = rerank(r, data, qids, rankings[target][:, : cfg.rerank_top_k], ks)
+        res = rerank(r, data, qids, rankings[target][:, : cfg.rerank_top_k], ks, doc_rank)
         results.append({"name": label, "model": r.name, "reranks": target, "rerank_top_k": cfg.rerank_top_k,
                         **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
@@ -124,28 +125,20 @@ def _add_per_query(per_query: list[dict[str, Any]], data: RetrievalData, qids: l
                                                                                   strict=True)]}
 
 
-def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, ks: list[int]) -> dict[str, Any]:
+def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, ks: list[int],
+           doc_rank: np.ndarray) -> dict[str, Any]:
     """Reorder each query's retrieved passages (``ranked``, -1 padded) by a CrossEncoder's scores, ties in
     trec_eval's order, and score the reranked lists with the same metrics."""
-    from koret.encode import load_cross_encoder
-    from koret.report import progress
+    from koret.encode import load_cross_encoder, score_pairs
 
     t0 = time.perf_counter()
     ce = load_cross_encoder(r.name, key=f"rerankers[{r.name}]", max_length=r.max_length)
     valid = ranked >= 0
     pairs = [(data.queries[q], data.corpus[d]) for q, row in zip(qids, ranked, strict=True) for d in row if d >= 0]
-    flat = np.empty(len(pairs), dtype=np.float32)
-    step = r.batch_size * 16
-    with progress() as bar:
-        task = bar.add_task("rerank", total=len(pairs), unit="pairs")
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start:start + step]
-            flat[start:start + len(chunk)] = np.asarray(
-                ce.predict(chunk, batch_size=r.batch_size, show_progress_bar=False), dtype=np.float32).reshape(-1)
-            bar.update(task, advance=len(chunk))
+    flat = score_pairs(ce, pairs, r.batch_size, "rerank")
     scores = np.full(ranked.shape, -np.inf, dtype=np.float32)
     scores[valid] = flat
-    ids, scores = trec_order(ranked, scores, doc_rank_desc(data.doc_ids))
+    ids, scores = trec_order(ranked, scores, doc_rank)
     per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ids, strict=True)]
     seconds = time.perf_counter() - t0
     del ce
@@ -188,7 +181,7 @@ def judged_queries(data: RetrievalData) -> tuple[list[int], int]:
 
 
 def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks: list[int],
-                   cfg: EvalConfig, depth: int | None = None) -> dict[str, Any]:
+                   cfg: EvalConfig, depth: int | None = None, doc_rank: np.ndarray | None = None) -> dict[str, Any]:
     """Encode (cached), search and score one model; returns summary, rankings and scores per query."""
     t0 = time.perf_counter()
     model = load_sentence_transformer(m.name, key=f"models[{m.name}]", dtype=m.dtype, max_seq_length=m.max_seq_length)
@@ -199,8 +192,9 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]
     query_emb, query_stats = encode_unique(model, queries, q_prompt, enc, "encode queries")
-    ranked, scores, backend = rank_like_trec_eval(query_emb.to_array(), corpus_emb, depth or max(ks), data.doc_ids,
-                                                  cfg)
+    if doc_rank is None:
+        doc_rank = doc_rank_desc(data.doc_ids)
+    ranked, scores, backend = rank_like_trec_eval(query_emb.to_array(), corpus_emb, depth or max(ks), doc_rank, cfg)
     per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ranked, strict=True)]
     seconds = time.perf_counter() - t0
     summary = {
@@ -228,7 +222,7 @@ def encode_unique(model: Any, texts: list[str], prompt: str, enc: EncodeSettings
     return Embeddings([emb.take(inverse)]), stats
 
 
-def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ids: list[str],
+def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_rank: np.ndarray,
                         cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, str]:
     """Top ``k`` per query in trec_eval's order: exact score descending, then document id descending.
 
@@ -247,7 +241,7 @@ def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ids
         if fetch >= n or not open_ties.any():
             break
         fetch = min(n, fetch * 2)
-    ids, scores = trec_order(result.ids, result.scores, doc_rank_desc(doc_ids))
+    ids, scores = trec_order(result.ids, result.scores, doc_rank)
     return ids[:, :k], scores[:, :k], result.backend
 
 

@@ -39,6 +39,7 @@ from koret.encode import (
     load_sentence_transformer,
     resolve_dtype,
     resolve_model_path,
+    score_pairs,
 )
 from koret.errors import KoretError
 from koret.filter import Candidates, FilterSettings, apply_filter
@@ -142,24 +143,13 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
 
 def rescore(cands: Candidates, corpus: list[str], cfg: MineConfig) -> Candidates:
     """Score every (query, candidate) and (query, positive) pair with the CrossEncoder, batched across queries."""
-    from koret.report import progress
-
     ce = load_cross_encoder(cfg.rescore.model, device=cfg.teacher.device, max_length=cfg.rescore.max_length)
     ids = cands.candidate_ids
     pairs: list[tuple[str, str]] = []
     for q, text in enumerate(cands.queries):
         pairs.extend((text, corpus[d]) for d in ids[q] if d >= 0)
         pairs.extend((text, corpus[d]) for d in cands.positive_ids[q])
-    scores = np.empty(len(pairs), dtype=np.float32)
-    step = cfg.rescore.batch_size * 16
-    with progress() as bar:
-        task = bar.add_task("rescore", total=len(pairs), unit="pairs")
-        for start in range(0, len(pairs), step):
-            chunk = pairs[start:start + step]
-            scores[start:start + len(chunk)] = np.asarray(
-                ce.predict(chunk, batch_size=cfg.rescore.batch_size, show_progress_bar=False), dtype=np.float32
-            ).reshape(-1)
-            bar.update(task, advance=len(chunk))
+    scores = score_pairs(ce, pairs, cfg.rescore.batch_size, "rescore")
     new_cand = np.full(ids.shape, -np.inf, dtype=np.float32)
     new_pos: list[np.ndarray] = []
     pos = 0
