@@ -89,8 +89,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
         return {}
     metrics = {"kind": "reranker", "loss": cfg.loss.name, "num_negatives": data.num_negatives,
                "train_rows": data.rows, "base_model": cfg.model.name, "data": data.source,
-               **run_metrics(output, args, callback, 0.0, wall, str(model.device), resume_from)}
-    metrics["tokens_per_second"] = metrics["tokens_per_row"] = None  # pairs are not counted in tokens here
+               **run_metrics(output, args, callback, None, wall, str(model.device), resume_from)}  # pairs: no token count
     write_records(out_dir, metrics, cfg, callback)
     show(table(f"koret train-reranker: {out_dir}", ["", "value"], [
         ["loss", cfg.loss.name], ["rows x hard negatives", f"{data.rows:,} x {data.num_negatives}"],

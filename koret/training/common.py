@@ -246,7 +246,7 @@ def save_final(trainer: Any, out_dir: Path, cfg: Any) -> Path | None:
     return final
 
 
-def run_metrics(output: Any, args: Any, callback: Any, tokens_per_row: float, wall: float, device: str,
+def run_metrics(output: Any, args: Any, callback: Any, tokens_per_row: float | None, wall: float, device: str,
                 resumed_from: str | None) -> dict[str, Any]:
     """The figures every recipe reports in ``metrics.json``."""
     m = output.metrics
@@ -260,7 +260,7 @@ def run_metrics(output: Any, args: Any, callback: Any, tokens_per_row: float, wa
         "steps": output.global_step, "final_loss": callback.logs[-1]["loss"] if callback.logs else m.get("train_loss"),
         "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime"),
         "samples_per_second": samples_per_s, "steps_per_second": m.get("train_steps_per_second"),
-        "tokens_per_second": samples_per_s * tokens_per_row if samples_per_s else None,
+        "tokens_per_second": samples_per_s * tokens_per_row if samples_per_s and tokens_per_row else None,
         "tokens_per_row": tokens_per_row, "wall_seconds": wall, "resumed_from": resumed_from, "device": device,
         "loss_curve": callback.logs, "eval": callback.evals, **peak_memory(),
     }
