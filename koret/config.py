@@ -330,6 +330,14 @@ class EvalRerankerConfig(Section):
     batch_size: int = Field(32, ge=1)
 
 
+class SignificanceConfig(Section):
+    """Paired comparison of every model with the baseline (:mod:`koret.significance`)."""
+
+    resamples: int = Field(10_000, ge=0, description="Bootstrap and randomization resamples; 0 turns it off.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the bootstrap confidence interval.")
+    seed: int = 0
+
+
 class EvalConfig(Section):
     """Config of ``koret eval``: the first model is the baseline the others are compared with; each reranker
     reorders the first model's top ``rerank_top_k``."""
@@ -344,6 +352,7 @@ class EvalConfig(Section):
     search: EvalSearchConfig = Field(default_factory=EvalSearchConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     output: EvalOutputConfig = Field(default_factory=EvalOutputConfig)
+    significance: SignificanceConfig = Field(default_factory=SignificanceConfig)
     mteb: list[str] | None = Field(None, description="MTEB Korean retrieval tasks to run too (needs the Hub).")
     cache_dir: str = "~/.cache/koret"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from koret.config import EvalConfig, EvalModelConfig, config_dict
+from koret.config import EvalConfig, EvalModelConfig, SignificanceConfig, config_dict
 from koret.data import RetrievalData, load_section
 from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer, resolve_dtype
 from koret.errors import KoretError
@@ -80,6 +80,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.rerankers and target not in labels:
         raise KoretError(f"rerank_model: {target!r} is not one of the models' labels ({', '.join(labels)})")
     rankings: dict[str, np.ndarray] = {}
+    scored: dict[str, list[dict[str, float]]] = {}  # label -> per-query metrics, in qids order
     doc_rank = doc_rank_desc(data.doc_ids)  # trec_eval's tie order, once for every model and reranker
     for m, label in zip(cfg.models, labels, strict=True):
         depth = max(max(ks), cfg.rerank_top_k) if cfg.rerankers and label == target else max(ks)
@@ -87,12 +88,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         results.append({"name": label, "model": m.name, **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
         rankings[label] = res["ranked"]
+        scored[label] = res["per_query"]
     for r in cfg.rerankers:
         label = f"{target} + {_label(r, taken)}"
         res = rerank(r, data, qids, rankings[target][:, : cfg.rerank_top_k], ks, doc_rank)
         results.append({"name": label, "model": r.name, "reranks": target, "rerank_top_k": cfg.rerank_top_k,
                         **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
+        scored[label] = res["per_query"]
+    add_significance(results, scored, cfg.significance)
     out = {
         "models": results,
         "baseline": results[0]["name"],
@@ -144,7 +148,7 @@ def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, ks:
     del ce
     return {"summary": {"metrics": mean_metrics(per_q), "seconds": seconds,
                         "pairs_per_second": len(pairs) / seconds if seconds > 0 else None},
-            "ranked": ids, "scores": scores}
+            "ranked": ids, "scores": scores, "per_query": per_q}
 
 
 def doc_rank_desc(doc_ids: list[str]) -> np.ndarray:
@@ -206,7 +210,7 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
         "search_backend": backend,
     }
     del model
-    return {"summary": summary, "ranked": ranked, "scores": scores}
+    return {"summary": summary, "ranked": ranked, "scores": scores, "per_query": per_q}
 
 
 def encode_unique(model: Any, texts: list[str], prompt: str, enc: EncodeSettings,
@@ -245,10 +249,43 @@ def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ran
     return ids[:, :k], scores[:, :k], result.backend
 
 
+def add_significance(results: list[dict[str, Any]], scored: dict[str, list[dict[str, float]]],
+                     cfg: SignificanceConfig) -> None:
+    """Each result after the baseline gets ``significance``: for every table metric, the mean per-query gain
+    over the baseline, its paired-bootstrap confidence interval and the paired randomization test's p-value."""
+    if cfg.resamples == 0 or len(results) < 2:
+        return
+    from koret.significance import compare_to_baseline
+
+    base = results[0]["name"]
+    metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
+    arrays = {label: {k: np.array([q[k] for q in rows]) for k in metrics} for label, rows in scored.items()}
+    compared = compare_to_baseline(arrays, base, metrics, resamples=cfg.resamples, confidence=cfg.confidence,
+                                   seed=cfg.seed)
+    for r in results[1:]:
+        r["significance"] = {"baseline": base, "test": "paired randomization (sign flip), two-sided",
+                             "interval": f"paired bootstrap, percentile, {cfg.confidence:.0%}",
+                             "resamples": cfg.resamples, "metrics": compared[r["name"]]}
+
+
+def _delta_text(r: dict[str, Any], k: str, base: float, sep: str = " ") -> str:
+    """``+0.0094 [+0.0025, +0.0164] p=0.007`` (interval and p only when computed)."""
+    delta = r["metrics"][k] - base
+    sig = r.get("significance", {}).get("metrics", {}).get(k)
+    if not sig:
+        return f"{delta:+.4f}"
+    return f"{delta:+.4f}{sep}[{sig['ci_low']:+.4f}, {sig['ci_high']:+.4f}] p={format_p(sig['p_value'])}"
+
+
+def format_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def show_table(results: list[dict[str, Any]], title: str) -> None:
     """Metrics x models (fits a narrow terminal), each model after the first with its delta (green up, red down)."""
     if is_quiet():
         return
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"koret eval: {title}", title_justify="left", header_style="bold")
@@ -265,19 +302,31 @@ def show_table(results: list[dict[str, Any]], title: str) -> None:
             else:
                 delta = v - base[k]
                 color = "green" if delta > 0 else "red" if delta < 0 else "dim"
-                cells.append(f"{v:.4f} [{color}]{delta:+.4f}[/{color}]")
+                sig = r.get("significance", {}).get("metrics", {}).get(k)
+                if sig and sig["ci_low"] <= 0 <= sig["ci_high"]:
+                    color = "dim"  # the interval holds zero: not a measurable difference
+                text = escape(_delta_text(r, k, base[k], sep="\n"))
+                cells.append(f"{v:.4f} [{color}]{text}[/{color}]")
         t.add_row(k, *cells)
     console().print(t)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
+    """Metrics x models; every model after the baseline shows its delta, and where computed the delta's
+    confidence interval and p-value, with a line saying how they were computed."""
     metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
     lines = ["| model | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
     base = results[0]["metrics"]
     for i, r in enumerate(results):
-        cells = [f"{r['metrics'][k]:.4f}" + ("" if i == 0 else f" ({r['metrics'][k] - base[k]:+.4f})")
+        cells = [f"{r['metrics'][k]:.4f}" + ("" if i == 0 else f" ({_delta_text(r, k, base[k])})")
                  for k in metrics]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    sig = next((r["significance"] for r in results[1:] if "significance" in r), None)
+    if sig:
+        n = next(iter(sig["metrics"].values()))["queries"] if sig["metrics"] else 0
+        lines.append("")
+        lines.append(f"Deltas against {sig['baseline']} over {n:,} queries: [{sig['interval']} interval of the "
+                     f"mean gain], p = {sig['test']} ({sig['resamples']:,} resamples).")
     return "\n".join(lines) + "\n"
 
 

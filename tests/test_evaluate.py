@@ -6,10 +6,12 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import run_cli
 
 from koret.metrics import mean_metrics, query_metrics
+from koret.significance import paired_comparison
 
 KS = [1, 3, 5, 10, 20]
 
@@ -95,9 +97,17 @@ def test_two_models_side_by_side_with_deltas_and_cache(tmp_path, tiny_model, bei
     assert out["data"]["fingerprint"] and out["models"][0]["passages_per_second"] > 0
     assert out["models"][0]["prompts"] == {"query": "query: ", "passage": "passage: "}, "the model's own prompts"
     a, b = (m["metrics"]["ndcg@10"] for m in out["models"])
-    assert f"{b:.4f} ({b - a:+.4f})" in md.read_text()
+    sig = out["models"][1]["significance"]["metrics"]["ndcg@10"]
+    assert f"{b:.4f} ({b - a:+.4f} [{sig['ci_low']:+.4f}, {sig['ci_high']:+.4f}] p=" in md.read_text()
+    assert "significance" not in out["models"][0], "the baseline is not compared with itself"
 
     lines = (tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()
+    # the comparison is the paired one over these very queries: recompute it from the per-query rankings
+    per_q = {label: [query_metrics([d for d, _ in json.loads(x)["models"][label]["top10"]],
+                                   json.loads(x)["relevant"], [10])["ndcg@10"] for x in lines]
+             for label in ("tiny-st", "other")}
+    assert np.mean(per_q["tiny-st"]) == pytest.approx(a) and np.mean(per_q["other"]) == pytest.approx(b)
+    assert sig == pytest.approx(paired_comparison(per_q["tiny-st"], per_q["other"]).as_dict())
     assert len(lines) == out["data"]["queries"]
     row = json.loads(lines[0])
     assert set(row["models"]) == {"tiny-st", "other"} and len(row["models"]["other"]["top10"]) == 10
