@@ -17,7 +17,7 @@ from koret.config import MineConfig, dump_yaml
 from koret.data import RetrievalData
 from koret.encode import Embeddings
 from koret.errors import KoretError
-from koret.filter import Candidates, FilterOutcome
+from koret.filter import SOURCES, Candidates, FilterOutcome
 from koret.io import write_json, write_parquet, write_text
 from koret.report import plot_score_distributions, show, table
 from koret.search import exact_scores
@@ -87,6 +87,10 @@ def write_candidates(out_dir: Path, cands: Candidates, data: RetrievalData) -> N
         "teacher_positive_scores": _list_column(teacher_pos, pa.float32()),
         "teacher_candidate_scores": _list_column(_rows(teacher_cand, valid), pa.float32()),
     }
+    if cands.candidate_sources is not None:
+        names = np.array(["", *(SOURCES[c] for c in sorted(SOURCES))], dtype=object)  # code -> name
+        codes = _rows(cands.candidate_sources, valid)
+        cols["candidate_sources"] = pa.array([names[c].tolist() for c in codes], type=pa.list_(pa.string()))
     if cands.rescored:
         cols["rescore_positive_scores"] = _list_column(cands.positive_scores, pa.float32())
         cols["rescore_candidate_scores"] = _list_column(_rows(cands.candidate_scores, valid), pa.float32())
@@ -146,10 +150,25 @@ def read_candidates(path: Path) -> tuple[Candidates, list[str], np.ndarray]:
         candidate_ids=_padded(table.column("candidate_ids"), -1, np.int64),
         candidate_scores=_padded(table.column(f"{prefix}_candidate_scores"), -np.inf, np.float32),
         rescored=rescored,
+        candidate_sources=_sources(table) if "candidate_sources" in table.column_names else None,
     )
     corpus = corpus_table.column("text").to_pylist()
     groups = corpus_table.column("group").to_numpy()
     return cands, corpus, groups
+
+
+def _sources(table: Any) -> np.ndarray:
+    codes = {name: code for code, name in SOURCES.items()}
+    rows = [[codes[name] for name in row] for row in table.column("candidate_sources").to_pylist()]
+    return _padded_rows(rows, 0, np.int8)
+
+
+def _padded_rows(rows: list[list[Any]], fill: Any, dtype: Any) -> np.ndarray:
+    width = max((len(r) for r in rows), default=0)
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def write_filter_outputs(out_dir: Path, cfg: MineConfig, outcome: FilterOutcome, phases: dict[str, float],
@@ -183,6 +202,7 @@ def _summary(out_dir: Path, stats: dict[str, Any]) -> None:
         *[[f"skipped: {what}", n] for what, n in (stats.get("data") or {}).get("skipped", {}).items()],
     ]
     rows += [[f"filtered: {rule}", n] for rule, n in stats["filtered"].items() if n]
+    rows += [[f"negatives from {source}", n] for source, n in stats.get("negative_sources", {}).items()]
     rows += [
         [f"short rows ({stats['shortage']['policy']})", stats["shortage"]["rows"]],
         *([["padded negatives", stats["shortage"]["padded_negatives"]]]

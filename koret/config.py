@@ -101,6 +101,17 @@ class EncodeConfig(Section):
     shard_size: int = Field(10_000, ge=1, description="Passages per cached embedding shard.")
 
 
+class LexicalConfig(Section):
+    """Korean BM25 candidates added to the dense ones (:mod:`koret.lexical`); each is scored by the teacher."""
+
+    method: Literal["bm25"] = "bm25"
+    tokenizer: Literal["kiwi"] = Field("kiwi", description="Kiwi morphemes (kiwipiepy): nouns, stems, roots, "
+                                                          "foreign words, numbers.")
+    top_k: int = Field(50, ge=1, description="BM25 candidates per query, added to search.top_k dense ones.")
+    k1: float = Field(1.5, gt=0)
+    b: float = Field(0.75, ge=0, le=1)
+
+
 class SearchConfig(Section):
     backend: Literal["auto", "faiss", "torch"] = "auto"
     index: str = Field("Flat", description="FAISS index_factory string (Flat, IVF4096,Flat, HNSW32, IVF1024,PQ32 ...).")
@@ -111,6 +122,7 @@ class SearchConfig(Section):
                             "auto: float16 on CUDA, float32 elsewhere.")
     nprobe: int | None = Field(None, ge=1, description="IVF cells probed per query (FAISS IVF indexes).")
     train_sample: int = Field(262_144, ge=1000, description="Vectors sampled to train a non-Flat FAISS index.")
+    lexical: LexicalConfig | None = Field(None, description="Also take BM25 candidates over Kiwi morphemes.")
 
 
 class RescoreConfig(Section):

@@ -171,6 +171,8 @@ class Candidates:
     # when rescored: the teacher's scores, aligned with positive_ids / candidate_ids
     teacher_positive_scores: list[np.ndarray] | None = None
     teacher_candidate_scores: np.ndarray | None = None
+    # where each candidate came from, aligned with candidate_ids: bit flags 1 dense, 2 lexical (0 padding)
+    candidate_sources: np.ndarray | None = None
 
 
 @dataclass
@@ -242,7 +244,7 @@ def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, setti
     columns["scores"] = [[float(row_pos_score[r]), *map(float, neg_scores[r])] for r in out_rows]
 
     chosen_neg = neg_scores[out_rows]
-    stats = {
+    stats: dict[str, Any] = {
         "rows_in": int(len(row_query)),
         "rows_out": int(len(out_rows)),
         "queries": int(len(n_pos)),
@@ -262,7 +264,23 @@ def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, setti
         "settings": settings.__dict__,
         "rescored": cands.rescored,
     }
+    if cands.candidate_sources is not None:
+        stats["negative_sources"] = negative_sources(cands.candidate_sources[row_query][out_rows], cols[out_rows],
+                                                     neg_ids[out_rows])
     return FilterOutcome(columns, stats, row_pos_score[out_rows], chosen_neg[np.isfinite(chosen_neg)])
+
+
+DENSE, LEXICAL = 1, 2  # candidate sources, as bit flags
+SOURCES = {DENSE: "dense", LEXICAL: "lexical", DENSE | LEXICAL: "both"}
+
+
+def negative_sources(sources: np.ndarray, cols: np.ndarray, neg_ids: np.ndarray) -> dict[str, int]:
+    """How many chosen negatives came from each candidate source (``random``: padded by ``pad_random``)."""
+    picked = np.take_along_axis(sources, np.clip(cols, 0, None), 1)
+    picked = np.where(cols >= 0, picked, 0)
+    out = {name: int((picked == code).sum()) for code, name in SOURCES.items()}
+    out["random"] = int(((cols < 0) & (neg_ids >= 0)).sum())
+    return out
 
 
 def _pad_random(neg_ids: np.ndarray, neg_scores: np.ndarray, short: np.ndarray, ids: np.ndarray,

@@ -5,7 +5,8 @@ Phases:
 1. read the data (any layout of :mod:`koret.data`), normalized and deduplicated;
 2. encode passages and queries with the teacher, in cached resumable shards (:mod:`koret.encode`), split
    across processes under ``accelerate launch``;
-3. search the top ``search.top_k`` passages per query (:mod:`koret.search`);
+3. search the top ``search.top_k`` passages per query (:mod:`koret.search`), and with ``search.lexical`` add
+   the BM25 top ``search.lexical.top_k`` over Korean morphemes, each scored by the teacher (:mod:`koret.lexical`);
 4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``);
 5. filter and sample negatives (:mod:`koret.filter`) and write the outputs.
 
@@ -44,6 +45,7 @@ from koret.encode import (
 from koret.errors import KoretError
 from koret.filter import Candidates, FilterSettings, apply_filter
 from koret.io import write_json
+from koret.lexical import LexicalSettings, check_lexical_available, lexical_candidates, union_candidates
 from koret.prompts import resolve_prompts
 from koret.report import info, warn
 from koret.search import search
@@ -60,6 +62,8 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     phases: dict[str, float] = {}
     # fail fast on model references, before any data is read or encoded
     resolve_model_path(cfg.teacher.model, "teacher.model")
+    if cfg.search.lexical:
+        check_lexical_available()
     if cfg.rescore.model:
         resolve_model_path(cfg.rescore.model, "rescore.model")
         if settings.on_shortage == "pad_random":
@@ -112,7 +116,17 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     positive_scores = np.split(score_fn(query_emb, corpus_emb)(np.repeat(np.arange(len(positive_ids)),
                                                                           [len(p) for p in positive_ids]), flat_pos),
                                np.cumsum([len(p) for p in positive_ids])[:-1])
-    cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, result.ids, result.scores)
+    cand_ids, cand_scores, sources, lexical_stats = result.ids, result.scores, None, None
+    if cfg.search.lexical:
+        t = time.perf_counter()
+        lexical_ids, lexical_stats = lexical_candidates(
+            data.corpus, data.queries, LexicalSettings(**cfg.search.lexical.model_dump()), cfg.cache_dir)
+        cand_ids, cand_scores, sources = union_candidates(result.ids, lexical_ids, result.scores,
+                                                          score_fn(query_emb, corpus_emb))
+        lexical_stats["candidates_per_query"] = float((cand_ids >= 0).sum(axis=1).mean())
+        phases["lexical"] = time.perf_counter() - t
+    cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
+                       candidate_sources=sources)
     if cfg.rescore.model:
         t = time.perf_counter()
         cands = rescore(cands, data.corpus, cfg)
@@ -135,7 +149,8 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                     "dim": corpus_emb.dim},
         "encode": {"passages": corpus_stats, "queries": query_stats},
         "search": {"backend": result.backend, "index": cfg.search.index, "top_k": top_k,
-                   "seconds": result.seconds, "queries_per_second": len(query_emb) / max(result.seconds, 1e-9)},
+                   "seconds": result.seconds, "queries_per_second": len(query_emb) / max(result.seconds, 1e-9),
+                   **({"lexical": lexical_stats} if lexical_stats else {})},
     })
     write_filter_outputs(out_dir, cfg, outcome, phases, started=started)
     return outcome.stats
@@ -164,7 +179,9 @@ def rescore(cands: Candidates, corpus: list[str], cfg: MineConfig) -> Candidates
         pos += n_pos
     # candidates are re-ranked by the rescored score, best first
     order = np.argsort(-new_cand, axis=1, kind="stable")
+    sources = cands.candidate_sources
     return Candidates(cands.query_ids, cands.queries, cands.positive_ids, new_pos,
                       np.take_along_axis(ids, order, 1), np.take_along_axis(new_cand, order, 1), rescored=True,
                       teacher_positive_scores=cands.positive_scores,
-                      teacher_candidate_scores=np.take_along_axis(cands.candidate_scores, order, 1))
+                      teacher_candidate_scores=np.take_along_axis(cands.candidate_scores, order, 1),
+                      candidate_sources=None if sources is None else np.take_along_axis(sources, order, 1))

@@ -1,0 +1,212 @@
+"""Korean lexical candidates for mining: BM25 over morphemes (``search.lexical``).
+
+A dense teacher and a lexical retriever miss different passages: BM25 finds lexical near-misses (the same
+entity, number or rare noun in another context) that a dense model may rank low. ``koret mine`` takes the
+union of the dense top ``search.top_k`` and the BM25 top ``search.lexical.top_k``; every candidate is then
+scored by the teacher, so the positive-aware filters apply to both alike (:func:`union_candidates`).
+
+Tokenizer: Korean is agglutinative (``서울특별시이며`` = 서울 + 특별시 + 이 + 며), so whitespace tokens rarely
+match across sentences. Texts are NFC-normalized (decomposed jamo would not be analysed) and split into
+morphemes by Kiwi (kiwipiepy; Lee, "Kiwi: Developing a Korean Morphological Analyzer", 2024); content
+morphemes are kept: nouns (NNG, NNP, NR), verb and adjective stems (VV, VA), roots (XR), foreign words, hanja
+and numbers (SL, SH, SN; Latin lowercased). Particles, endings and punctuation are dropped.
+
+Index: bm25s (Lù, "BM25S: Orders of magnitude faster lexical search via eager sparse scoring", 2024), Lucene's
+BM25 variant: ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))`` and
+``score = sum over query terms of idf x tf / (tf + k1 x (1 - b + b x len / avglen))``. It is cached in
+``<cache_dir>/lexical/<key>/``, the key covering the corpus texts, the tokenizer (and Kiwi's version) and the
+BM25 parameters, so a second mine over the same corpus only tokenizes the queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from koret.errors import KoretError
+from koret.filter import DENSE, LEXICAL
+from koret.report import progress
+
+KIWI_CONTENT_TAGS = ("NNG", "NNP", "NR", "VV", "VA", "XR", "SL", "SH", "SN")
+
+
+
+@dataclass(frozen=True)
+class LexicalSettings:
+    """The ``search.lexical`` section as plain values (see :class:`koret.config.LexicalConfig`)."""
+
+    method: str = "bm25"
+    tokenizer: str = "kiwi"
+    top_k: int = 50
+    k1: float = 1.5
+    b: float = 0.75
+
+
+def check_lexical_available() -> None:
+    """One line before any model loads when kiwipiepy or bm25s is missing."""
+    import importlib.util
+
+    missing = [m for m in ("kiwipiepy", "bm25s") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KoretError(f"search.lexical: needs {' and '.join(missing)}, which is not installed",
+                         "pip install 'koret[lexical]'")
+
+
+def _kiwi() -> Any:
+    check_lexical_available()
+    from kiwipiepy import Kiwi
+
+    return Kiwi()
+
+
+def tokenize(texts: Sequence[str], kiwi: Any | None = None) -> list[list[str]]:
+    """Content morphemes of each text (NFC first, so NFC and NFD spellings give the same tokens)."""
+    kiwi = kiwi or _kiwi()
+    normalized = [unicodedata.normalize("NFC", t) for t in texts]
+    return [[tok.form.lower() if tok.tag == "SL" else tok.form for tok in toks if tok.tag in KIWI_CONTENT_TAGS]
+            for toks in kiwi.tokenize(normalized)]
+
+
+def _tokenizer_identity() -> str:
+    import kiwipiepy
+
+    return f"kiwi-{kiwipiepy.__version__}:{','.join(KIWI_CONTENT_TAGS)}:nfc"
+
+
+def index_key(corpus: Sequence[str], settings: LexicalSettings) -> str:
+    """Cache key of a BM25 index: the corpus texts, the tokenizer and its version, k1 and b."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"tokenizer": _tokenizer_identity(), "method": settings.method, "k1": settings.k1,
+                         "b": settings.b, "passages": len(corpus)}).encode())
+    for text in corpus:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def build_index(corpus: Sequence[str], settings: LexicalSettings, cache_dir: str | Path | None = None,
+                kiwi: Any | None = None) -> tuple[Any, dict[str, Any]]:
+    """The BM25 index of ``corpus``, from the cache when there is one; returns (index, stats)."""
+    import bm25s
+
+    t0 = time.perf_counter()
+    folder = Path(cache_dir).expanduser() / "lexical" / index_key(corpus, settings) if cache_dir else None
+    if folder is not None and (folder / "koret.json").exists():
+        index = bm25s.BM25.load(str(folder), show_progress=False)
+        return index, {"cached": True, "seconds": time.perf_counter() - t0, "folder": str(folder)}
+    kiwi = kiwi or _kiwi()
+    tokens: list[list[str]] = []
+    with progress() as bar:
+        task = bar.add_task("tokenize passages (kiwi)", total=len(corpus), unit="passages")
+        for start in range(0, len(corpus), 2048):
+            chunk = corpus[start:start + 2048]
+            tokens.extend(tokenize(chunk, kiwi))
+            bar.update(task, advance=len(chunk))
+    index = bm25s.BM25(k1=settings.k1, b=settings.b, method="lucene")
+    index.index(tokens, show_progress=False)
+    if folder is not None:  # write beside, then rename: a killed run leaves no half-written index
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        index.save(str(tmp), show_progress=False)
+        (tmp / "koret.json").write_text(json.dumps({**asdict(settings), "tokenizer": _tokenizer_identity(),
+                                                    "passages": len(corpus)}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return index, {"cached": False, "seconds": time.perf_counter() - t0,
+                   "folder": str(folder) if folder else None}
+
+
+def bm25_scores(index: Any, query_tokens: Sequence[str]) -> np.ndarray:
+    """BM25 score of every passage for one tokenized query (terms absent from the corpus add nothing)."""
+    vocab = index.vocab_dict
+    ids = [vocab[t] for t in query_tokens if t in vocab]
+    if not ids:
+        return np.zeros(index.scores["num_docs"], dtype=np.float32)
+    return np.asarray(index.get_scores_from_ids(ids), dtype=np.float32)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best positive scores, best first, ties by index (fewer when fewer score above 0)."""
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    # a tie group at the cut may straddle it: take every passage scoring at least the k-th score, then cut
+    kth = scores[part].min() if len(part) else 0.0
+    cand = np.flatnonzero(scores >= kth)
+    cand = cand[np.lexsort((cand, -scores[cand]))][:k]
+    return cand[scores[cand] > 0]
+
+
+def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: LexicalSettings,
+                       cache_dir: str | Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """BM25 top ``settings.top_k`` passages per query, (Q, top_k) int64, -1 padded; and stats."""
+    if settings.method != "bm25" or settings.tokenizer != "kiwi":
+        raise KoretError(f"search.lexical: method {settings.method!r} with tokenizer {settings.tokenizer!r} is not "
+                         "supported", "use method: bm25, tokenizer: kiwi")
+    kiwi = _kiwi()
+    index, index_stats = build_index(corpus, settings, cache_dir, kiwi)
+    t0 = time.perf_counter()
+    out = np.full((len(queries), min(settings.top_k, len(corpus))), -1, dtype=np.int64)
+    with progress() as bar:
+        task = bar.add_task("search (bm25)", total=len(queries), unit="queries")
+        for start in range(0, len(queries), 1024):
+            chunk = queries[start:start + 1024]
+            for i, toks in enumerate(tokenize(chunk, kiwi)):
+                best = top_k(bm25_scores(index, toks), out.shape[1])
+                out[start + i, : len(best)] = best
+            bar.update(task, advance=len(chunk))
+    found = (out >= 0).sum(axis=1)
+    return out, {"method": "bm25", "tokenizer": "kiwi", "top_k": settings.top_k, "k1": settings.k1,
+                 "b": settings.b, "index": index_stats, "search_seconds": time.perf_counter() - t0,
+                 "queries_without_lexical_match": int((found == 0).sum())}
+
+
+def union_candidates(dense_ids: np.ndarray, lexical_ids: np.ndarray, dense_scores: np.ndarray,
+                     score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray]:
+    """Per query, the union of dense and lexical candidates, every one with its teacher score, best first (ties
+    by passage index, as the exact search orders them); -1 / -inf padded.
+
+    ``dense_scores`` are the teacher scores the search returned for ``dense_ids``; ``score(rows, passages)``
+    scores the lexical-only pairs with the same teacher. Returns (ids, scores, sources), sources being
+    :data:`DENSE` / :data:`LEXICAL` bit flags (0 on padding).
+    """
+    n_q = len(dense_ids)
+    q_all = np.concatenate([np.repeat(np.arange(n_q), dense_ids.shape[1]),
+                            np.repeat(np.arange(n_q), lexical_ids.shape[1])])
+    d_all = np.concatenate([dense_ids.ravel(), lexical_ids.ravel()])
+    src_all = np.concatenate([np.full(dense_ids.size, DENSE, np.int8), np.full(lexical_ids.size, LEXICAL, np.int8)])
+    sc_all = np.concatenate([dense_scores.ravel().astype(np.float32), np.full(lexical_ids.size, np.nan, np.float32)])
+    ok = d_all >= 0
+    q_all, d_all, src_all, sc_all = q_all[ok], d_all[ok], src_all[ok], sc_all[ok]
+    # one entry per (query, passage), with the union of its sources and the dense score when there is one
+    order = np.lexsort((src_all, d_all, q_all))  # dense (1) before lexical (2) within a pair
+    q_all, d_all, src_all, sc_all = q_all[order], d_all[order], src_all[order], sc_all[order]
+    first = np.ones(len(q_all), dtype=bool)
+    first[1:] = (q_all[1:] != q_all[:-1]) | (d_all[1:] != d_all[:-1])
+    starts = np.flatnonzero(first)
+    sources = np.bitwise_or.reduceat(src_all, starts) if len(starts) else src_all[:0]
+    q_u, d_u, sc_u = q_all[starts], d_all[starts], sc_all[starts]
+    missing = np.isnan(sc_u)
+    if missing.any():
+        sc_u[missing] = score(q_u[missing], d_u[missing])
+    # best first per query, ties by passage index
+    order = np.lexsort((d_u, -sc_u, q_u))
+    q_u, d_u, sc_u, sources = q_u[order], d_u[order], sc_u[order], sources[order]
+    counts = np.bincount(q_u, minlength=n_q)
+    width = int(counts.max()) if len(counts) else 0
+    col = np.arange(len(q_u)) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids = np.full((n_q, width), -1, dtype=np.int64)
+    scores = np.full((n_q, width), -np.inf, dtype=np.float32)
+    src = np.zeros((n_q, width), dtype=np.int8)
+    ids[q_u, col], scores[q_u, col], src[q_u, col] = d_u, sc_u, sources
+    return ids, scores, src

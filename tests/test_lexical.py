@@ -1,0 +1,118 @@
+"""Korean lexical candidates (search.lexical): Kiwi tokens, BM25 scores by hand, the union and its sources."""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import mine_config, run_cli, write_config
+
+from koret.filter import DENSE, LEXICAL
+from koret.lexical import LexicalSettings, bm25_scores, build_index, tokenize, top_k, union_candidates
+
+pytest.importorskip("kiwipiepy")
+pytest.importorskip("bm25s")
+
+TEXTS = ["한빛대학교의 도서관은 1987년에 세워졌으며 열람실이 세 곳 있다.",
+         "푸른강 다리는 Seoul Transit이 관리하는 철교로, 길이는 842미터이다.",
+         "도서관 열람실에서 학생들이 시험 공부를 했다."]
+
+
+def test_nfc_and_nfd_tokenize_alike_and_particles_are_dropped():
+    nfc = tokenize(TEXTS)
+    nfd = tokenize([unicodedata.normalize("NFD", t) for t in TEXTS])
+    assert nfc == nfd
+    assert "도서관" in nfc[0] and "1987" in nfc[0] and "은" not in nfc[0] and "에" not in nfc[0]
+    assert "seoul" in nfc[1], "Latin lowercased"
+
+
+def test_bm25_scores_equal_the_formula_by_hand(tmp_path):
+    settings = LexicalSettings(k1=1.2, b=0.75)
+    docs = tokenize(TEXTS)
+    index, stats = build_index(TEXTS, settings, tmp_path / "cache")
+    assert stats["cached"] is False
+    query = tokenize(["도서관 열람실은 언제 세워졌나?"])[0]
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    expected = []
+    for d in docs:
+        s = 0.0
+        for term in set(query):
+            df = sum(term in x for x in docs)
+            if df == 0:
+                continue
+            tf = d.count(term)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            s += idf * tf / (tf + settings.k1 * (1 - settings.b + settings.b * len(d) / avg))
+        expected.append(s)
+    assert bm25_scores(index, query) == pytest.approx(np.array(expected), rel=1e-5)
+    assert expected[0] > expected[2] > expected[1] == 0.0
+    again, stats = build_index(TEXTS, settings, tmp_path / "cache")
+    assert stats["cached"] is True and np.array_equal(bm25_scores(again, query), bm25_scores(index, query))
+    _, other = build_index(TEXTS, LexicalSettings(k1=1.5), tmp_path / "cache")
+    assert other["cached"] is False, "k1 is part of the cache key"
+
+
+def test_top_k_orders_ties_by_index_and_skips_zero_scores():
+    scores = np.array([0.5, 2.0, 0.5, 0.0, 2.0, 0.5], dtype=np.float32)
+    assert top_k(scores, 3).tolist() == [1, 4, 0]
+    assert top_k(scores, 10).tolist() == [1, 4, 0, 2, 5]
+
+
+def test_union_scores_every_candidate_with_the_teacher_and_keeps_sources():
+    teacher = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]], dtype=np.float32)
+    dense_ids = np.array([[0, 1], [4, 3]])
+    dense_scores = teacher[np.arange(2)[:, None], dense_ids]
+    lexical_ids = np.array([[3, 1, -1], [0, -1, -1]])
+    calls = []
+
+    def score(rows, passages):
+        calls.append(len(rows))
+        return teacher[rows, passages]
+
+    ids, scores, sources = union_candidates(dense_ids, lexical_ids, dense_scores, score)
+    assert ids.tolist() == [[0, 1, 3], [4, 3, 0]]
+    assert np.allclose(scores, [[0.9, 0.8, 0.6], [0.5, 0.4, 0.1]])
+    assert sources.tolist() == [[DENSE, DENSE | LEXICAL, LEXICAL], [DENSE, DENSE, LEXICAL]]
+    assert calls == [2], "only lexical-only pairs are scored again"
+
+
+def test_mine_with_lexical_candidates(tmp_path, tiny_model, data_dir):
+    cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      search__lexical={"top_k": 10})
+    path = write_config(tmp_path / "mine.yaml", cfg)
+    result = run_cli("mine", "-c", str(path), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    out = Path(cfg["output"]["dir"])
+    cands = pd.read_parquet(out / "candidates.parquet")
+    stats = json.loads((out / "stats.json").read_text())
+    dense_k = cfg["search"]["top_k"]
+    seen = {"dense": 0, "lexical": 0, "both": 0}
+    for row in cands.itertuples():
+        assert len(row.candidate_sources) == len(row.candidate_ids) <= dense_k + 10
+        assert sum(s in ("dense", "both") for s in row.candidate_sources) == dense_k
+        assert np.all(np.diff(row.teacher_candidate_scores) <= 0), "the union is ordered by teacher score"
+        for s in row.candidate_sources:
+            seen[s] += 1
+    assert seen["lexical"] > 0 and seen["both"] > 0
+    lex = stats["search"]["lexical"]
+    assert lex["index"]["cached"] is False and lex["candidates_per_query"] > dense_k
+    counts = stats["negative_sources"]
+    assert sum(counts.values()) == stats["rows_out"] * cfg["filter"]["num_negatives"]
+    # koret filter reads the sources back and counts the same
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    again = run_cli("filter", "-c", str(write_config(tmp_path / "f.yaml", resolved)),
+                    "--set", f"output.dir={tmp_path}/f", "--set", f"filter.candidates={out}", "--quiet")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads((tmp_path / "f" / "stats.json").read_text())["negative_sources"] == counts
+    # a second mine reuses the cached index
+    result = run_cli("mine", "-c", str(path), "--quiet", "--set", f"output.dir={tmp_path}/m2")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "m2" / "stats.json").read_text())["search"]["lexical"]["index"]["cached"] is True
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "train.parquet"), pd.read_parquet(tmp_path / "m2" /
+                                                                                          "train.parquet"))
