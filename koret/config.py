@@ -203,8 +203,19 @@ class TrainDataConfig(SourceFields):
     holdout: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of training tuples held out for eval loss.")
 
 
+class DistillConfig(Section):
+    """Distillation from the teacher scores in ``train.parquet``'s ``scores`` column (:mod:`koret.training.distill`)."""
+
+    name: Literal["kl", "margin_mse"] = Field("kl", description="kl: DistillKLDivLoss over (positive, negatives); "
+                                                                "margin_mse: MarginMSELoss on positive - negative.")
+    weight: float = Field(1.0, gt=0, description="Added to the contrastive loss with this weight.")
+    temperature: float | None = Field(None, gt=0, description="kl: temperature of teacher and student scores "
+                                                                "(default 0.05); unused by margin_mse.")
+
+
 class LossConfig(Section):
-    name: Literal["gist", "cached_gist", "mnrl", "cached_mnrl"] = "cached_gist"
+    name: Literal["gist", "cached_gist", "mnrl", "cached_mnrl", "none"] = Field(
+        "cached_gist", description="The contrastive loss; none: loss.distill alone.")
     guide: str | None = Field(
         None,
         description="Guide model for GIST: a Hub id or folder, 'teacher' (the mining teacher), 'student' (a frozen "
@@ -219,6 +230,19 @@ class LossConfig(Section):
     mini_batch_size: int = Field(32, ge=1, description="GradCache mini-batch (cached losses).")
     gather_across_devices: bool = False
     matryoshka_dims: list[int] | None = Field(None, description="Wrap the loss in MatryoshkaLoss over these dims.")
+    distill: DistillConfig | None = Field(None, description="Add (or, with name none, use only) distillation from "
+                                                            "the teacher scores of the mined data.")
+
+    @model_validator(mode="after")
+    def _distill_consistent(self) -> LossConfig:
+        if self.name == "none" and self.distill is None:
+            raise ValueError("name none trains with loss.distill alone, which is not set: set loss.distill, e.g. "
+                             "{name: kl}, or choose a contrastive loss")
+        if self.distill is not None and self.matryoshka_dims:
+            raise ValueError("loss.distill cannot be combined with matryoshka_dims yet: drop one of them")
+        if self.distill is not None and self.distill.name == "margin_mse" and self.distill.temperature is not None:
+            raise ValueError("loss.distill.temperature applies to kl only; margin_mse compares raw score margins")
+        return self
 
 
 class TrainConfig(Section):

@@ -267,6 +267,11 @@ LOSS_WORDS = {
     "mnrl": "MultipleNegativesRankingLoss (no guide model)",
     "cached_mnrl": "CachedMultipleNegativesRankingLoss (no guide model, GradCache)",
 }
+DISTILL_WORDS = {
+    "kl": "KL divergence to the teacher's score distribution over the positive and hard negatives "
+          "(DistillKLDivLoss)",
+    "margin_mse": "the teacher's positive - negative score margins (MarginMSELoss)",
+}
 
 
 def describe_recipe(train_metrics: dict[str, Any] | None, mine_stats: dict[str, Any] | None) -> str:
@@ -291,6 +296,10 @@ def describe_recipe(train_metrics: dict[str, Any] | None, mine_stats: dict[str, 
     else:
         data = "(query, passage) pairs without hard negatives: the other passages of each batch are the negatives"
     per_row = f", {negs} hard negative(s) per query" if negs else ""
+    distill = train_metrics.get("distill")
+    if distill:
+        what = f"distillation of {DISTILL_WORDS.get(distill.get('name'), distill.get('name'))}"
+        loss = what if train_metrics.get("loss") == "none" else f"{loss} plus {distill.get('weight')} x {what}"
     return f"A Korean text retriever fine-tuned with koret: {data}; trained with {loss}{per_row}."
 
 

@@ -25,6 +25,7 @@ from koret.prompts import resolve_prompts, saved_prompts
 from koret.report import info, show, table, warn
 from koret.training.biencoder import (
     GIST_LOSSES,
+    LABEL,
     GuideCollator,
     build_loss,
     guide_module_class,
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     # arguments, loss, trainer
     evaluator = ir_evaluator(cfg, q_prompt, p_prompt, int(cfg.args.get("per_device_eval_batch_size", 32))) \
         if cfg.data.eval else None
-    prompts = {c: (q_prompt if c == "anchor" else p_prompt) for c in dataset.column_names}
+    prompts = {c: (q_prompt if c == "anchor" else p_prompt) for c in dataset.column_names if c != LABEL}
     args = training_arguments(SentenceTransformerTrainingArguments, cfg.args,
                               has_eval=evaluator is not None or eval_dataset is not None,
                               extra={"prompts": prompts} if any(prompts.values()) else None)
@@ -105,11 +106,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     final = save_final(trainer, out_dir, cfg)
     if final is None:
         return {}
-    metrics = {"loss": cfg.loss.name, "guide": guide_desc, "num_negatives": data.num_negatives,
+    metrics = {"loss": cfg.loss.name, "guide": guide_desc,
+               "distill": cfg.loss.distill.model_dump() if cfg.loss.distill else None,
+               "num_negatives": data.num_negatives,
                "train_rows": len(dataset), "base_model": cfg.model.name, "data": data.source,
                **run_metrics(output, args, callback, tokens_per_row, wall, str(student.device), resume_from)}
     write_records(out_dir, metrics, cfg, callback)
-    rows = [["loss", f"{cfg.loss.name} (guide: {guide_desc})"],
+    distill = f" + {cfg.loss.distill.weight:g} x {cfg.loss.distill.name}" if cfg.loss.distill else ""
+    rows = [["loss", f"{cfg.loss.name}{distill} (guide: {guide_desc})"],
             ["rows x negatives", f"{len(dataset):,} x {data.num_negatives}"],
             ["world size / global batch", f"{metrics['world_size']} / {metrics['global_batch_size']}"],
             ["steps", metrics["steps"]], ["final loss", metrics["final_loss"]],

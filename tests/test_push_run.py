@@ -74,7 +74,8 @@ def test_dry_run_card_states_the_real_numbers(pipeline_run):
     assert f"| (query, positive) rows in / written | {stats['rows_in']:,} / {stats['rows_out']:,} |" in card
     assert f"| candidates per query (top_k) | {stats['search']['top_k']} |" in card
     assert f"| final loss | {tm['final_loss']:.4f} |" in card
-    assert f"{trained['ndcg@10']:.4f} ({trained['ndcg@10'] - ev['models'][0]['metrics']['ndcg@10']:+.4f})" in card
+    assert f"{trained['ndcg@10']:.4f} ({trained['ndcg@10'] - ev['models'][0]['metrics']['ndcg@10']:+.4f} [" in card
+    assert "paired bootstrap" in card, "the card says how the interval was computed"
     assert 'prompt_name="query"' in card and "arXiv:2407.15831" in card and "arXiv:2402.16829" in card
 
 

@@ -10,6 +10,9 @@ The loss is sentence-transformers' own:
   global batches in the thousands at the memory of ``loss.mini_batch_size``.
 - ``mnrl`` / ``cached_mnrl``: MultipleNegativesRankingLoss without a guide.
 
+``loss.distill`` adds distillation from the mined teacher scores (:mod:`koret.training.distill`); with
+``loss.name: none`` it is the whole loss.
+
 ``loss.matryoshka_dims`` wraps the loss in MatryoshkaLoss (the full dimension always included).
 """
 
@@ -36,9 +39,12 @@ GIST_LOSSES = ("gist", "cached_gist")
 # --------------------------------------------------------------------------------------------- data
 
 
+LABEL = "label"  # the teacher scores [positive, negative_1..N] under loss.distill (sentence-transformers' name)
+
+
 @dataclasses.dataclass
 class TrainData:
-    dataset: Any  # datasets.Dataset with anchor, positive, negative_1..N
+    dataset: Any  # datasets.Dataset with anchor, positive, negative_1..N (+ label: teacher scores)
     num_negatives: int
     source: str
     mined_config: dict[str, Any] | None  # config.yaml of the koret mine run that wrote data.train
@@ -59,11 +65,13 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         raise KoretError("data.train: required key is missing", "point it at runs/mine/train.parquet")
     path, selection = split_source(d.train)
     fmt = detect_format(path, "data.train") if d.format == "auto" else d.format
-    columns: dict[str, list[str]] | None = None
+    columns: dict[str, list[Any]] | None = None
+    scores = None
     if selection is None and fmt in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
         df = read_table(path, fmt, "data.train", d.split)
         if "anchor" in df.columns or any(_NEGATIVE.match(str(c)) for c in df.columns):
             columns = _tuple_columns(df, path)
+            scores = df["scores"].tolist() if "scores" in df.columns else None
     if columns is None:
         data = load_section(d, "train")
         columns = {"anchor": [data.queries[q] for q, _ in data.pairs],
@@ -73,7 +81,21 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     if not columns["anchor"]:
         raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
     n_neg = len(columns) - 2
+    if cfg.loss.distill is not None:
+        columns[LABEL] = _teacher_scores(scores, n_neg, d.train, len(columns["anchor"]))
     return TrainData(Dataset.from_dict(columns), n_neg, d.train, _mined_config(path))
+
+
+def _teacher_scores(scores: list[Any] | None, n_neg: int, source: str, rows: int) -> list[list[float]]:
+    from koret.training.distill import check_scores
+
+    if n_neg == 0:
+        raise KoretError(f"data.train: {source}: loss.distill needs hard negatives with teacher scores, and these "
+                         "rows have none", "train on a koret mine train.parquet, or remove loss.distill")
+    if scores is None:
+        raise KoretError(f"data.train: {source}: loss.distill needs the teacher scores, and there is no 'scores' "
+                         "column", "train on a koret mine train.parquet (it has one), or remove loss.distill")
+    return check_scores(scores[:rows], n_neg, source)
 
 
 def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
@@ -320,7 +342,9 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
 
     lc = cfg.loss
     temperature = loss_temperature(lc)
-    if lc.name == "gist":
+    if lc.name == "none":
+        loss = None
+    elif lc.name == "gist":
         loss = _multi_negative_gist()(student, guide, temperature=temperature, margin_strategy=lc.margin_strategy,
                                     margin=lc.margin, contrast_anchors=lc.contrast_anchors,
                                     contrast_positives=lc.contrast_positives,
@@ -338,6 +362,10 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
         loss = losses.CachedMultipleNegativesRankingLoss(student, scale=1.0 / temperature,
                                                          mini_batch_size=lc.mini_batch_size,
                                                          gather_across_devices=lc.gather_across_devices)
+    if lc.distill is not None:
+        from koret.training.distill import build_distill_loss, combined_loss_class
+
+        return combined_loss_class()(student, loss, build_distill_loss(lc.distill, student), lc.distill.weight)
     if lc.matryoshka_dims:
         dim = student.get_embedding_dimension()
         too_big = [d for d in lc.matryoshka_dims if d > dim or d < 1]

@@ -279,6 +279,8 @@ def count_tokens(model: Any, dataset: Any, sample: int = 4000) -> float:
     tok = model.tokenizer
     total = 0
     for col in rows.column_names:
+        if not isinstance(rows[0][col], str):
+            continue  # labels (teacher scores)
         enc = tok(list(rows[col]), truncation=True, max_length=model.max_seq_length)
         total += sum(len(ids) for ids in enc["input_ids"])
     return total / max(len(rows), 1)
