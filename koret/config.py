@@ -209,8 +209,9 @@ class DistillConfig(Section):
     name: Literal["kl", "margin_mse"] = Field("kl", description="kl: DistillKLDivLoss over (positive, negatives); "
                                                                 "margin_mse: MarginMSELoss on positive - negative.")
     weight: float = Field(1.0, gt=0, description="Added to the contrastive loss with this weight.")
-    temperature: float | None = Field(None, gt=0, description="kl: temperature of teacher and student scores "
-                                                                "(default 0.05); unused by margin_mse.")
+    temperature: float | None = Field(None, gt=0, description="Teacher and student scores are divided by it before "
+                                                                "they are compared. Default: the contrastive loss's "
+                                                                "temperature (0.05 with name none).")
 
 
 class LossConfig(Section):
@@ -240,8 +241,6 @@ class LossConfig(Section):
                              "{name: kl}, or choose a contrastive loss")
         if self.distill is not None and self.matryoshka_dims:
             raise ValueError("loss.distill cannot be combined with matryoshka_dims yet: drop one of them")
-        if self.distill is not None and self.distill.name == "margin_mse" and self.distill.temperature is not None:
-            raise ValueError("loss.distill.temperature applies to kl only; margin_mse compares raw score margins")
         return self
 
 

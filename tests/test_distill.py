@@ -64,7 +64,7 @@ def test_combined_loss_is_the_sum_of_its_parts(tiny_model, mined, contrastive, k
     assert (g_combined - ref).norm() <= 1e-5 * ref.norm(), "gradients add up (float32 rounding aside)"
 
 
-def test_kl_term_equals_the_formula(tiny_model, mined):  # noqa: F811
+def test_distill_terms_equal_the_formulas(tiny_model, mined):  # noqa: F811
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(tiny_model), device="cpu")
@@ -75,8 +75,12 @@ def test_kl_term_equals_the_formula(tiny_model, mined):  # noqa: F811
         emb = [torch.nn.functional.normalize(model(f)["sentence_embedding"], dim=-1) for f in features()]
     student = torch.stack([(emb[0] * e).sum(-1) for e in emb[1:]], dim=1) / 0.1
     teacher = torch.softmax(labels / 0.1, dim=1)
-    expected = (teacher * (teacher.log() - torch.log_softmax(student, dim=1))).sum(1).mean() * 0.1**2
+    expected = (teacher * (teacher.log() - torch.log_softmax(student, dim=1))).sum(1).mean()  # the plain KL
     assert got == pytest.approx(expected.item(), rel=1e-4)
+    got = _loss("none", model, {"name": "margin_mse", "temperature": 0.1, "weight": 2.0})(features(), labels)
+    margins_s = (student[:, :1] - student[:, 1:])  # already divided by the temperature
+    margins_t = (labels[:, :1] - labels[:, 1:]) / 0.1
+    assert got["distill"].item() == pytest.approx(2.0 * ((margins_s - margins_t) ** 2).mean().item(), rel=1e-4)
 
 
 def test_rows_without_scores_are_a_clear_error(tmp_path, tiny_model, mined):  # noqa: F811

@@ -341,7 +341,7 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
     from sentence_transformers.sentence_transformer import losses
 
     lc = cfg.loss
-    temperature = loss_temperature(lc)
+    temperature = loss_temperature(lc)  # with name none: MNRL's 0.05, for the distillation term
     if lc.name == "none":
         loss = None
     elif lc.name == "gist":
@@ -365,7 +365,8 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
     if lc.distill is not None:
         from koret.training.distill import build_distill_loss, combined_loss_class
 
-        return combined_loss_class()(student, loss, build_distill_loss(lc.distill, student), lc.distill.weight)
+        distill, factor = build_distill_loss(lc.distill, student, temperature)
+        return combined_loss_class()(student, loss, distill, factor)
     if lc.matryoshka_dims:
         dim = student.get_embedding_dimension()
         too_big = [d for d in lc.matryoshka_dims if d > dim or d < 1]

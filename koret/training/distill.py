@@ -12,10 +12,15 @@ teacher scores).
 The distillation term is sentence-transformers' own loss:
 
 - ``kl``: DistillKLDivLoss, the KL divergence between the softmax over (positive, negative_1..N) of the teacher's
-  scores and of the student's (both divided by ``temperature``, default 0.05: teacher cosines of 0.80-0.95 are
-  nearly uniform at temperature 1);
+  scores and of the student's;
 - ``margin_mse``: MarginMSELoss, the squared error between the student's and the teacher's
   ``score(positive) - score(negative_i)``.
+
+Both compare scores divided by ``temperature``, by default the contrastive loss's own (GIST 0.01, MNRL 0.05):
+the distillation term then reads the student's scores on the scale the contrastive loss reads them, and a
+``weight`` of 1 means comparable magnitudes. (Teacher cosines of 0.80-0.95 are near-uniform at temperature 1,
+and sentence-transformers' losses work at temperature 1 with Hinton's ``T^2`` factor; koret divides their value
+by ``T^2``, which gives exactly the KL, and the margin MSE, of the temperature-scaled scores.)
 
 :class:`ContrastivePlusDistillation` returns ``{"contrastive": c, "distill": weight x d}``; the trainer sums the
 parts and logs each. With MultipleNegativesRankingLoss the student encodes the batch once for both terms
@@ -38,19 +43,19 @@ from typing import Any
 
 from koret.errors import KoretError
 
-DEFAULT_KL_TEMPERATURE = 0.05
 
-
-def build_distill_loss(dc: Any, student: Any) -> Any:
+def build_distill_loss(dc: Any, student: Any, temperature: float) -> tuple[Any, float]:
     """sentence-transformers' DistillKLDivLoss or MarginMSELoss, scoring the student by cosine similarity (the
-    similarity the teacher's stored scores use)."""
+    similarity the teacher's stored scores use), and the factor that turns its value into ``weight`` x the
+    divergence of the temperature-scaled scores."""
     from sentence_transformers.sentence_transformer import losses
     from sentence_transformers.util import pairwise_cos_sim
 
-    if dc.name == "kl":
-        temperature = dc.temperature if dc.temperature is not None else DEFAULT_KL_TEMPERATURE
-        return losses.DistillKLDivLoss(student, similarity_fct=pairwise_cos_sim, temperature=temperature)
-    return losses.MarginMSELoss(student, similarity_fct=pairwise_cos_sim)
+    t = dc.temperature if dc.temperature is not None else temperature
+    if dc.name == "kl":  # its value is KL(teacher/t || student/t) x t^2
+        return losses.DistillKLDivLoss(student, similarity_fct=pairwise_cos_sim, temperature=t), dc.weight / t**2
+    # MSE of margins / t = MSE of raw margins / t^2
+    return losses.MarginMSELoss(student, similarity_fct=pairwise_cos_sim), dc.weight / t**2
 
 
 def combined_loss_class() -> type:
@@ -64,7 +69,7 @@ def combined_loss_class() -> type:
             model: the student SentenceTransformer.
             contrastive: a sentence-transformers contrastive loss (MNRL, GIST, their cached variants) or None.
             distill: DistillKLDivLoss or MarginMSELoss.
-            weight: the distillation term's weight.
+            weight: the factor of the distillation term (``loss.distill.weight / temperature^2``).
         """
 
         def __init__(self, model: Any, contrastive: Any | None, distill: Any, weight: float) -> None:
