@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev quickstart test lint bench clean
+.PHONY: install install-dev quickstart test lint bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: install-dev
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py
+
+# the quality study on multilingual-e5-small and KorQuAD (needs ../shared; about 80 minutes on 2 cores, resumes)
+quality: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
