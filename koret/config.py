@@ -99,6 +99,8 @@ class TeacherConfig(PromptFields):
 
 class EncodeConfig(Section):
     shard_size: int = Field(10_000, ge=1, description="Passages per cached embedding shard.")
+    verify: bool = Field(False, description="Recompute each cached shard's checksum when it is loaded (reads "
+                                            "every byte); by default a load checks header, shape and length.")
 
 
 class LexicalConfig(Section):

@@ -78,6 +78,31 @@ def gather_objects(obj: Any) -> list[Any]:
     return list(gather_object([obj]))
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` in rank order on the main process, None on the others (unlike
+    :func:`gather_objects`, only the main process holds them all)."""
+    if world_size() <= 1:
+        return [obj]
+    import torch.distributed as td
+
+    _state()
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    td.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """The main process's ``obj`` on every process."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as td
+
+    _state()
+    box = [obj if is_main() else None]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class FileSync:
     """Meeting points between the processes of a launched ``koret run``, through small files in a folder every
     process sees (the run folder, like the embedding cache).

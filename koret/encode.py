@@ -232,6 +232,7 @@ class Embeddings:
     seconds: float = 0.0
     texts_encoded: int = 0
     files: list[str] = field(default_factory=list)  # the cached shard files, when cached
+    start: int = 0  # global index of the first row (a process's slice of a sharded corpus)
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -267,7 +268,11 @@ def _checksum(array: np.ndarray) -> str:
 
 
 class ShardCache:
-    """Embedding shards on disk, each verified by shape and checksum before use."""
+    """Embedding shards on disk. Each shard's BLAKE2 checksum is computed from the array in memory and written
+    beside it when it is saved (the file itself is written under a temporary name and renamed, so it is never
+    seen half-written). Loading checks the header, the shape and the exact file length without reading the
+    data, so memory-mapped shards stay lazy and a process touches only the rows it uses; ``verify=True``
+    (``encode.verify``) also recomputes the checksum, reading every byte."""
 
     def __init__(self, root: str | Path | None, encoder_key: str) -> None:
         self.root = Path(root).expanduser() / "embeddings" / encoder_key[:24] if root else None
@@ -284,7 +289,7 @@ class ShardCache:
         assert self.root is not None
         return self.root / f"{key}.npy"
 
-    def load(self, key: str, rows: int) -> np.ndarray | None:
+    def load(self, key: str, rows: int, verify: bool = False) -> np.ndarray | None:
         if self.root is None:
             return None
         npy, meta = self.root / f"{key}.npy", self.root / f"{key}.json"
@@ -293,8 +298,12 @@ class ShardCache:
         try:
             info = json.loads(meta.read_text())
             array = np.load(npy, mmap_mode="r")
-            if array.shape != (rows, info["dim"]) or array.dtype != np.float32 or _checksum(array) != info["blake2b"]:
-                raise ValueError("shape or checksum mismatch")
+            if array.shape != (rows, info["dim"]) or array.dtype != np.float32:
+                raise ValueError("shape mismatch")
+            if npy.stat().st_size != array.offset + array.nbytes:
+                raise ValueError("file length mismatch")
+            if verify and _checksum(array) != info["blake2b"]:
+                raise ValueError("checksum mismatch")
             return array
         except Exception:
             from koret.report import warn
@@ -359,11 +368,13 @@ def encode_sharded(
     description: str,
     rank: int = 0,
     world_size: int = 1,
+    verify: bool = False,
 ) -> Embeddings:
-    """Encode ``texts`` shard by shard through ``cache``; this process computes shards ``i % world_size == rank``.
+    """Encode ``texts`` shard by shard through ``cache``; this process computes its contiguous slice of shards
+    (:func:`slice_of`).
 
-    Returns the shards in order when ``world_size == 1``. In a multi-process run each process returns only what
-    it computed; the caller waits for every process and then calls :func:`load_sharded`.
+    Returns the shards in order when ``world_size == 1``. In a multi-process run each process returns only its
+    slice; the caller waits for every process and then loads what it needs (:func:`load_sharded`).
     """
     from koret.report import progress
 
@@ -373,12 +384,13 @@ def encode_sharded(
     fault = fault_after_shards()
     started = time.perf_counter()
     computed = reused = encoded = 0
+    mine = slice_of(len(bounds), rank, world_size)
     with progress() as bar:
-        task = bar.add_task(description, total=len(texts), unit="texts")
+        task = bar.add_task(description, total=sum(b - a for a, b in bounds[mine.start:mine.stop]), unit="texts")
         for i, ((a, b), key) in enumerate(zip(bounds, keys, strict=True)):
-            if i % world_size != rank:
+            if i not in mine:
                 continue
-            cached = cache.load(key, b - a)
+            cached = cache.load(key, b - a, verify)
             if cached is not None:
                 shards[i] = cached
                 reused += 1
@@ -394,22 +406,33 @@ def encode_sharded(
 
                 os.kill(os.getpid(), signal.SIGKILL)
     files = [str(cache.path(k)) for k in keys] if cache.root is not None else []
+    start = bounds[mine.start][0] if mine.start < len(bounds) else len(texts)
     return Embeddings([s for s in shards if s is not None], computed=computed, reused=reused,
-                      seconds=time.perf_counter() - started, texts_encoded=encoded, files=files)
+                      seconds=time.perf_counter() - started, texts_encoded=encoded, files=files, start=start)
 
 
-def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache) -> Embeddings:
-    """Load every shard of ``texts`` from the cache (after all processes have written theirs)."""
-    shards = []
-    for a in range(0, len(texts), shard_size):
-        b = min(a + shard_size, len(texts))
-        array = cache.load(cache.shard_key(texts[a:b]), b - a)
+def slice_of(n_shards: int, rank: int, world_size: int) -> range:
+    """The contiguous shards a process owns: process ``r`` of ``w`` gets shards ``[r n / w, (r + 1) n / w)``."""
+    return range(rank * n_shards // world_size, (rank + 1) * n_shards // world_size)
+
+
+def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache, shards: range | None = None,
+                 verify: bool = False) -> Embeddings:
+    """Load the shards of ``texts`` from the cache (after all processes have written theirs): every shard, or
+    only the range ``shards`` (a process's slice; ``start`` is then its first row's global index)."""
+    bounds = [(a, min(a + shard_size, len(texts))) for a in range(0, len(texts), shard_size)]
+    keys = [cache.shard_key(texts[a:b]) for a, b in bounds]
+    wanted = shards if shards is not None else range(len(bounds))
+    arrays = []
+    for i in wanted:
+        a, b = bounds[i]
+        array = cache.load(keys[i], b - a, verify)
         if array is None:
             raise KoretError(f"embedding shard for texts {a}:{b} is missing from {cache.root}",
                              "in multi-process runs cache_dir must be on a filesystem every process sees")
-        shards.append(array)
-    return Embeddings(shards, files=[str(cache.path(cache.shard_key(texts[a:a + shard_size])))
-                                     for a in range(0, len(texts), shard_size)])
+        arrays.append(array)
+    start = bounds[wanted.start][0] if len(wanted) else len(texts)
+    return Embeddings(arrays, files=[str(cache.path(k)) for k in keys], start=start)
 
 
 def open_shard_files(files: Sequence[str]) -> Embeddings | None:
@@ -433,13 +456,15 @@ class EncodeSettings:
     normalize: str = "nfc"
     shard_size: int = 10_000
     cache_dir: str | None = "~/.cache/koret"
+    verify: bool = False  # recompute every cached shard's checksum on load (reads every byte)
 
 
 def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: EncodeSettings,
-                 description: str) -> tuple[Embeddings, dict[str, Any]]:
+                 description: str, keep: str = "all") -> tuple[Embeddings, dict[str, Any]]:
     """Encode ``texts`` through the shard cache and return the embeddings with their stats.
 
-    In a multi-process run every process takes its share of shards, then all wait and load every shard.
+    In a multi-process run every process encodes its contiguous slice of shards; then all wait and each loads
+    every shard (``keep="all"``) or only its own slice (``keep="slice"``, the sharded search's corpus).
     """
     from koret import dist
 
@@ -448,7 +473,7 @@ def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: Encode
     cache = ShardCache(settings.cache_dir, key)
     emb = encode_sharded(model, texts, prompt=prompt, batch_size=settings.batch_size,
                          shard_size=settings.shard_size, cache=cache, description=description,
-                         rank=dist.rank(), world_size=dist.world_size())
+                         rank=dist.rank(), world_size=dist.world_size(), verify=settings.verify)
     stats: dict[str, Any] = {
         "texts": len(texts), "shards_computed": emb.computed, "shards_reused": emb.reused,
         "texts_encoded": emb.texts_encoded, "seconds": emb.seconds,
@@ -457,7 +482,9 @@ def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: Encode
     if dist.world_size() > 1:
         every = dist.gather_objects(stats)
         dist.barrier()
-        emb = load_sharded(texts, settings.shard_size, cache)
+        n_shards = -(-len(texts) // settings.shard_size)
+        own = slice_of(n_shards, dist.rank(), dist.world_size()) if keep == "slice" else None
+        emb = load_sharded(texts, settings.shard_size, cache, own)
         stats.update({"shards_computed": sum(s["shards_computed"] for s in every),
                       "shards_reused": sum(s["shards_reused"] for s in every),
                       "texts_encoded": sum(s["texts_encoded"] for s in every), "processes": len(every)})

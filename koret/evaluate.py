@@ -192,7 +192,8 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     q_prompt, p_prompt = resolve_prompts(model.prompts, m, f"models[{m.name}]")
     enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length,
                          dtype=resolve_dtype(m.dtype, str(model.device)),
-                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
+                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir,
+                         verify=cfg.encode.verify)
     corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]
     query_emb, query_stats = encode_unique(model, queries, q_prompt, enc, "encode queries")

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -170,14 +170,13 @@ def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: 
                  "queries_without_lexical_match": int((found == 0).sum())}
 
 
-def union_candidates(dense_ids: np.ndarray, lexical_ids: np.ndarray, dense_scores: np.ndarray,
-                     score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray,
-                                                                                     np.ndarray]:
+def union_candidates(dense_ids: np.ndarray, dense_scores: np.ndarray, lexical_ids: np.ndarray,
+                     lexical_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per query, the union of dense and lexical candidates, every one with its teacher score, best first (ties
-    by passage index, as the exact search orders them); -1 / -inf padded.
+    by passage index, as the exact search orders them); -1 / -inf padded. Pure.
 
-    ``dense_scores`` are the teacher scores the search returned for ``dense_ids``; ``score(rows, passages)``
-    scores the lexical-only pairs with the same teacher. Returns (ids, scores, sources), sources being
+    ``dense_scores`` / ``lexical_scores`` are the same teacher's exact scores of ``dense_ids`` / ``lexical_ids``
+    (a passage found by both has the same score in both). Returns (ids, scores, sources), sources being
     :data:`DENSE` / :data:`LEXICAL` bit flags (0 on padding).
     """
     n_q = len(dense_ids)
@@ -185,7 +184,7 @@ def union_candidates(dense_ids: np.ndarray, lexical_ids: np.ndarray, dense_score
                             np.repeat(np.arange(n_q), lexical_ids.shape[1])])
     d_all = np.concatenate([dense_ids.ravel(), lexical_ids.ravel()])
     src_all = np.concatenate([np.full(dense_ids.size, DENSE, np.int8), np.full(lexical_ids.size, LEXICAL, np.int8)])
-    sc_all = np.concatenate([dense_scores.ravel().astype(np.float32), np.full(lexical_ids.size, np.nan, np.float32)])
+    sc_all = np.concatenate([dense_scores.ravel(), lexical_scores.ravel()]).astype(np.float32)
     ok = d_all >= 0
     q_all, d_all, src_all, sc_all = q_all[ok], d_all[ok], src_all[ok], sc_all[ok]
     # one entry per (query, passage), with the union of its sources and the dense score when there is one
@@ -196,9 +195,6 @@ def union_candidates(dense_ids: np.ndarray, lexical_ids: np.ndarray, dense_score
     starts = np.flatnonzero(first)
     sources = np.bitwise_or.reduceat(src_all, starts) if len(starts) else src_all[:0]
     q_u, d_u, sc_u = q_all[starts], d_all[starts], sc_all[starts]
-    missing = np.isnan(sc_u)
-    if missing.any():
-        sc_u[missing] = score(q_u[missing], d_u[missing])
     # best first per query, ties by passage index
     order = np.lexsort((d_u, -sc_u, q_u))
     q_u, d_u, sc_u, sources = q_u[order], d_u[order], sc_u[order], sources[order]

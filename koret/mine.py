@@ -3,9 +3,11 @@
 Phases:
 
 1. read the data (any layout of :mod:`koret.data`), normalized and deduplicated;
-2. encode passages and queries with the teacher, in cached resumable shards (:mod:`koret.encode`), split
-   across processes under ``accelerate launch``;
-3. search the top ``search.top_k`` passages per query (:mod:`koret.search`), and with ``search.lexical`` add
+2. encode passages and queries with the teacher, in cached resumable shards (:mod:`koret.encode`); under
+   ``--num-processes`` / torchrun / ``accelerate launch`` each process encodes and keeps one contiguous slice
+   of the corpus;
+3. search the top ``search.top_k`` passages per query (:mod:`koret.search`; each process its slice, merged
+   exactly on the main process by :mod:`koret.sharded_search`), and with ``search.lexical`` add
    the BM25 top ``search.lexical.top_k`` over Korean morphemes, each scored by the teacher (:mod:`koret.lexical`);
 4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``);
 5. filter and sample negatives (:mod:`koret.filter`) and write the outputs.
@@ -38,6 +40,7 @@ from koret.encode import (
     encode_texts,
     load_cross_encoder,
     load_sentence_transformer,
+    open_shard_files,
     resolve_dtype,
     resolve_model_path,
     score_pairs,
@@ -48,7 +51,7 @@ from koret.io import write_json
 from koret.lexical import LexicalSettings, check_lexical_available, lexical_candidates, union_candidates
 from koret.prompts import resolve_prompts
 from koret.report import info, warn
-from koret.search import search
+from koret.sharded_search import pair_scores, search_slices
 
 
 def mine(cfg: MineConfig) -> dict[str, Any]:
@@ -95,36 +98,47 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     enc = EncodeSettings(model_name=cfg.teacher.model, batch_size=cfg.teacher.batch_size,
                          max_seq_length=cfg.teacher.max_seq_length,
                          dtype=resolve_dtype(cfg.teacher.dtype, str(model.device)),
-                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir)
-    corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages")
+                         normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir,
+                         verify=cfg.encode.verify)
+    # each process keeps only its slice of the corpus; every process has all the queries
+    corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages", keep="slice")
     query_emb_s, query_stats = encode_texts(model, data.queries, q_prompt, enc, "encode queries")
     phases["encode"] = corpus_stats["seconds"] + query_stats["seconds"]
-    teacher_max_len = model.max_seq_length
+    teacher_max_len, dim = model.max_seq_length, corpus_emb.dim
     del model
-    if not dist.is_main():
-        return {}
     query_emb = query_emb_s.to_array()
 
-    result = search(query_emb, corpus_emb.shards, top_k, backend=cfg.search.backend, index=cfg.search.index,
-                    query_chunk_size=cfg.search.query_chunk_size, nprobe=cfg.search.nprobe,
-                    train_sample=cfg.search.train_sample, description="search", seed=cfg.filter.seed,
-                    precision=cfg.search.precision)
-    phases["search"] = result.seconds
-
+    # search: every process its slice, the main process merges (collective, like the scoring below)
+    result = search_slices(query_emb, corpus_emb, len(data.corpus), top_k, backend=cfg.search.backend,
+                           index=cfg.search.index, query_chunk_size=cfg.search.query_chunk_size,
+                           nprobe=cfg.search.nprobe, train_sample=cfg.search.train_sample, description="search",
+                           seed=cfg.filter.seed, precision=cfg.search.precision)
     positive_ids = [np.array(sorted(d for d, g in rel.items() if g > 0), dtype=np.int64) for rel in data.qrels]
     flat_pos = np.concatenate(positive_ids)
-    positive_scores = np.split(score_fn(query_emb, corpus_emb)(np.repeat(np.arange(len(positive_ids)),
-                                                                          [len(p) for p in positive_ids]), flat_pos),
-                               np.cumsum([len(p) for p in positive_ids])[:-1])
-    cand_ids, cand_scores, sources, lexical_stats = result.ids, result.scores, None, None
-    if cfg.search.lexical:
+    flat_pos_scores = pair_scores(query_emb, corpus_emb, np.repeat(np.arange(len(positive_ids)),
+                                                                   [len(p) for p in positive_ids]), flat_pos)
+    lexical_ids = lexical_scores = lexical_stats = None
+    if cfg.search.lexical:  # BM25 on the main process; the teacher scores its candidates where they live
         t = time.perf_counter()
-        lexical_ids, lexical_stats = lexical_candidates(
-            data.corpus, data.queries, LexicalSettings(**cfg.search.lexical.model_dump()), cfg.cache_dir)
-        cand_ids, cand_scores, sources = union_candidates(result.ids, lexical_ids, result.scores,
-                                                          score_fn(query_emb, corpus_emb))
+        found = lexical_candidates(data.corpus, data.queries, LexicalSettings(**cfg.search.lexical.model_dump()),
+                                   cfg.cache_dir) if dist.is_main() else None
+        lexical_ids = dist.broadcast_from_main(found[0] if found else None)
+        lexical_scores = pair_scores(query_emb, corpus_emb, np.repeat(np.arange(len(lexical_ids)),
+                                                                      lexical_ids.shape[1]), lexical_ids.ravel())
+        if found:
+            lexical_stats = found[1]
+            phases["lexical"] = time.perf_counter() - t
+    if not dist.is_main():
+        return {}
+    phases["search"] = result.seconds
+    positive_scores = np.split(flat_pos_scores, np.cumsum([len(p) for p in positive_ids])[:-1])
+    cand_ids, cand_scores, sources = result.ids, result.scores, None
+    if lexical_ids is not None:
+        cand_ids, cand_scores, sources = union_candidates(result.ids, result.scores, lexical_ids,
+                                                          lexical_scores.reshape(lexical_ids.shape))
         lexical_stats["candidates_per_query"] = float((cand_ids >= 0).sum(axis=1).mean())
-        phases["lexical"] = time.perf_counter() - t
+    # the whole corpus, memory-mapped: pad_random reads only the rows it draws
+    all_passages = open_shard_files(corpus_emb.files) if corpus_emb.files else corpus_emb
     cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
                        candidate_sources=sources)
     if cfg.rescore.model:
@@ -135,10 +149,10 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     t = time.perf_counter()
     write_candidates(out_dir, cands, data)
     phases["write_candidates"] = time.perf_counter() - t
-    write_json(out_dir / "embeddings.json", {"dim": corpus_emb.dim, "passages": corpus_emb.files,
+    write_json(out_dir / "embeddings.json", {"dim": dim, "passages": corpus_emb.files,
                                              "queries": query_emb_s.files})
     outcome = apply_filter(cands, data.corpus, np.asarray(data.groups, dtype=np.int64), settings,
-                           score_fn(query_emb, corpus_emb))
+                           score_fn(query_emb, all_passages))
     phases["filter"] = outcome.stats["seconds"]
     outcome.stats.update({
         "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
@@ -146,7 +160,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                  "positive_passages": data.num_positive_passages, "skipped": data.counts},
         "teacher": {"model": cfg.teacher.model, "query_prompt": q_prompt, "passage_prompt": p_prompt,
                     "dtype": enc.dtype, "max_seq_length": teacher_max_len,
-                    "dim": corpus_emb.dim},
+                    "dim": dim},
         "encode": {"passages": corpus_stats, "queries": query_stats},
         "search": {"backend": result.backend, "index": cfg.search.index, "top_k": top_k,
                    "seconds": result.seconds, "queries_per_second": len(query_emb) / max(result.seconds, 1e-9),

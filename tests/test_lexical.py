@@ -69,17 +69,12 @@ def test_union_scores_every_candidate_with_the_teacher_and_keeps_sources():
     dense_ids = np.array([[0, 1], [4, 3]])
     dense_scores = teacher[np.arange(2)[:, None], dense_ids]
     lexical_ids = np.array([[3, 1, -1], [0, -1, -1]])
-    calls = []
+    lexical_scores = np.where(lexical_ids >= 0, teacher[np.arange(2)[:, None], np.maximum(lexical_ids, 0)], -np.inf)
 
-    def score(rows, passages):
-        calls.append(len(rows))
-        return teacher[rows, passages]
-
-    ids, scores, sources = union_candidates(dense_ids, lexical_ids, dense_scores, score)
+    ids, scores, sources = union_candidates(dense_ids, dense_scores, lexical_ids, lexical_scores)
     assert ids.tolist() == [[0, 1, 3], [4, 3, 0]]
     assert np.allclose(scores, [[0.9, 0.8, 0.6], [0.5, 0.4, 0.1]])
     assert sources.tolist() == [[DENSE, DENSE | LEXICAL, LEXICAL], [DENSE, DENSE, LEXICAL]]
-    assert calls == [2], "only lexical-only pairs are scored again"
 
 
 def test_mine_with_lexical_candidates(tmp_path, tiny_model, data_dir):

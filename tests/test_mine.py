@@ -212,19 +212,25 @@ def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_same_outputs(tmp_path, tiny_model, data_dir):
+@pytest.mark.slow
+@pytest.mark.parametrize("processes,lexical", [(2, False), (3, True)])
+def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, data_dir, processes, lexical):
+    """Each process encodes and searches its slice of the corpus; the outputs equal one process's."""
+    extra = {"search__lexical": {"top_k": 10}} if lexical else {}
     cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
-                      encode__shard_size=25, out="two")
+                      encode__shard_size=25, out="many", **extra)
     path = write_config(tmp_path / "m.yaml", cfg)
-    two = run_subprocess("mine", "-c", str(path), "--num-processes", "2", "--quiet")
-    assert two.returncode == 0, two.stderr[-3000:]
-    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
-    assert stats["encode"]["passages"]["processes"] == 2
+    many = run_subprocess("mine", "-c", str(path), "--num-processes", str(processes), "--quiet")
+    assert many.returncode == 0, many.stderr[-3000:]
+    stats = json.loads((tmp_path / "many" / "stats.json").read_text())
+    assert stats["encode"]["passages"]["processes"] == processes
+    assert stats["search"]["backend"].endswith(f"x {processes} slices")
     one = write_config(tmp_path / "one.yaml", {**cfg, "cache_dir": str(tmp_path / "c1"),
                                                "output": {"dir": str(tmp_path / "one")}})
     assert run_cli("mine", "-c", str(one), "--quiet").exit_code == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "train.parquet"),
-                                  pd.read_parquet(tmp_path / "two" / "train.parquet"), atol=1e-6)
+    for name in ("candidates.parquet", "train.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / name),
+                                      pd.read_parquet(tmp_path / "many" / name), atol=1e-6)
 
 
 def _beir(root: Path, pairs, zero_judged: int) -> Path:
