@@ -223,3 +223,20 @@ def plot_score_distributions(path: str | Path, positive: Sequence[float], negati
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` on Linux. ``ru_maxrss`` is the fallback elsewhere; on Linux
+    it would also carry the peak of the process that launched this one, which survives ``exec``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -20,6 +20,7 @@ STEPS = [
     ("bench_train.py", []),
     ("bench_eval.py", []),
     ("bench_scale.py", []),
+    ("bench_shard.py", []),
 ]
 
 
@@ -36,7 +37,7 @@ def main() -> int:
             failed.append(script)
     parts = [f"# koret benchmarks\n\n{time.strftime('%Y-%m-%d')}, {machine()}, `make bench` "
              f"({(time.time() - started) / 60:.0f} min)\n"]
-    for name in ("mine", "encode", "train", "eval", "scale"):
+    for name in ("mine", "encode", "train", "eval", "scale", "shard"):
         md = WORK / f"{name}.md"
         if md.exists():
             parts.append(md.read_text())

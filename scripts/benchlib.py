@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: a local teacher, synthetic data, isolated timed runs, result files.
 
 Every measured side runs in its own Python process (``run_side``) so that its peak RSS is its own; the child
-reports wall time (imports excluded, model loading included) and ``ru_maxrss``.
+reports wall time (imports excluded, model loading included) and its own peak RSS (``VmHWM``, not
+``ru_maxrss``, which on Linux keeps the launching benchmark's peak across exec).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def run_side(name: str, code: str, args: dict[str, Any], timeout: int = 3600) ->
         "t0 = time.perf_counter()\n"
         "out = side(args)\n"
         "out['wall_s'] = time.perf_counter() - t0\n"
-        "out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "from koret.report import peak_rss_bytes\n"
+        "out['peak_rss_mb'] = peak_rss_bytes() / 2**20\n"
         "print('RESULT ' + json.dumps(out))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}

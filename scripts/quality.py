@@ -147,7 +147,8 @@ def train(arm: Arm, data: Path, e5: str, work: Path, opts: argparse.Namespace) -
     seconds = koret(
         "train", "-c", "configs/train.yaml", "--resume", "--set", f"model.name={e5}",
         "--set", f"model.max_seq_length={opts.max_seq_length}", "--set", f"data.train={data / 'train.parquet'}",
-        "--set", f"data.limit={rows}", "--set", f"loss.temperature={opts.temperature}",
+        "--set", f"data.limit={rows}",
+        *(["--set", f"loss.temperature={opts.temperature}"] if opts.temperature else []),
         "--set", f"args.output_dir={out}", "--set", f"args.per_device_train_batch_size={opts.batch}",
         "--set", f"args.learning_rate={opts.lr}", "--set", "args.logging_steps=5",
         "--set", "args.save_steps=10", "--set", "args.save_total_limit=1", "--set", "args.seed=42",
@@ -235,7 +236,8 @@ def markdown(results: list[dict[str, Any]], pairs: list[dict[str, Any]], meta: d
              f"train on KorQuAD 1.0 dev articles 0-111, evaluate on articles 112-139 "
              f"({results[0]['queries']:,} questions, {results[0]['passages']:,} passages). Each trained arm: "
              f"{meta['steps']} steps x batch {meta['batch']} ({meta['steps'] * meta['batch']} rows), lr {meta['lr']}, "
-             f"temperature {meta['temperature']}, {meta['max_seq_length']} tokens in training, "
+             f"temperature {meta['temperature'] or 'of each loss (MNRL 0.05, GIST 0.01)'}, "
+             f"{meta['max_seq_length']} tokens in training, "
              f"{meta['eval_max_seq_length']} in eval. Deltas vs base with the paired-bootstrap 95% CI; p: paired "
              f"randomization test. Last columns: the same models on a Korean set of another style, koret's "
              f"synthetic questions about fictional entities (`{OOD['path']}`, "
@@ -276,8 +278,8 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(a.name for a in ARMS))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--temperature", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=2e-5, help="koret's default")
+    p.add_argument("--temperature", type=float, default=None, help="default: each loss's own (koret's default)")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--mine-max-seq-length", type=int, default=256)
     p.add_argument("--eval-max-seq-length", type=int, default=256)

@@ -8,7 +8,6 @@ sentence-transformers' CrossEncoderTrainer reuses SentenceTransformerTrainer.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 from pathlib import Path
@@ -289,7 +288,9 @@ def count_tokens(model: Any, dataset: Any, sample: int = 4000) -> float:
 def peak_memory() -> dict[str, Any]:
     import torch
 
-    out: dict[str, Any] = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    from koret.report import peak_rss_bytes
+
+    out: dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes()}
     if torch.cuda.is_available():
         out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
