@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import WORK, run_side, save, table  # noqa: E402
+from benchlib import WORK, run_side, save, synthetic_shards, table  # noqa: E402
 
 DIM = 384
 SHARD = 500_000
@@ -52,20 +52,7 @@ def side(a):
 
 
 def shards(n: int) -> list[str]:
-    import numpy as np
-
-    root = WORK / "scale" / f"{n}"
-    root.mkdir(parents=True, exist_ok=True)
-    files = []
-    rng = np.random.default_rng(n)
-    for i, start in enumerate(range(0, n, SHARD)):
-        f = root / f"shard{i:03d}.npy"
-        if not f.exists():
-            x = rng.standard_normal((min(SHARD, n - start), DIM), dtype=np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            np.save(f, x)
-        files.append(str(f))
-    return files
+    return synthetic_shards(WORK / "scale" / f"{n}", n, DIM, SHARD, seed=n)
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, WORK, save, table  # noqa: E402
+from benchlib import REPO, WORK, save, synthetic_shards, table  # noqa: E402
 
 SHARD = 250_000
 K = 100
@@ -61,20 +61,8 @@ if dist.is_main():
 
 
 def corpus(n: int, dim: int) -> tuple[list[str], str]:
-    import numpy as np
-
     root = WORK / "shard" / f"{n}x{dim}"
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(n + dim)
-    files = []
-    for i, start in enumerate(range(0, n, SHARD)):
-        f = root / f"shard{i:03d}.npy"
-        if not f.exists():
-            x = rng.standard_normal((min(SHARD, n - start), dim), dtype=np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            np.save(f, x)
-        files.append(str(f))
-    return files, str(root)
+    return synthetic_shards(root, n, dim, SHARD, seed=n + dim), str(root)
 
 
 def queries(files: list[str], root: str, count: int) -> str:

@@ -65,6 +65,23 @@ def run_side(name: str, code: str, args: dict[str, Any], timeout: int = 3600) ->
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def synthetic_shards(root: Path, n: int, dim: int, shard_rows: int, seed: int) -> list[str]:
+    """``n`` random unit vectors of ``dim`` as .npy shards of ``shard_rows`` under ``root`` (made once, reused)."""
+    import numpy as np
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = []
+    for i, start in enumerate(range(0, n, shard_rows)):
+        f = root / f"shard{i:03d}.npy"
+        if not f.exists():
+            x = rng.standard_normal((min(shard_rows, n - start), dim), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            np.save(f, x)
+        files.append(str(f))
+    return files
+
+
 def save(name: str, data: Any) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

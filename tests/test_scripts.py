@@ -24,3 +24,18 @@ def test_gpu_check_smoke(tmp_path):
     assert run["stages"] == ["ran", "ran", "ran"] and run["stored_scores_exact_fp32"], run
     assert checks["koret train"]["steps_per_s"] > 0
     assert "tokens/s" in result.stdout and "steps/s" in result.stdout
+
+
+def test_readme_shows_the_quality_study_as_measured():
+    """The README's quality table is bench/results/quality.md, written by make quality, line for line."""
+    md = REPO / "bench" / "results" / "quality.md"
+    data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) >= 4 and all(line in readme for line in rows), "README is out of date: rerun make quality"
+    base = next(a for a in data["arms"] if a["arm"] == "base")
+    assert f"| base | {base['what']} | {base['metrics']['ndcg@10'] * 100:.2f} |" in readme
+    for arm in data["arms"]:
+        if "vs_base" in arm:
+            s = arm["vs_base"]["ndcg@10"]
+            assert s["ci_low"] <= s["delta"] <= s["ci_high"]
