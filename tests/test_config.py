@@ -87,7 +87,8 @@ def test_config_show_and_validate_cli(tmp_path):
 
 @pytest.mark.parametrize("name,stage", [("mine.yaml", "mine"), ("train.yaml", "train"), ("eval.yaml", "eval"),
                                         ("push.yaml", "push"), ("quickstart.yaml", "run"),
-                                        ("arctic-ko.yaml", "run"), ("reranker.yaml", "reranker"),
+                                        ("arctic-ko.yaml", "run"), ("e5-ko.yaml", "run"),
+                                        ("reranker.yaml", "reranker"),
                                         ("reranker-ko.yaml", "reranker")])
 def test_shipped_configs_validate(name, stage):
     from helpers import REPO
