@@ -9,7 +9,8 @@ Phases:
 3. search the top ``search.top_k`` passages per query (:mod:`koret.search`; each process its slice, merged
    exactly on the main process by :mod:`koret.sharded_search`), and with ``search.lexical`` add
    the BM25 top ``search.lexical.top_k`` over Korean morphemes, each scored by the teacher (:mod:`koret.lexical`);
-4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``);
+4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``), each process taking a
+   range of queries;
 5. filter and sample negatives (:mod:`koret.filter`) and write the outputs.
 
 Outputs in ``output.dir`` (each written atomically): ``candidates.parquet``, ``corpus.parquet``,
@@ -44,6 +45,7 @@ from koret.encode import (
     resolve_dtype,
     resolve_model_path,
     score_pairs,
+    slice_of,
 )
 from koret.errors import KoretError
 from koret.filter import Candidates, FilterSettings, apply_filter
@@ -128,23 +130,28 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
         if found:
             lexical_stats = found[1]
             phases["lexical"] = time.perf_counter() - t
+    cand_ids = cand_scores = sources = None
+    if dist.is_main():
+        phases["search"] = result.seconds
+        cand_ids, cand_scores = result.ids, result.scores
+        if lexical_ids is not None:
+            cand_ids, cand_scores, sources = union_candidates(result.ids, result.scores, lexical_ids,
+                                                              lexical_scores.reshape(lexical_ids.shape))
+            lexical_stats["candidates_per_query"] = float((cand_ids >= 0).sum(axis=1).mean())
+    rescored = None
+    if cfg.rescore.model:  # every process scores the pairs of its range of queries with the CrossEncoder
+        t = time.perf_counter()
+        rescored = rescore_pairs(dist.broadcast_from_main(cand_ids), positive_ids, data.queries, data.corpus, cfg)
+        phases["rescore"] = time.perf_counter() - t
     if not dist.is_main():
         return {}
-    phases["search"] = result.seconds
     positive_scores = np.split(flat_pos_scores, np.cumsum([len(p) for p in positive_ids])[:-1])
-    cand_ids, cand_scores, sources = result.ids, result.scores, None
-    if lexical_ids is not None:
-        cand_ids, cand_scores, sources = union_candidates(result.ids, result.scores, lexical_ids,
-                                                          lexical_scores.reshape(lexical_ids.shape))
-        lexical_stats["candidates_per_query"] = float((cand_ids >= 0).sum(axis=1).mean())
     # the whole corpus, memory-mapped: pad_random reads only the rows it draws
     all_passages = open_shard_files(corpus_emb.files) if corpus_emb.files else corpus_emb
     cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
                        candidate_sources=sources)
-    if cfg.rescore.model:
-        t = time.perf_counter()
-        cands = rescore(cands, data.corpus, cfg)
-        phases["rescore"] = time.perf_counter() - t
+    if rescored is not None:
+        cands = apply_rescore(cands, *rescored)
 
     t = time.perf_counter()
     write_candidates(out_dir, cands, data)
@@ -170,28 +177,36 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     return outcome.stats
 
 
-def rescore(cands: Candidates, corpus: list[str], cfg: MineConfig) -> Candidates:
-    """Score every (query, candidate) and (query, positive) pair with the CrossEncoder, batched across queries."""
+def rescore_pairs(ids: np.ndarray, positive_ids: list[np.ndarray], queries: list[str], corpus: list[str],
+                  cfg: MineConfig) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """CrossEncoder scores of every (query, candidate) and (query, positive) pair, each process taking one
+    contiguous range of queries (collective); on the main process (candidate scores -inf padded, positive
+    scores per query), None on the others."""
     ce = load_cross_encoder(cfg.rescore.model, device=cfg.teacher.device, max_length=cfg.rescore.max_length)
-    ids = cands.candidate_ids
+    mine = slice_of(len(queries), dist.rank(), dist.world_size())
     pairs: list[tuple[str, str]] = []
-    for q, text in enumerate(cands.queries):
-        pairs.extend((text, corpus[d]) for d in ids[q] if d >= 0)
-        pairs.extend((text, corpus[d]) for d in cands.positive_ids[q])
+    for q in mine:
+        pairs.extend((queries[q], corpus[d]) for d in ids[q] if d >= 0)
+        pairs.extend((queries[q], corpus[d]) for d in positive_ids[q])
     scores = score_pairs(ce, pairs, cfg.rescore.batch_size, "rescore")
-    new_cand = np.full(ids.shape, -np.inf, dtype=np.float32)
-    new_pos: list[np.ndarray] = []
-    pos = 0
-    for q in range(len(cands.queries)):
-        valid = ids[q] >= 0
-        n_valid = int(valid.sum())
-        row = scores[pos:pos + n_valid]
-        pos += n_valid
-        new_cand[q, np.flatnonzero(valid)] = row
-        n_pos = len(cands.positive_ids[q])
-        new_pos.append(scores[pos:pos + n_pos].copy())
-        pos += n_pos
-    # candidates are re-ranked by the rescored score, best first
+    cand = np.full((len(mine), ids.shape[1]), -np.inf, dtype=np.float32)
+    pos_scores: list[np.ndarray] = []
+    at = 0
+    for row, q in enumerate(mine):
+        valid = np.flatnonzero(ids[q] >= 0)
+        cand[row, valid] = scores[at:at + len(valid)]
+        at += len(valid)
+        pos_scores.append(scores[at:at + len(positive_ids[q])].copy())
+        at += len(positive_ids[q])
+    parts = dist.gather_to_main((cand, pos_scores))
+    if parts is None:
+        return None
+    return np.concatenate([c for c, _ in parts]), [p for _, ps in parts for p in ps]
+
+
+def apply_rescore(cands: Candidates, new_cand: np.ndarray, new_pos: list[np.ndarray]) -> Candidates:
+    """Candidates re-ranked by their CrossEncoder scores, best first; the teacher's scores kept beside them."""
+    ids = cands.candidate_ids
     order = np.argsort(-new_cand, axis=1, kind="stable")
     sources = cands.candidate_sources
     return Candidates(cands.query_ids, cands.queries, cands.positive_ids, new_pos,

@@ -213,10 +213,13 @@ def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.slow
-@pytest.mark.parametrize("processes,lexical", [(2, False), (3, True)])
-def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, data_dir, processes, lexical):
-    """Each process encodes and searches its slice of the corpus; the outputs equal one process's."""
-    extra = {"search__lexical": {"top_k": 10}} if lexical else {}
+@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical")])
+def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_encoder, data_dir, processes,
+                                               extra):
+    """Each process encodes and searches its slice of the corpus (and rescores its range of queries); the
+    outputs equal one process's."""
+    extra = {"search__lexical": {"top_k": 10}} if extra == "lexical" else \
+        {"rescore__model": str(tiny_cross_encoder)}
     cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
                       encode__shard_size=25, out="many", **extra)
     path = write_config(tmp_path / "m.yaml", cfg)
