@@ -59,7 +59,20 @@ def _state() -> Any:
     from accelerate import PartialState
 
     # without cpu=True accelerate ignores WORLD_SIZE on a machine without GPUs and runs single-process
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    import atexit
+
+    atexit.register(_destroy_process_group)
+    return state
+
+
+def _destroy_process_group() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads otherwise abort the process at
+    exit now and then ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 def barrier() -> None:

@@ -34,6 +34,7 @@ from koret.errors import KoretError
 from koret.report import progress, warn
 
 FAISS_GPU_MAX_K = 2048
+QUERY_GROUP = 262_144  # torch search over a streamed corpus: queries whose running top-k is kept on the device
 
 
 @dataclass
@@ -324,25 +325,30 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
         # float32 accumulation for float16 matmuls, so the selection error stays within _TOLERANCE
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
         undo.callback(setattr, torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", reduced)
-        task = bar.add_task(description, total=n, unit="queries")
-        for start in range(0, n, chunk):
-            q = torch.from_numpy(queries[start:start + chunk]).to(device, dtype)
-            best_s = torch.full((len(q), k), -float("inf"), device=device)
-            best_i = torch.full((len(q), k), -1, dtype=torch.int64, device=device)
+        task = bar.add_task(description, total=n * len(blocks), unit="queries")
+        # a streamed corpus is uploaded once per group of up to QUERY_GROUP queries, not once per query chunk
+        group = n if resident is not None else max(chunk, QUERY_GROUP)
+        for g0 in range(0, n, group):
+            g1 = min(n, g0 + group)
+            best_s = torch.full((g1 - g0, k), -float("inf"), device=device)
+            best_i = torch.full((g1 - g0, k), -1, dtype=torch.int64, device=device)
             offset = 0
             for b, block in enumerate(blocks):
                 x = resident[b] if resident is not None else \
                     torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
-                sims = (q @ x.T).float()
-                s, i = torch.topk(sims, min(k, x.shape[0]), dim=1)
-                cat_s = torch.cat([best_s, s], 1)
-                cat_i = torch.cat([best_i, i + offset], 1)
-                best_s, pos = torch.topk(cat_s, k, dim=1)
-                best_i = torch.gather(cat_i, 1, pos)
+                kk = min(k, x.shape[0])
+                for start in range(g0, g1, chunk):
+                    rows = slice(start - g0, min(g1, start + chunk) - g0)
+                    q = torch.from_numpy(queries[start:min(g1, start + chunk)]).to(device, dtype)
+                    s, i = torch.topk((q @ x.T).float(), kk, dim=1)
+                    cat_s = torch.cat([best_s[rows], s], 1)
+                    cat_i = torch.cat([best_i[rows], i + offset], 1)
+                    top_s, pos = torch.topk(cat_s, k, dim=1)
+                    best_s[rows], best_i[rows] = top_s, torch.gather(cat_i, 1, pos)
+                    bar.update(task, advance=len(q))
                 offset += x.shape[0]
-            out_s[start:start + len(q)] = best_s.cpu().numpy()
-            out_i[start:start + len(q)] = best_i.cpu().numpy()
-            bar.update(task, advance=len(q))
+            out_s[g0:g1] = best_s.cpu().numpy()
+            out_i[g0:g1] = best_i.cpu().numpy()
     return out_s, out_i
 
 
