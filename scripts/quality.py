@@ -332,8 +332,23 @@ def main() -> None:
     pairs = compare_pairs(work, {r["arm"] for r in done})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "arms": done, "pairs": pairs}, indent=2))
-    (RESULTS / "quality.md").write_text(markdown(done, pairs, meta))
-    print((RESULTS / "quality.md").read_text())
+    table_md = markdown(done, pairs, meta)
+    (RESULTS / "quality.md").write_text(table_md)
+    update_readme(table_md)
+    print(table_md)
+
+
+def update_readme(table_md: str) -> None:
+    """Put the table between the README's ``<!-- quality:begin ... -->`` and ``<!-- quality:end -->`` lines."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    begin = text.find("<!-- quality:begin")
+    end = text.find("<!-- quality:end -->")
+    if begin < 0 or end < begin:
+        print("quality: README has no quality:begin / quality:end markers; table not copied", file=sys.stderr)
+        return
+    begin = text.index("\n", begin) + 1
+    readme.write_text(text[:begin] + table_md + text[end:])
 
 
 if __name__ == "__main__":
