@@ -416,23 +416,18 @@ def slice_of(n_shards: int, rank: int, world_size: int) -> range:
     return range(rank * n_shards // world_size, (rank + 1) * n_shards // world_size)
 
 
-def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache, shards: range | None = None,
-                 verify: bool = False) -> Embeddings:
-    """Load the shards of ``texts`` from the cache (after all processes have written theirs): every shard, or
-    only the range ``shards`` (a process's slice; ``start`` is then its first row's global index)."""
+def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache) -> Embeddings:
+    """Load every shard of ``texts`` from the cache (after all processes have written theirs)."""
     bounds = [(a, min(a + shard_size, len(texts))) for a in range(0, len(texts), shard_size)]
     keys = [cache.shard_key(texts[a:b]) for a, b in bounds]
-    wanted = shards if shards is not None else range(len(bounds))
     arrays = []
-    for i in wanted:
-        a, b = bounds[i]
-        array = cache.load(keys[i], b - a, verify)
+    for (a, b), key in zip(bounds, keys, strict=True):
+        array = cache.load(key, b - a)
         if array is None:
             raise KoretError(f"embedding shard for texts {a}:{b} is missing from {cache.root}",
                              "in multi-process runs cache_dir must be on a filesystem every process sees")
         arrays.append(array)
-    start = bounds[wanted.start][0] if len(wanted) else len(texts)
-    return Embeddings(arrays, files=[str(cache.path(k)) for k in keys], start=start)
+    return Embeddings(arrays, files=[str(cache.path(k)) for k in keys])
 
 
 def open_shard_files(files: Sequence[str]) -> Embeddings | None:
@@ -464,7 +459,8 @@ def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: Encode
     """Encode ``texts`` through the shard cache and return the embeddings with their stats.
 
     In a multi-process run every process encodes its contiguous slice of shards; then all wait and each loads
-    every shard (``keep="all"``) or only its own slice (``keep="slice"``, the sharded search's corpus).
+    every shard (``keep="all"``) or keeps just the slice it encoded (``keep="slice"``, the sharded search's
+    corpus: nothing is hashed or opened again).
     """
     from koret import dist
 
@@ -482,9 +478,8 @@ def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: Encode
     if dist.world_size() > 1:
         every = dist.gather_objects(stats)
         dist.barrier()
-        n_shards = -(-len(texts) // settings.shard_size)
-        own = slice_of(n_shards, dist.rank(), dist.world_size()) if keep == "slice" else None
-        emb = load_sharded(texts, settings.shard_size, cache, own)
+        if keep == "all":  # this process encoded (or found) its own slice only; the others wrote the rest
+            emb = load_sharded(texts, settings.shard_size, cache)
         stats.update({"shards_computed": sum(s["shards_computed"] for s in every),
                       "shards_reused": sum(s["shards_reused"] for s in every),
                       "texts_encoded": sum(s["texts_encoded"] for s in every), "processes": len(every)})
