@@ -158,17 +158,13 @@ def read_candidates(path: Path) -> tuple[Candidates, list[str], np.ndarray]:
 
 
 def _sources(table: Any) -> np.ndarray:
+    """``candidate_sources`` (names per candidate) as the padded code matrix of :class:`Candidates`."""
+    import pyarrow as pa
+
     codes = {name: code for code, name in SOURCES.items()}
-    rows = [[codes[name] for name in row] for row in table.column("candidate_sources").to_pylist()]
-    return _padded_rows(rows, 0, np.int8)
-
-
-def _padded_rows(rows: list[list[Any]], fill: Any, dtype: Any) -> np.ndarray:
-    width = max((len(r) for r in rows), default=0)
-    out = np.full((len(rows), width), fill, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+    names = table.column("candidate_sources").combine_chunks()
+    values = np.array([codes[n] for n in names.flatten().to_pylist()], dtype=np.int8)
+    return _padded(pa.ListArray.from_arrays(names.offsets, pa.array(values)), 0, np.int8)
 
 
 def write_filter_outputs(out_dir: Path, cfg: MineConfig, outcome: FilterOutcome, phases: dict[str, float],
