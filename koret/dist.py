@@ -10,12 +10,15 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from koret.errors import KoretError
 
 _solo = {"on": False}
 
@@ -75,10 +78,35 @@ def _destroy_process_group() -> None:
         td.destroy_process_group()
 
 
+class PeerLost(KoretError):
+    """Another process of the run ended (killed, crashed) while this one waited for it in a collective."""
+
+    exit_code = 1
+
+    def __init__(self, op: str, exc: Exception) -> None:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        super().__init__(f"another process of this run stopped while this one waited in {op} "
+                         f"({type(exc).__name__}: {first[:160]})", "its own error, or the launcher's report, says why")
+        # under koret's launcher the launcher prints the one line that names the process that died
+        self.shown_elsewhere = bool(os.environ.get(_LAUNCHED))
+
+
+_LAUNCHED = "KORET_LAUNCHER"
+
+
+@contextlib.contextmanager
+def _collective(op: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as exc:  # gloo / NCCL: "Connection closed by peer", "Connection reset", DistBackendError
+        raise PeerLost(op, exc) from exc
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single-process run)."""
     if world_size() > 1:
-        _state().wait_for_everyone()
+        with _collective("a barrier"):
+            _state().wait_for_everyone()
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -88,7 +116,8 @@ def gather_objects(obj: Any) -> list[Any]:
     from accelerate.utils import gather_object
 
     _state()
-    return list(gather_object([obj]))
+    with _collective("gather_object"):
+        return list(gather_object([obj]))
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
@@ -100,7 +129,8 @@ def gather_to_main(obj: Any) -> list[Any] | None:
 
     _state()
     out: list[Any] | None = [None] * world_size() if is_main() else None
-    td.gather_object(obj, out, dst=0)
+    with _collective("gather_object"):
+        td.gather_object(obj, out, dst=0)
     return out
 
 
@@ -112,7 +142,8 @@ def broadcast_from_main(obj: Any) -> Any:
 
     _state()
     box = [obj if is_main() else None]
-    td.broadcast_object_list(box, src=0)
+    with _collective("broadcast_object_list"):
+        td.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -175,6 +206,7 @@ def launch(num_processes: int, module_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    os.environ[_LAUNCHED] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_processes))))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--nproc_per_node", str(num_processes), "--master_port", str(_free_port()),
@@ -182,9 +214,30 @@ def launch(num_processes: int, module_args: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        codes = [getattr(f, "exitcode", 1) for f in exc.failures.values()]
-        return 2 if 2 in codes else next((c for c in codes if c and c > 0), 1)
+        code, line = failure_report({r: (f.exitcode, f.signal_name() if f.exitcode < 0 else "")
+                                     for r, f in exc.failures.items()}, num_processes)
+        if line:
+            print(f"error: {line}", file=sys.stderr)
+        return code
     return 0
+
+
+def failure_report(failures: dict[int, tuple[int, str]], world: int) -> tuple[int, str]:
+    """The exit code and the one line to print for a launched run whose processes failed: ``failures`` maps
+    global rank to (exit code, signal name). A process that ended with koret's own error (exit 2) has printed
+    it; a process killed by a signal (the kernel's OOM killer, a preemption) printed nothing, so the launcher
+    says which one it was. Pure."""
+    codes = {r: c for r, (c, _) in failures.items()}
+    if 2 in codes.values():
+        return 2, ""
+    killed = sorted((r, name) for r, (c, name) in failures.items() if c < 0)
+    if killed:
+        # the launcher stops the survivors with SIGTERM: report the process that died first, not those
+        rank, name = next(((r, n) for r, n in killed if n != "SIGTERM"), killed[0])
+        why = " (out of memory?)" if name == "SIGKILL" else ""
+        return 1, (f"process {rank} of {world} was killed by {name}{why}, so the run stopped; rerun the same "
+                   "command to resume: finished embedding shards are reused (koret train: add --resume)")
+    return next((c for c in codes.values() if c > 0), 1), ""
 
 
 def _free_port() -> int:

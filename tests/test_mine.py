@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import unicodedata
 from pathlib import Path
@@ -268,3 +269,66 @@ def test_queries_without_a_positive_are_skipped_before_any_model_loads(tmp_path,
     assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
         f"error: data.train: {none}: no query has a positive (relevance > 0) (check the qrels / positive column)"]
     assert not (tmp_path / "out2").exists() and not (tmp_path / "cache2").exists()
+
+
+DIE_IN_SEARCH = """
+import os
+if os.environ.get("RANK") == "1":
+    import signal
+    import koret.search as s
+    _search = s.search
+    def search(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's OOM killer, in the middle of the collective search
+    s.search = search
+"""
+
+
+def test_a_process_that_dies_fails_the_run_with_one_line_and_a_rerun_reuses_its_shards(tmp_path, tiny_model,
+                                                                                       data_dir):
+    """One of two processes is killed (SIGKILL) while the other waits for it in the sharded search: the run ends
+    quickly with one line, no traceback and no outputs; the rerun encodes nothing again."""
+    cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
+                      encode__shard_size=25)
+    path = write_config(tmp_path / "m.yaml", cfg)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_IN_SEARCH)
+    started = time.monotonic()
+    died = run_subprocess("mine", "-c", str(path), "--num-processes", "2", timeout=240,
+                          env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])})
+    assert time.monotonic() - started < 200
+    assert died.returncode == 1, died.stderr[-3000:]
+    lines = [line for line in died.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in died.stderr, died.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == ["error: process 1 of 2 was killed by SIGKILL (out of memory?), so the run stopped; rerun "
+                      "the same command to resume: finished embedding shards are reused (koret train: add --resume)"
+                      ], died.stderr[-3000:]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+    again = run_subprocess("mine", "-c", str(path), "--num-processes", "2", "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    enc = json.loads((tmp_path / "out" / "stats.json").read_text())["encode"]["passages"]
+    assert enc["shards_computed"] == 0 and enc["shards_reused"] >= 4
+
+
+def test_failure_report_names_the_process_that_died_not_those_the_launcher_stopped():
+    from koret.dist import failure_report
+
+    assert failure_report({0: (-15, "SIGTERM"), 3: (-9, "SIGKILL")}, 4)[0] == 1
+    assert "process 3 of 4 was killed by SIGKILL (out of memory?)" in failure_report({0: (-15, "SIGTERM"),
+                                                                                      3: (-9, "SIGKILL")}, 4)[1]
+    assert "process 1 of 2 was killed by SIGTERM," in failure_report({1: (-15, "SIGTERM")}, 2)[1]  # preempted
+    assert failure_report({0: (2, ""), 1: (-9, "SIGKILL")}, 2) == (2, "")  # koret's own error was printed
+    assert failure_report({1: (1, "")}, 2) == (1, "")  # a crash prints its own traceback
+
+
+def test_a_collective_that_loses_its_peer_is_one_line(monkeypatch):
+    from koret import dist
+
+    monkeypatch.delenv("KORET_LAUNCHER", raising=False)
+    with pytest.raises(dist.PeerLost) as err, dist._collective("gather_object"):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:15502.\nmore")
+    assert str(err.value).startswith("another process of this run stopped while this one waited in gather_object "
+                                     "(RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    assert err.value.exit_code == 1 and "\n" not in str(err.value) and not err.value.shown_elsewhere
