@@ -99,6 +99,9 @@ class TeacherConfig(PromptFields):
 
 class EncodeConfig(Section):
     shard_size: int = Field(10_000, ge=1, description="Passages per cached embedding shard.")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="How cached embeddings are stored: float16 halves disk and memory (scores are "
+                               "still exact float32 products of the stored values).")
     verify: bool = Field(False, description="Recompute each cached shard's checksum when it is loaded (reads "
                                             "every byte); by default a load checks header, shape and length.")
 

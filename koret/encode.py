@@ -9,8 +9,13 @@ So after Ctrl-C or kill -9 a rerun reuses every finished shard and encodes the r
 corrupt shard file fails its checksum and is recomputed, never used. Evaluating several checkpoints against one
 corpus re-encodes nothing for an unchanged model.
 
-In a multi-process run (``accelerate launch``) process ``r`` of ``n`` encodes the shards ``i`` with
-``i % n == r``; the cache is how the results meet, so it must be on a filesystem every process sees.
+In a multi-process run (``accelerate launch``, torchrun) process ``r`` of ``n`` encodes one contiguous slice of the
+shards (:func:`slice_of`), hashing and opening only those; the processes then exchange their lists of shard files.
+Where every process needs every embedding (queries, evaluation) it opens the others' files, so the cache must be on
+a filesystem every process sees; the sharded search keeps each process to its own slice.
+
+``encode.dtype: float16`` stores shards in half precision (half the disk and memory); every score koret computes
+from them is still an exact float32 product of the stored values.
 """
 
 from __future__ import annotations
@@ -298,7 +303,7 @@ class ShardCache:
         try:
             info = json.loads(meta.read_text())
             array = np.load(npy, mmap_mode="r")
-            if array.shape != (rows, info["dim"]) or array.dtype != np.float32:
+            if array.shape != (rows, info["dim"]) or array.dtype.name not in STORAGE_DTYPES:
                 raise ValueError("shape mismatch")
             if npy.stat().st_size != array.offset + array.nbytes:
                 raise ValueError("file length mismatch")
@@ -313,23 +318,31 @@ class ShardCache:
                 f.unlink(missing_ok=True)
             return None
 
-    def save(self, key: str, array: np.ndarray) -> np.ndarray:
+    def save(self, key: str, array: np.ndarray, dtype: str = "float32") -> np.ndarray:
+        """Store ``array`` in ``dtype`` (float16 halves disk and memory; the rows are unit vectors, so float16
+        keeps about three significant digits of every coordinate)."""
+        array = np.ascontiguousarray(array, dtype=dtype)
         if self.root is None:
             return array
         self.root.mkdir(parents=True, exist_ok=True)
-        array = np.ascontiguousarray(array, dtype=np.float32)
         with atomic_path(self.root / f"{key}.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, array)
         write_json(self.root / f"{key}.json", {"rows": array.shape[0], "dim": array.shape[1],
-                                                 "blake2b": _checksum(array)})
+                                                 "dtype": array.dtype.name, "blake2b": _checksum(array)})
         return np.load(self.root / f"{key}.npy", mmap_mode="r")
 
 
-def encoder_key(identity: str, prompt: str, max_seq_length: int | None, dtype: str, normalize: str) -> str:
-    raw = json.dumps({"model": identity, "prompt": prompt, "max_len": max_seq_length, "dtype": dtype,
-                      "text_norm": normalize, "l2": True})
-    return hashlib.sha256(raw.encode()).hexdigest()
+STORAGE_DTYPES = ("float32", "float16")  # how cached embeddings are stored (encode.dtype)
+
+
+def encoder_key(identity: str, prompt: str, max_seq_length: int | None, dtype: str, normalize: str,
+                storage: str = "float32") -> str:
+    raw = {"model": identity, "prompt": prompt, "max_len": max_seq_length, "dtype": dtype, "text_norm": normalize,
+           "l2": True}
+    if storage != "float32":  # float32 caches keep the keys they had before storage could be chosen
+        raw["storage"] = storage
+    return hashlib.sha256(json.dumps(raw).encode()).hexdigest()
 
 
 def _encode_sorted(model: Any, texts: Sequence[str], prompt: str, batch_size: int,
@@ -357,6 +370,11 @@ def fault_after_shards() -> int | None:
     return int(raw) if raw else None
 
 
+def shard_bounds(n_texts: int, shard_size: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` text ranges of the shards."""
+    return [(a, min(a + shard_size, n_texts)) for a in range(0, n_texts, shard_size)]
+
+
 def encode_sharded(
     model: Any,
     texts: Sequence[str],
@@ -369,36 +387,32 @@ def encode_sharded(
     rank: int = 0,
     world_size: int = 1,
     verify: bool = False,
+    storage: str = "float32",
 ) -> Embeddings:
     """Encode ``texts`` shard by shard through ``cache``; this process computes its contiguous slice of shards
-    (:func:`slice_of`).
-
-    Returns the shards in order when ``world_size == 1``. In a multi-process run each process returns only its
-    slice; the caller waits for every process and then loads what it needs (:func:`load_sharded`).
-    """
+    (:func:`slice_of`) and returns them, with ``files`` naming just those. Only the slice's texts are hashed
+    (for the shard keys) and only its shard files are opened, so a process never reads another's part."""
     from koret.report import progress
 
-    bounds = [(s, min(s + shard_size, len(texts))) for s in range(0, len(texts), shard_size)]
-    keys = [cache.shard_key(texts[a:b]) for a, b in bounds]
-    shards: list[np.ndarray | None] = [None] * len(bounds)
+    bounds = shard_bounds(len(texts), shard_size)
+    mine = slice_of(len(bounds), rank, world_size)
+    keys = [cache.shard_key(texts[a:b]) for a, b in bounds[mine.start:mine.stop]]
+    shards: list[np.ndarray] = []
     fault = fault_after_shards()
     started = time.perf_counter()
     computed = reused = encoded = 0
-    mine = slice_of(len(bounds), rank, world_size)
     with progress() as bar:
         task = bar.add_task(description, total=sum(b - a for a, b in bounds[mine.start:mine.stop]), unit="texts")
-        for i, ((a, b), key) in enumerate(zip(bounds, keys, strict=True)):
-            if i not in mine:
-                continue
+        for (a, b), key in zip(bounds[mine.start:mine.stop], keys, strict=True):
             cached = cache.load(key, b - a, verify)
-            if cached is not None:
-                shards[i] = cached
+            if cached is not None and cached.dtype.name == storage:
+                shards.append(cached)
                 reused += 1
                 bar.update(task, advance=b - a)
                 continue
             array = _encode_sorted(model, texts[a:b], prompt, batch_size,
                                    on_progress=lambda n: bar.update(task, advance=n))
-            shards[i] = cache.save(key, array)
+            shards.append(cache.save(key, array, storage))
             computed += 1
             encoded += b - a
             if fault is not None and computed >= fault:
@@ -407,8 +421,8 @@ def encode_sharded(
                 os.kill(os.getpid(), signal.SIGKILL)
     files = [str(cache.path(k)) for k in keys] if cache.root is not None else []
     start = bounds[mine.start][0] if mine.start < len(bounds) else len(texts)
-    return Embeddings([s for s in shards if s is not None], computed=computed, reused=reused,
-                      seconds=time.perf_counter() - started, texts_encoded=encoded, files=files, start=start)
+    return Embeddings(shards, computed=computed, reused=reused, seconds=time.perf_counter() - started,
+                      texts_encoded=encoded, files=files, start=start)
 
 
 def slice_of(n_shards: int, rank: int, world_size: int) -> range:
@@ -416,18 +430,17 @@ def slice_of(n_shards: int, rank: int, world_size: int) -> range:
     return range(rank * n_shards // world_size, (rank + 1) * n_shards // world_size)
 
 
-def load_sharded(texts: Sequence[str], shard_size: int, cache: ShardCache) -> Embeddings:
-    """Load every shard of ``texts`` from the cache (after all processes have written theirs)."""
-    bounds = [(a, min(a + shard_size, len(texts))) for a in range(0, len(texts), shard_size)]
-    keys = [cache.shard_key(texts[a:b]) for a, b in bounds]
+def load_shard_files(files: Sequence[str], bounds: Sequence[tuple[int, int]], cache: ShardCache) -> Embeddings:
+    """Open every shard of a corpus that the processes of a run wrote (``files`` in order, as they reported
+    them), each checked like a cache hit."""
     arrays = []
-    for (a, b), key in zip(bounds, keys, strict=True):
-        array = cache.load(key, b - a)
+    for f, (a, b) in zip(files, bounds, strict=True):
+        array = cache.load(Path(f).stem, b - a)
         if array is None:
             raise KoretError(f"embedding shard for texts {a}:{b} is missing from {cache.root}",
                              "in multi-process runs cache_dir must be on a filesystem every process sees")
         arrays.append(array)
-    return Embeddings(arrays, files=[str(cache.path(k)) for k in keys])
+    return Embeddings(arrays, files=list(files))
 
 
 def open_shard_files(files: Sequence[str]) -> Embeddings | None:
@@ -452,6 +465,7 @@ class EncodeSettings:
     shard_size: int = 10_000
     cache_dir: str | None = "~/.cache/koret"
     verify: bool = False  # recompute every cached shard's checksum on load (reads every byte)
+    storage: str = "float32"  # encode.dtype: how shards are stored (float16 halves disk and memory)
 
 
 def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: EncodeSettings,
@@ -465,22 +479,31 @@ def encode_texts(model: Any, texts: Sequence[str], prompt: str, settings: Encode
     from koret import dist
 
     key = encoder_key(model_identity(settings.model_name), prompt, settings.max_seq_length, settings.dtype,
-                      settings.normalize)
+                      settings.normalize, settings.storage)
     cache = ShardCache(settings.cache_dir, key)
     emb = encode_sharded(model, texts, prompt=prompt, batch_size=settings.batch_size,
                          shard_size=settings.shard_size, cache=cache, description=description,
-                         rank=dist.rank(), world_size=dist.world_size(), verify=settings.verify)
+                         rank=dist.rank(), world_size=dist.world_size(), verify=settings.verify,
+                         storage=settings.storage)
     stats: dict[str, Any] = {
         "texts": len(texts), "shards_computed": emb.computed, "shards_reused": emb.reused,
         "texts_encoded": emb.texts_encoded, "seconds": emb.seconds,
         "texts_per_second": emb.texts_encoded / emb.seconds if emb.seconds > 0 and emb.texts_encoded else None,
+        "storage": settings.storage,
     }
+    if dist.world_size() > 1 and keep == "all" and cache.root is None:
+        raise KoretError("cache_dir: a multi-process run shares embeddings through the cache; it is not set",
+                         "set cache_dir to a folder every process sees")
     if dist.world_size() > 1:
-        every = dist.gather_objects(stats)
-        dist.barrier()
-        if keep == "all":  # this process encoded (or found) its own slice only; the others wrote the rest
-            emb = load_sharded(texts, settings.shard_size, cache)
-        stats.update({"shards_computed": sum(s["shards_computed"] for s in every),
-                      "shards_reused": sum(s["shards_reused"] for s in every),
-                      "texts_encoded": sum(s["texts_encoded"] for s in every), "processes": len(every)})
+        # a collective: when it returns, every process has written its slice; the file lists, in rank order,
+        # are the manifest of the whole corpus
+        every = dist.gather_objects((stats, emb.files))
+        files = [f for _, part in every for f in part]
+        if keep == "all":
+            emb = load_shard_files(files, shard_bounds(len(texts), settings.shard_size), cache)
+        else:
+            emb.files = files
+        stats.update({"shards_computed": sum(s["shards_computed"] for s, _ in every),
+                      "shards_reused": sum(s["shards_reused"] for s, _ in every),
+                      "texts_encoded": sum(s["texts_encoded"] for s, _ in every), "processes": len(every)})
     return emb, stats

@@ -193,7 +193,7 @@ def evaluate_model(m: EvalModelConfig, data: RetrievalData, qids: list[int], ks:
     enc = EncodeSettings(model_name=m.name, batch_size=m.batch_size, max_seq_length=m.max_seq_length,
                          dtype=resolve_dtype(m.dtype, str(model.device)),
                          normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir,
-                         verify=cfg.encode.verify)
+                         verify=cfg.encode.verify, storage=cfg.encode.dtype)
     corpus_emb, corpus_stats = encode_unique(model, data.corpus, p_prompt, enc, "encode passages")
     queries = [data.queries[q] for q in qids]
     query_emb, query_stats = encode_unique(model, queries, q_prompt, enc, "encode queries")

@@ -101,7 +101,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                          max_seq_length=cfg.teacher.max_seq_length,
                          dtype=resolve_dtype(cfg.teacher.dtype, str(model.device)),
                          normalize=cfg.data.normalize, shard_size=cfg.encode.shard_size, cache_dir=cfg.cache_dir,
-                         verify=cfg.encode.verify)
+                         verify=cfg.encode.verify, storage=cfg.encode.dtype)
     # each process keeps only its slice of the corpus; every process has all the queries
     corpus_emb, corpus_stats = encode_texts(model, data.corpus, p_prompt, enc, "encode passages", keep="slice")
     query_emb_s, query_stats = encode_texts(model, data.queries, q_prompt, enc, "encode queries")

@@ -159,7 +159,8 @@ def resolve_precision(precision: str, backend: str) -> str:
 
 def _tolerance(precision: str, queries: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
     dim = queries.shape[1]
-    max_norm = max(float(np.sqrt(np.max(np.einsum("ij,ij->i", b, b)))) for b in blocks)
+    max_norm = float(np.sqrt(max(np.max(np.einsum("ij,ij->i", *(np.asarray(b[a:a + 65_536], np.float32),) * 2))
+                                 for b in blocks for a in range(0, len(b), 65_536))))
     q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries)).astype(np.float64)
     rel = _TOLERANCE[precision] + 4 * (dim + 2) * 2.0**-24
     return rel * q_norm * max_norm + 1e-30
@@ -316,7 +317,7 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
         need = sum(b.shape[0] * b.shape[1] for b in blocks) * torch.tensor([], dtype=dtype).element_size()
         free, _ = torch.cuda.mem_get_info(device)
         if need < 0.7 * free:
-            resident = [torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(device, dtype) for b in blocks]
+            resident = [_upload(b, device, dtype) for b in blocks]
     n = len(queries)
     out_s = np.empty((n, k), dtype=np.float32)
     out_i = np.empty((n, k), dtype=np.int64)
@@ -334,8 +335,7 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
             best_i = torch.full((g1 - g0, k), -1, dtype=torch.int64, device=device)
             offset = 0
             for b, block in enumerate(blocks):
-                x = resident[b] if resident is not None else \
-                    torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device, dtype)
+                x = resident[b] if resident is not None else _upload(block, device, dtype)
                 kk = min(k, x.shape[0])
                 for start in range(g0, g1, chunk):
                     rows = slice(start - g0, min(g1, start + chunk) - g0)
@@ -350,6 +350,14 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
             out_s[g0:g1] = best_s.cpu().numpy()
             out_i[g0:g1] = best_i.cpu().numpy()
     return out_s, out_i
+
+
+def _upload(block: np.ndarray, device: Any, dtype: Any) -> Any:
+    """A corpus block as a tensor on ``device`` in ``dtype``; float16 storage travels as float16 (half the copy)."""
+    import torch
+
+    keep = np.float16 if block.dtype == np.float16 else np.float32
+    return torch.from_numpy(np.ascontiguousarray(block, dtype=keep)).to(device, dtype)
 
 
 def _faiss_index(queries: np.ndarray, blocks: list[np.ndarray], k: int, spec: str, chunk: int,

@@ -152,6 +152,30 @@ def test_resume_after_kill_reuses_finished_shards(tmp_path, tiny_model, data_dir
                                   pd.read_parquet(tmp_path / "fresh" / "train.parquet"), atol=1e-6)
 
 
+def test_float16_cache_halves_the_files_and_scores_are_exact_products_of_what_it_stores(tmp_path, tiny_model,
+                                                                                       data_dir):
+    full = _mine(tmp_path, tiny_model, data_dir, "a.yaml")
+    half = _mine(tmp_path, tiny_model, data_dir, "b.yaml", out="half", cache="cache16", encode__dtype="float16")
+    manifest = json.loads((half / "embeddings.json").read_text())
+    passages = np.concatenate([np.load(f) for f in manifest["passages"]])
+    queries = np.concatenate([np.load(f) for f in manifest["queries"]])
+    assert passages.dtype == queries.dtype == np.float16
+    size = {name: sum(f.stat().st_size for f in (tmp_path / name).rglob("*.npy")) for name in ("cache", "cache16")}
+    assert size["cache16"] < 0.52 * size["cache"]
+    assert json.loads((half / "stats.json").read_text())["encode"]["passages"]["storage"] == "float16"
+
+    cands = pd.read_parquet(half / "candidates.parquet")
+    for row, (ids, got) in enumerate(zip(cands.candidate_ids, cands.teacher_candidate_scores, strict=True)):
+        exact = (passages[ids].astype(np.float64) @ queries[row].astype(np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(got, exact)  # the float64 product of the stored values, rounded once
+        every = (passages.astype(np.float64) @ queries[row].astype(np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(ids, np.lexsort((np.arange(len(every)), -every))[:len(ids)])  # exact top-k
+    ours = pd.read_parquet(full / "candidates.parquet")
+    same = np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                    for a, b in zip(ours.candidate_ids, cands.candidate_ids, strict=True)])
+    assert same > 0.9, same  # rounding the stored vectors to float16 moves few candidates
+
+
 def test_nfd_copy_gives_identical_train(tmp_path, tiny_model, data_dir, pairs):
     nfd = tmp_path / "nfd"
     nfd.mkdir()
@@ -214,12 +238,12 @@ def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.slow
-@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical")])
+@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical, float16 cache")])
 def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_encoder, data_dir, processes,
                                                extra):
     """Each process encodes and searches its slice of the corpus (and rescores its range of queries); the
     outputs equal one process's."""
-    extra = {"search__lexical": {"top_k": 10}} if extra == "lexical" else \
+    extra = {"search__lexical": {"top_k": 10}, "encode__dtype": "float16"} if extra.startswith("lexical") else \
         {"rescore__model": str(tiny_cross_encoder)}
     cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
                       encode__shard_size=25, out="many", **extra)

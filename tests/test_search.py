@@ -133,6 +133,20 @@ def test_low_precision_selection_matches_float32_ranks_and_scores(vectors, preci
     assert low.precision == precision and full.precision == "float32"
 
 
+@pytest.mark.parametrize("backend,precision", [("faiss", "float32"), ("torch", "float32"), ("torch", "float16"),
+                                               ("torch", "bfloat16")])
+def test_float16_stored_shards_search_like_their_values_in_float32(vectors, backend, precision):
+    """``encode.dtype: float16``: the search over half-precision shards is the exact search over the values
+    they hold (ids and scores equal a float64 reference on the upcast values, ties by index)."""
+    q, c = vectors
+    half = c.astype(np.float16)
+    res = search(q, [half[:300], half[300:310], half[310:]], 25, backend=backend, query_chunk_size=13,
+                 precision=precision)
+    ref_s, ref_i = _reference_topk(q, half.astype(np.float32), 25)
+    np.testing.assert_array_equal(res.ids, ref_i)
+    np.testing.assert_array_equal(res.scores, ref_s)
+
+
 def test_scores_are_exact_float32_inner_products(vectors):
     from koret.search import exact_scores
 
