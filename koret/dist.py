@@ -123,15 +123,33 @@ def gather_objects(obj: Any) -> list[Any]:
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every process's ``obj`` in rank order on the main process, None on the others (unlike
     :func:`gather_objects`, only the main process holds them all)."""
+    return gather_to(obj, 0)
+
+
+def gather_to(obj: Any, dst: int) -> list[Any] | None:
+    """Every process's ``obj`` in rank order on process ``dst``, None on the others."""
     if world_size() <= 1:
         return [obj]
     import torch.distributed as td
 
     _state()
-    out: list[Any] | None = [None] * world_size() if is_main() else None
+    out: list[Any] | None = [None] * world_size() if rank() == dst else None
     with _collective("gather_object"):
-        td.gather_object(obj, out, dst=0)
+        td.gather_object(obj, out, dst=dst)
     return out
+
+
+def exchange(parts: list[Any]) -> list[Any]:
+    """All-to-all: this process sends ``parts[d]`` to process ``d`` and gets, in rank order, what every process
+    sent it (``[parts[0]]`` in a single-process run). One gather per destination."""
+    if world_size() <= 1:
+        return [parts[0]]
+    got: list[Any] = []
+    for dst in range(world_size()):
+        mine = gather_to(parts[dst], dst)
+        if mine is not None:
+            got = mine
+    return got
 
 
 def broadcast_from_main(obj: Any) -> Any:

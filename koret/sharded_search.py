@@ -4,11 +4,13 @@ number of machines).
 
 Each process holds one contiguous slice of the corpus shards (:func:`koret.encode.slice_of`; memory-mapped,
 and only its slice is ever read) and every query embedding. Queries are searched in chunks: every process
-returns its slice's top-k with exact float32 scores (:func:`koret.search.search`, any backend or FAISS index,
-ids shifted to global passage indices); the main process gathers the per-slice lists and keeps the best k by
-(score descending, global passage index ascending) (:func:`merge_slices`). A slice's own top-k holds every
-member of the global top-k that lies in it, ties included, so the merged list is the single-process exact
-search's, candidate for candidate. Scores of given (query, passage) pairs, such as the positives', are
+finds its slice's top-k with exact float32 scores (:func:`koret.search.search`, any backend or FAISS index,
+ids shifted to global passage indices); the chunk's queries are then split into one range per process, every
+process sends each range's lists to that range's process (an all-to-all), and each merges its range, keeping
+the best k by (score descending, global passage index ascending) (:func:`merge_slices`); the main process
+gathers the merged ranges. So the merge runs on every process at once, and the main process receives k
+results a query instead of k per process. A slice's own top-k holds every member of the global top-k that lies
+in it, ties included, so the merged list is the single-process exact search's, candidate for candidate. Scores of given (query, passage) pairs, such as the positives', are
 computed by the process owning the passage (:func:`pair_scores`). The main process never reads another
 slice's embeddings: its memory is its slice, the queries, one chunk of gathered results and the output.
 
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from koret import dist
+from koret.encode import slice_of
 from koret.search import SearchResult, exact_scores, search
 
 
@@ -54,12 +57,16 @@ def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chu
             part = (res.scores, np.where(res.ids >= 0, res.ids + local.start, -1), res.backend, res.rechecked)
         else:  # more processes than shards: an empty slice
             part = (np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), "", 0)
-        parts = dist.gather_to_main(part)
+        ranges = [slice_of(len(q), r, dist.world_size()) for r in range(dist.world_size())]
+        received = dist.exchange([(part[0][r.start:r.stop], part[1][r.start:r.stop]) for r in ranges])
+        merged = merge_slices(received, k)
+        parts = dist.gather_to_main((merged, part[2], part[3]))
         if parts is not None:
-            s, i = merge_slices([(p[0], p[1]) for p in parts], k)
-            out_scores[a:a + len(q), : s.shape[1]], out_ids[a:a + len(q), : i.shape[1]] = s, i
-            backend = next((p[2] for p in parts if p[2]), backend)
-            rechecked += sum(p[3] for p in parts)
+            for r, ((s, i), _, _) in zip(ranges, parts, strict=True):
+                rows = slice(a + r.start, a + r.stop)
+                out_scores[rows, : s.shape[1]], out_ids[rows, : i.shape[1]] = s, i
+            backend = next((p[1] for p in parts if p[1]), backend)
+            rechecked += sum(p[2] for p in parts)
     if not dist.is_main():
         return None
     return SearchResult(out_scores, out_ids, f"{backend} x {dist.world_size()} slices",

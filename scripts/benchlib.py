@@ -103,6 +103,19 @@ def machine() -> str:
     return f"{cores} cores, {cpu}"
 
 
+def update_readme(section: str, md: str) -> None:
+    """Put ``md`` between the README's ``<!-- SECTION:begin ... -->`` and ``<!-- SECTION:end -->`` lines."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    begin = text.find(f"<!-- {section}:begin")
+    end = text.find(f"<!-- {section}:end -->")
+    if begin < 0 or end < begin:
+        print(f"README has no {section}:begin / {section}:end markers; table not copied", file=sys.stderr)
+        return
+    begin = text.index("\n", begin) + 1
+    readme.write_text(text[:begin] + md + text[end:])
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table (printed and pasted into the README)."""
     def fmt(v: Any) -> str:

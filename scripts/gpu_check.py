@@ -5,7 +5,9 @@ Measures, on one GPU (models built from configs with random weights; nothing is 
 1. teacher encoding tokens/s in bf16 through SentenceTransformer.encode for a BERT-base-sized and an
    XLM-R-large-sized (bge-m3 / arctic-embed-l shape) encoder, with model FLOPs utilization (MFU) against the
    card's dense bf16 peak;
-2. koret's torch exact search (the path used where FAISS has no GPU): 1M x 1024 passages, 10k queries, top-100;
+2. koret's torch exact search (the path used where FAISS has no GPU) of one process's slice as ``koret mine``
+   holds it: 1M x 1024 passages stored in float16, 10k queries, top-100, and the slice's upload rate (the inputs
+   of the README's scale-out projection, ``scripts/projection.py``);
 3. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16;
 4. ``accelerate launch --num_processes 1 -m koret run`` over a small config (mine, train, eval) with an
    e5-small-shaped student and teacher (384 hidden, 12 layers), checking that every teacher score stored in
@@ -110,6 +112,9 @@ def bench_encode(size: dict, workdir: Path, device: str, dtype: str) -> list[dic
 
 
 def bench_search(size: dict, device: str) -> dict:
+    """One process's slice as ``koret mine`` searches it on a GPU: float16 cache shards (``encode.dtype:
+    float16``) of 250k rows, uploaded to the GPU, float16 selection, exact float32 rescoring. Also times the
+    host-to-GPU upload of the slice (the projection in the README uses both rates)."""
     from koret.search import search
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -118,9 +123,15 @@ def bench_search(size: dict, device: str) -> dict:
     for start in range(0, size["passages"], shard):
         n = min(shard, size["passages"] - start)
         x = torch.randn(n, size["dim"], device=device, generator=gen)
-        blocks.append(torch.nn.functional.normalize(x, dim=1).cpu().numpy())
+        blocks.append(torch.nn.functional.normalize(x, dim=1).half().cpu().numpy())
     q = torch.nn.functional.normalize(torch.randn(size["queries"], size["dim"], device=device, generator=gen), dim=1)
     queries = q.cpu().numpy()
+    sync()
+    t0 = time.perf_counter()
+    uploaded = [torch.from_numpy(b).to(device) for b in blocks]
+    sync()
+    upload_s = time.perf_counter() - t0
+    del uploaded
     backend = "torch"
     t0 = time.perf_counter()
     res = search(queries, blocks, size["top_k"], backend=backend, query_chunk_size=4096, description="search")
@@ -139,7 +150,9 @@ def bench_search(size: dict, device: str) -> dict:
                      f"{res.precision} selection)",
             "queries_per_s": size["queries"] / seconds, "seconds": seconds, "recall@10_vs_fp32": recall,
             "ids_equal_fp64": bool(np.array_equal(res.ids[:50], ref_ids)), "scores_exact": scores_exact,
-            "rechecked_rows": res.rechecked}
+            "rechecked_rows": res.rechecked, "passages": size["passages"], "dim": size["dim"],
+            "pairs_per_s": size["queries"] * size["passages"] / seconds,
+            "upload_gb_per_s": sum(b.nbytes for b in blocks) / upload_s / 1e9}
 
 
 def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:

@@ -29,6 +29,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import update_readme  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KORET_SHARED", REPO.parent / "shared"))  # this project's shared/ beside the clone
 DATA = SHARED / "data" / "korquad-v1-dev" / "KorQuAD_v1.0_dev.json"
@@ -334,21 +337,8 @@ def main() -> None:
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "arms": done, "pairs": pairs}, indent=2))
     table_md = markdown(done, pairs, meta)
     (RESULTS / "quality.md").write_text(table_md)
-    update_readme(table_md)
+    update_readme("quality", table_md)
     print(table_md)
-
-
-def update_readme(table_md: str) -> None:
-    """Put the table between the README's ``<!-- quality:begin ... -->`` and ``<!-- quality:end -->`` lines."""
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    begin = text.find("<!-- quality:begin")
-    end = text.find("<!-- quality:end -->")
-    if begin < 0 or end < begin:
-        print("quality: README has no quality:begin / quality:end markers; table not copied", file=sys.stderr)
-        return
-    begin = text.index("\n", begin) + 1
-    readme.write_text(text[:begin] + table_md + text[end:])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def test_gpu_check_smoke(tmp_path):
     assert checks["encode bert-base"]["tokens_per_s"] > 0
     assert checks["search 5,000"]["recall@10_vs_fp32"] == 1.0
     assert checks["search 5,000"]["ids_equal_fp64"] and checks["search 5,000"]["scores_exact"]
+    assert checks["search 5,000"]["pairs_per_s"] > 0 and checks["search 5,000"]["upload_gb_per_s"] > 0
     run = checks["accelerate launch"]
     assert run["stages"] == ["ran", "ran", "ran"] and run["stored_scores_exact_fp32"], run
     assert checks["koret train"]["steps_per_s"] > 0
@@ -39,3 +40,39 @@ def test_readme_shows_the_quality_study_as_measured():
         if "vs_base" in arm:
             s = arm["vs_base"]["ndcg@10"]
             assert s["ci_low"] <= s["delta"] <= s["ci_high"]
+
+
+def _projection():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import projection
+
+    return projection
+
+
+def test_projection_rows_follow_from_their_rates():
+    p = _projection()
+    rates = p.Rates("test", encode_tokens_per_s=1e5, search_pairs_per_s=1e11, upload_bytes_per_s=1e10,
+                    network_bytes_per_s=1e10, merge_elements_per_s=1e7)
+    row = p.project(1_000_000_000, 8, 8, rates, queries=1_000_000)
+    assert row["gpus"] == 64 and row["resident"]
+    assert abs(row["slice_gib"] - 1e9 / 64 * 1024 * 2 / 2**30) < 1e-6  # float16 slice
+    assert abs(row["encode_s"] - 1e9 * p.TOKENS / (1e5 * 64)) < 1e-6
+    calls = -(-1_000_000 // p.CHUNK)
+    assert abs(row["search_s"] - (1e6 * 1e9 / 64 / 1e11 + calls * 1e9 / 64 * 2048 / 1e10)) < 1e-3
+    one = p.project(1_000_000_000, 1, 8, rates, queries=1_000_000)
+    assert not one["resident"] and one["gpu_gib"] < 1  # 238 GiB slices are streamed a block at a time
+    # a GPU check from a CPU smoke run never passes for measured rates
+    assert p.measured_rates({"smoke": True, "device": "cpu", "checks": []}, 1e7) is None
+    check = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-01", "smoke": False, "checks": [
+        {"check": "encode xlmr-large (bfloat16)", "tokens_per_s": 4e5},
+        {"check": "search 1,000,000 x 1024 top-100", "pairs_per_s": 2e11, "upload_gb_per_s": 12.0}]}
+    measured = p.measured_rates(check, 1e7)
+    assert measured.encode_tokens_per_s == 4e5 and measured.upload_bytes_per_s == 12e9
+    assert measured.source.startswith("measured: NVIDIA H100")
+
+
+def test_readme_shows_the_projection_it_was_computed_from():
+    md = (REPO / "bench" / "results" / "projection.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert md in readme, "README is out of date: rerun python scripts/projection.py"
+    assert "Projection, not measured" in md
