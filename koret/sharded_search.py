@@ -2,17 +2,18 @@
 merges (``koret mine`` under ``--num-processes`` / torchrun / accelerate launch, one process per GPU, any
 number of machines).
 
-Each process holds one contiguous slice of the corpus shards (:func:`koret.encode.slice_of`; memory-mapped,
-and only its slice is ever read) and every query embedding. Queries are searched in chunks: every process
-finds its slice's top-k with exact float32 scores (:func:`koret.search.search`, any backend or FAISS index,
-ids shifted to global passage indices); the chunk's queries are then split into one range per process, every
-process sends each range's lists to that range's process (an all-to-all), and each merges its range, keeping
-the best k by (score descending, global passage index ascending) (:func:`merge_slices`); the main process
-gathers the merged ranges. So the merge runs on every process at once, and the main process receives k
-results a query instead of k per process. A slice's own top-k holds every member of the global top-k that lies
-in it, ties included, so the merged list is the single-process exact search's, candidate for candidate. Scores of given (query, passage) pairs, such as the positives', are
-computed by the process owning the passage (:func:`pair_scores`). The main process never reads another
-slice's embeddings: its memory is its slice, the queries, one chunk of gathered results and the output.
+Each process holds one contiguous slice of the corpus shards (:func:`koret.encode.slice_of`; memory-mapped, and
+only its slice is ever read) and every query embedding. Every process finds its slice's top-k with exact float32
+scores (:func:`koret.search.search`, any backend or FAISS index, ids shifted to global passage indices; one call,
+so a GPU uploads the slice once); then, a chunk of queries at a time, the chunk is split into one range per
+process, every process sends each range's lists to that range's process (an all-to-all), and each merges its range,
+keeping the best k by (score descending, global passage index ascending) (:func:`merge_slices`); the main process
+gathers the merged ranges. So the merge runs on every process at once, and the main process receives k results a
+query instead of k per process. A slice's own top-k holds every member of the global top-k that lies in it, ties
+included, so the merged list is the single-process exact search's, candidate for candidate. Scores of given (query,
+passage) pairs, such as the positives', are computed by the process owning the passage (:func:`pair_scores`). The
+main process never reads another slice's embeddings: its memory is its slice, the queries, its local top-k, one
+chunk of exchanged lists and the output.
 
 Every function here is collective: every process calls it, the main process gets the result, the others None.
 """
@@ -42,35 +43,40 @@ def merge_slices(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
 def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chunk: int = 65_536,
                   **search_kwargs: Any) -> SearchResult | None:
     """The exact global top-``k`` of every query over the corpus whose slice ``local`` (an
-    :class:`~koret.encode.Embeddings` with ``start``) this process holds. Collective."""
+    :class:`~koret.encode.Embeddings` with ``start``) this process holds. Collective.
+
+    Every process first searches all the queries against its slice in one call (so a GPU keeps the slice
+    resident, uploaded once, and the backend chunks the queries itself), then the lists are merged ``chunk``
+    queries at a time: a process holds its slice, its local top-k and one chunk of received lists."""
     started = time.perf_counter()
     if dist.world_size() <= 1:
         return search(queries, local.shards, k, **search_kwargs)
     k = min(k, n_corpus)
+    if len(local):
+        res = search(queries, local.shards, min(k, len(local)), **search_kwargs)
+        local_s, local_i = res.scores, np.where(res.ids >= 0, res.ids + local.start, -1)
+        info = (res.backend, res.rechecked)
+    else:  # more processes than shards: an empty slice
+        local_s, local_i = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        info = ("", 0)
+    infos = dist.gather_to_main(info)
     out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32) if dist.is_main() else None
     out_ids = np.full((len(queries), k), -1, dtype=np.int64) if dist.is_main() else None
-    backend, rechecked = "", 0
     for a in range(0, len(queries), chunk):
-        q = queries[a:a + chunk]
-        if len(local):
-            res = search(q, local.shards, min(k, len(local)), **search_kwargs)
-            part = (res.scores, np.where(res.ids >= 0, res.ids + local.start, -1), res.backend, res.rechecked)
-        else:  # more processes than shards: an empty slice
-            part = (np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), "", 0)
-        ranges = [slice_of(len(q), r, dist.world_size()) for r in range(dist.world_size())]
-        received = dist.exchange([(part[0][r.start:r.stop], part[1][r.start:r.stop]) for r in ranges])
-        merged = merge_slices(received, k)
-        parts = dist.gather_to_main((merged, part[2], part[3]))
+        n = min(chunk, len(queries) - a)
+        ranges = [slice_of(n, r, dist.world_size()) for r in range(dist.world_size())]
+        received = dist.exchange([(local_s[a + r.start:a + r.stop], local_i[a + r.start:a + r.stop])
+                                  for r in ranges])
+        parts = dist.gather_to_main(merge_slices(received, k))
         if parts is not None:
-            for r, ((s, i), _, _) in zip(ranges, parts, strict=True):
+            for r, (s, i) in zip(ranges, parts, strict=True):
                 rows = slice(a + r.start, a + r.stop)
                 out_scores[rows, : s.shape[1]], out_ids[rows, : i.shape[1]] = s, i
-            backend = next((p[1] for p in parts if p[1]), backend)
-            rechecked += sum(p[2] for p in parts)
-    if not dist.is_main():
+    if infos is None:
         return None
+    backend = next((b for b, _ in infos if b), "")
     return SearchResult(out_scores, out_ids, f"{backend} x {dist.world_size()} slices",
-                        time.perf_counter() - started, rechecked=rechecked)
+                        time.perf_counter() - started, rechecked=sum(r for _, r in infos))
 
 
 def pair_scores(queries: np.ndarray, local: Any, rows: np.ndarray, passages: np.ndarray) -> np.ndarray | None:

@@ -5,10 +5,9 @@ A projection, not a measurement: it multiplies per-unit rates by the work the sh
 
 - **GPU memory**: the process's slice of the corpus in float16 (``encode.dtype: float16``) when it fits the
   torch search's resident threshold (70% of a free 80 GB H100), else one streamed block at a time; plus the
-  scratch of one search call (``search.query_chunk_size`` x shard scores, the running top-k of a gather chunk).
-- **search**: query x passage pairs of the slice / the GPU's pair rate, plus the slice's uploads (the sharded
-  search calls the GPU search once per chunk of ``CHUNK`` queries and each call uploads the slice once);
-  processes run in parallel.
+  scratch (``search.query_chunk_size`` x shard scores, the running top-k of the queries searched together).
+- **search**: query x passage pairs of the slice / the GPU's pair rate, plus the slice's uploads (once when it
+  stays resident, else once per ``QUERY_GROUP`` queries); processes run in parallel.
 - **merge**: per chunk, every process receives every slice's top-k of its range of queries and merges them
   (``merge_slices``, all processes at once), then the main process gathers the merged lists: the bytes over the
   network, and the merge at the rate this script measures on this machine's CPU.
@@ -42,7 +41,8 @@ K = 100  # search.top_k
 TOKENS = 256  # tokens per passage
 GPU_MEMORY = 80e9  # H100 80 GB
 RESIDENT = 0.7  # koret.search keeps the corpus on the GPU below this fraction of free memory
-CHUNK = 65_536  # queries per gather in koret.sharded_search.search_slices
+CHUNK = 65_536  # queries per exchange in koret.sharded_search.search_slices
+QUERY_GROUP = 262_144  # koret.search.QUERY_GROUP: queries per upload of a streamed slice
 QUERY_CHUNK = 4096  # search.query_chunk_size
 SHARD = 10_000  # encode.shard_size: rows of one streamed block
 K_FETCH = 2 * K  # a float16 selection fetches k + max(32, k) candidates
@@ -91,9 +91,11 @@ def project(passages: int, machines: int, gpus: int, rates: Rates, queries: int 
     rows = math.ceil(passages / world)
     slice_bytes = rows * DIM * 2  # float16
     resident = slice_bytes < RESIDENT * GPU_MEMORY
-    scratch = QUERY_CHUNK * SHARD * 4 + CHUNK * K_FETCH * 12
-    calls = math.ceil(queries / CHUNK)
-    search_s = queries * rows / rates.search_pairs_per_s + calls * slice_bytes / rates.upload_bytes_per_s
+    # one query chunk's scores against a block, and the running top-k of the queries searched together (all of
+    # them when the slice is resident, else one QUERY_GROUP)
+    scratch = QUERY_CHUNK * SHARD * 4 + (queries if resident else min(queries, QUERY_GROUP)) * K_FETCH * 12
+    uploads = 1 if resident else math.ceil(queries / QUERY_GROUP)
+    search_s = queries * rows / rates.search_pairs_per_s + uploads * slice_bytes / rates.upload_bytes_per_s
     # every process merges queries / world rows of world x K (score, id) pairs, all at once; then the main
     # process receives queries x K merged pairs, the share from other machines over the network
     merged = queries * K
@@ -138,7 +140,9 @@ def markdown(rows: list[dict], rates: Rates, meta: dict) -> str:
         f"{QUERIES:,} queries, top-{K}, corpus cached in float16, passages of {TOKENS} tokens encoded by an "
         f"XLM-R-large-shaped teacher (bge-m3, arctic-embed-l) at {rates.encode_tokens_per_s:,.0f} tokens/s a GPU; "
         f"search {rates.search_pairs_per_s:.2e} query-passage pairs/s a GPU, uploads "
-        f"{rates.upload_bytes_per_s / 1e9:.0f} GB/s. `python scripts/projection.py` recomputes it.",
+        f"{rates.upload_bytes_per_s / 1e9:.0f} GB/s. Every process also holds the query embeddings in host memory "
+        f"({QUERIES * DIM * 4 / 2**30:.1f} GiB in float32) and its slice's top-k ({QUERIES * K * 12 / 2**30:.1f} "
+        "GiB); query encoding (short texts) is left out. `python scripts/projection.py` recomputes it.",
         "",
         "| passages | machines x GPUs | slice per GPU | GPU memory per process | cache per machine | encode | "
         "search | merge + gather to main |",

@@ -57,10 +57,11 @@ def test_projection_rows_follow_from_their_rates():
     assert row["gpus"] == 64 and row["resident"]
     assert abs(row["slice_gib"] - 1e9 / 64 * 1024 * 2 / 2**30) < 1e-6  # float16 slice
     assert abs(row["encode_s"] - 1e9 * p.TOKENS / (1e5 * 64)) < 1e-6
-    calls = -(-1_000_000 // p.CHUNK)
-    assert abs(row["search_s"] - (1e6 * 1e9 / 64 / 1e11 + calls * 1e9 / 64 * 2048 / 1e10)) < 1e-3
+    assert abs(row["search_s"] - (1e6 * 1e9 / 64 / 1e11 + 1e9 / 64 * 2048 / 1e10)) < 1e-3  # uploaded once
     one = p.project(1_000_000_000, 1, 8, rates, queries=1_000_000)
     assert not one["resident"] and one["gpu_gib"] < 1  # 238 GiB slices are streamed a block at a time
+    uploads = -(-1_000_000 // p.QUERY_GROUP)
+    assert abs(one["search_s"] - (1e6 * 1e9 / 8 / 1e11 + uploads * 1e9 / 8 * 2048 / 1e10)) < 1e-3
     # a GPU check from a CPU smoke run never passes for measured rates
     assert p.measured_rates({"smoke": True, "device": "cpu", "checks": []}, 1e7) is None
     check = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-01", "smoke": False, "checks": [
