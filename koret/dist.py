@@ -62,11 +62,26 @@ def _state() -> Any:
     from accelerate import PartialState
 
     # without cpu=True accelerate ignores WORLD_SIZE on a machine without GPUs and runs single-process
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=collective_timeout())
     import atexit
 
     atexit.register(_destroy_process_group)
     return state
+
+
+def collective_timeout() -> Any:
+    """How long a process waits for the others in a collective: ``KORET_COLLECTIVE_TIMEOUT`` seconds, default 6
+    hours. torch's defaults (30 minutes for gloo, 10 for NCCL) are shorter than work koret does on the main
+    process alone while the others wait (BM25 over a large corpus); a process that dies is caught by the
+    launcher, not by this timeout."""
+    from datetime import timedelta
+
+    raw = os.environ.get("KORET_COLLECTIVE_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else 6 * 3600.0
+    except ValueError:
+        raise KoretError(f"KORET_COLLECTIVE_TIMEOUT: {raw!r} is not a number of seconds") from None
+    return timedelta(seconds=seconds)
 
 
 def _destroy_process_group() -> None:
@@ -85,6 +100,13 @@ class PeerLost(KoretError):
 
     def __init__(self, op: str, exc: Exception) -> None:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if "timed out" in first.lower():
+            seconds = collective_timeout().total_seconds()
+            super().__init__(f"waited {seconds:g} s in {op} for the other processes of this run and gave up "
+                             f"({type(exc).__name__}: {first[:160]})",
+                             "raise KORET_COLLECTIVE_TIMEOUT (seconds) if a process needs longer alone")
+            self.shown_elsewhere = False
+            return
         super().__init__(f"another process of this run stopped while this one waited in {op} "
                          f"({type(exc).__name__}: {first[:160]})", "its own error, or the launcher's report, says why")
         # under koret's launcher the launcher prints the one line that names the process that died

@@ -87,3 +87,40 @@ def test_sharded_search_equals_one_process(tmp_path, processes):
 
         expected = exact_scores(queries, Embeddings(shards), pairs[:, 1], rows=pairs[:, 0])
         assert np.array_equal(got["pairs"], expected), "pair scores computed by each passage's owner"
+
+
+WAITER = """
+import time
+from koret import dist
+from koret.errors import KoretError
+
+dist.barrier()
+started = time.monotonic()
+if dist.is_main():
+    time.sleep(6)  # work the main process does alone (BM25 over a large corpus) while the others wait
+try:
+    dist.broadcast_from_main(1)
+    print(dist.rank(), "ok", flush=True)
+except KoretError as exc:
+    print(dist.rank(), f"after {time.monotonic() - started:.0f} s:", exc, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout", ["", "2"])
+def test_collectives_wait_as_long_as_koret_collective_timeout_says(tmp_path, timeout):
+    """torch's default collective timeouts (gloo 30 min, NCCL 10 min) would end a long main-only phase;
+    koret's is 6 hours, KORET_COLLECTIVE_TIMEOUT sets it, and running out of it is one line that names it."""
+    (tmp_path / "waiter.py").write_text(WAITER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KORET_COLLECTIVE_TIMEOUT": timeout}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(tmp_path / "waiter.py")], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    out = proc.stdout
+    if not timeout:
+        assert "0 ok" in out and "1 ok" in out, out + proc.stderr[-2000:]
+        return
+    line = next(x for x in out.splitlines() if x.startswith("1 "))
+    assert line.startswith("1 after 2 s: waited 2 s in broadcast_object_list for the other processes of this run "
+                           "and gave up"), out
+    assert line.endswith("(raise KORET_COLLECTIVE_TIMEOUT (seconds) if a process needs longer alone)")
