@@ -80,7 +80,11 @@ def tiny_cross_encoder(tmp_path_factory, pairs, extra_corpus) -> Path:
     from sentence_transformers import CrossEncoder
 
     root = tmp_path_factory.mktemp("ce")
-    bert = build_random_bert(root / "bert", _corpus_for_tokenizer(pairs, extra_corpus), seed=1, num_labels=1)
+    # lexical: its scores spread over 0.14 instead of 0.0002 (a plain random BERT scores every pair alike), so the
+    # order of rescored candidates follows the texts, not float noise from how pairs were batched (one process
+    # vs several: the 2-process equality test failed once in about ten runs here)
+    bert = build_random_bert(root / "bert", _corpus_for_tokenizer(pairs, extra_corpus), seed=1, num_labels=1,
+                             lexical=True)
     ce = CrossEncoder(str(bert), num_labels=1, device="cpu", max_length=96)
     path = root / "tiny-ce"
     ce.save(str(path))
