@@ -174,6 +174,19 @@ def exchange(parts: list[Any]) -> list[Any]:
     return got
 
 
+def scatter_from_main(parts: list[Any] | None) -> Any:
+    """Process ``r`` gets ``parts[r]`` of the main process's list (the others pass None)."""
+    if world_size() <= 1:
+        return parts[0] if parts else None
+    import torch.distributed as td
+
+    _state()
+    box: list[Any] = [None]
+    with _collective("scatter_object_list"):
+        td.scatter_object_list(box, parts if is_main() else None, src=0)
+    return box[0]
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """The main process's ``obj`` on every process."""
     if world_size() <= 1:

@@ -120,16 +120,31 @@ def filter_candidates(
     return alive, counts
 
 
-def sample_negatives(keep: np.ndarray, num: int, sampling: str, rng: np.random.Generator) -> np.ndarray:
+def row_uniforms(seed: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """Uniform [0, 1) numbers for (row, column) pairs from a counter-based hash (SplitMix64) of (seed, global
+    row index, column): row ``r`` draws the same numbers whichever process filters it, and whatever other rows
+    are filtered with it."""
+    z = (np.asarray(rows, dtype=np.uint64)[:, None] * np.uint64(width) + np.arange(width, dtype=np.uint64)[None, :]
+         + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_negatives(keep: np.ndarray, num: int, sampling: str, seed: int = 0,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """Columns of the chosen negatives per row, in rank order; -1 where a row has fewer than ``num`` survivors.
 
-    ``top`` takes the best-ranked survivors; ``random`` draws uniformly among the survivors (seeded by ``rng``).
+    ``top`` takes the best-ranked survivors; ``random`` draws uniformly among the survivors, keyed by ``seed``
+    and each row's global index ``rows`` (default ``0..R-1``; see :func:`row_uniforms`).
     """
-    rows, width = keep.shape
+    n_rows, width = keep.shape
     if sampling == "top":
         key = np.where(keep, np.arange(width, dtype=np.float64)[None, :], np.inf)
     elif sampling == "random":
-        key = np.where(keep, rng.random((rows, width)), np.inf)
+        rows = np.arange(n_rows) if rows is None else rows
+        key = np.where(keep, row_uniforms(seed, rows, width), np.inf)
     else:
         raise KoretError(f"filter.sampling: unknown value {sampling!r}", "use top or random")
     take = min(num, width)
@@ -139,7 +154,7 @@ def sample_negatives(keep: np.ndarray, num: int, sampling: str, rng: np.random.G
     cols = np.sort(cols, axis=1)  # rank order
     cols = np.where(cols == width, -1, cols)
     if take < num:
-        cols = np.concatenate([cols, np.full((rows, num - take), -1, dtype=cols.dtype)], axis=1)
+        cols = np.concatenate([cols, np.full((n_rows, num - take), -1, dtype=cols.dtype)], axis=1)
     return cols
 
 
@@ -174,6 +189,32 @@ class Candidates:
     # where each candidate came from, aligned with candidate_ids: bit flags 1 dense, 2 lexical (0 padding)
     candidate_sources: np.ndarray | None = None
 
+    def take(self, queries: range) -> Candidates:
+        """The candidates of a contiguous range of queries."""
+        a, b = queries.start, queries.stop
+        return Candidates(self.query_ids[a:b], self.queries[a:b], self.positive_ids[a:b], self.positive_scores[a:b],
+                          self.candidate_ids[a:b], self.candidate_scores[a:b], rescored=self.rescored,
+                          candidate_sources=None if self.candidate_sources is None else self.candidate_sources[a:b])
+
+
+@dataclass
+class Choice:
+    """What the filter chose for a range of queries, as numbers only (no texts), so that processes can each
+    filter a range and the main process can join them (:func:`join_choices`) before building the rows."""
+
+    row_query: np.ndarray  # (R,) global query index of every (query, positive) row
+    row_positive: np.ndarray  # (R,) passage index of its positive
+    positive_scores: np.ndarray  # (R,) float32
+    negative_ids: np.ndarray  # (R, N) -1 where short
+    negative_scores: np.ndarray  # (R, N) float32, nan where short
+    kept: np.ndarray  # (R,) bool: the row goes to train.parquet
+    survivors: np.ndarray  # (R,) candidates that passed every rule
+    counts: dict[str, int]  # candidates removed by each rule
+    short_rows: int
+    padded: int
+    candidates_considered: int
+    sources: dict[str, int] | None  # chosen negatives by candidate source, over the kept rows
+
 
 @dataclass
 class FilterOutcome:
@@ -186,26 +227,35 @@ class FilterOutcome:
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, settings: FilterSettings,
-                 score_fn: ScoreFn | None = None) -> FilterOutcome:
-    """Expand per-query candidates into (query, positive) rows, filter, sample and pad; build train rows.
+def choose(cands: Candidates, groups: np.ndarray, settings: FilterSettings, score_fn: ScoreFn | None = None,
+           first_query: int = 0, first_row: int = 0) -> Choice:
+    """Expand per-query candidates into (query, positive) rows, filter, sample and pad: the numbers of the
+    outcome. ``cands`` may be a range of the queries (:meth:`Candidates.take`) starting at query ``first_query``
+    and row ``first_row``; random draws are keyed by global row index, so filtering ranges separately and
+    joining them gives what filtering all at once gives.
 
-    ``score_fn(query_indices, passage_indices)`` gives teacher scores of arbitrary pairs; ``pad_random`` needs it
-    to check that a random passage passes the filter (and to record its score).
+    ``score_fn(query_indices, passage_indices)`` gives teacher scores of arbitrary pairs (global query indices);
+    ``pad_random`` needs it to check that a random passage passes the filter (and to record its score).
     """
     settings.check()
     if settings.on_shortage == "pad_random" and (score_fn is None or cands.rescored):
         raise KoretError("filter.on_shortage: pad_random needs the teacher embeddings of the mine run "
                          "(embeddings.json and the cached shards) and no rescore.model",
                          "rerun koret mine, or use on_shortage: drop")
-    started = time.perf_counter()
     n_pos = np.array([len(p) for p in cands.positive_ids], dtype=np.int64)
     if (n_pos == 0).any():
         bad = int(np.argmax(n_pos == 0))
         raise KoretError(f"candidates: query {cands.query_ids[bad]!r} has no positive")
+    if not len(n_pos):  # a process given no queries
+        return Choice(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                      np.zeros((0, settings.num_negatives), np.int64),
+                      np.zeros((0, settings.num_negatives), np.float32), np.zeros(0, bool), np.zeros(0, np.int64),
+                      dict.fromkeys(RULES, 0), 0, 0, 0,
+                      None if cands.candidate_sources is None else dict.fromkeys([*SOURCES.values(), "random"], 0))
     row_query = np.repeat(np.arange(len(n_pos)), n_pos)
     row_positive = np.concatenate(cands.positive_ids).astype(np.int64)
     row_pos_score = np.concatenate(cands.positive_scores).astype(np.float32)
+    global_rows = first_row + np.arange(len(row_query))
     ids = cands.candidate_ids[row_query]
     scores = cands.candidate_scores[row_query]
     valid = ids >= 0
@@ -219,55 +269,83 @@ def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, setti
     is_pos = is_pos_q[row_query] & valid
 
     keep, counts = filter_candidates(row_pos_score, scores, is_pos, settings, valid=valid)
-    rng = np.random.default_rng(settings.seed)
-    cols = sample_negatives(keep, settings.num_negatives, settings.sampling, rng)
+    cols = sample_negatives(keep, settings.num_negatives, settings.sampling, settings.seed, global_rows)
     short = (cols < 0).any(axis=1)
-    n_short = int(short.sum())
     padded = 0
     neg_ids = np.where(cols >= 0, np.take_along_axis(ids, np.clip(cols, 0, None), 1), -1)
     neg_scores = np.where(cols >= 0, np.take_along_axis(scores, np.clip(cols, 0, None), 1), np.nan).astype(np.float32)
 
-    if settings.on_shortage == "pad_random" and n_short:
-        padded = _pad_random(neg_ids, neg_scores, short, ids, valid, row_pos_score, row_query, pos_groups, groups,
-                             settings, rng, score_fn)
-        kept_rows = ~(neg_ids < 0).any(axis=1)
-    else:
-        kept_rows = ~short
+    if settings.on_shortage == "pad_random" and short.any():
+        def local_score(qs: np.ndarray, ps: np.ndarray) -> np.ndarray:
+            return score_fn(qs + first_query, ps)
 
-    out_rows = np.flatnonzero(kept_rows)
+        padded = _pad_random(neg_ids, neg_scores, short, ids, valid, row_pos_score, row_query, pos_groups, groups,
+                             settings, global_rows, local_score)
+        kept = ~(neg_ids < 0).any(axis=1)
+    else:
+        kept = ~short
+    sources = None
+    if cands.candidate_sources is not None:
+        sources = negative_sources(cands.candidate_sources[row_query][kept], cols[kept], neg_ids[kept])
+    return Choice(row_query + first_query, row_positive, row_pos_score, neg_ids, neg_scores, kept,
+                  keep.sum(axis=1), counts, int(short.sum()), int(padded), int(valid.sum()), sources)
+
+
+def join_choices(parts: list[Choice]) -> Choice:
+    """The choices of consecutive query ranges, as one (what :func:`choose` gives for all the queries)."""
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    sources = None
+    if parts[0].sources is not None:
+        sources = {k: sum(p.sources[k] for p in parts) for k in parts[0].sources}  # type: ignore[index]
+    return Choice(cat("row_query"), cat("row_positive"), cat("positive_scores"), cat("negative_ids"),
+                  cat("negative_scores"), cat("kept"), cat("survivors"),
+                  {rule: sum(p.counts[rule] for p in parts) for rule in parts[0].counts},
+                  sum(p.short_rows for p in parts), sum(p.padded for p in parts),
+                  sum(p.candidates_considered for p in parts), sources)
+
+
+def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, settings: FilterSettings,
+                 score_fn: ScoreFn | None = None, choice: Choice | None = None) -> FilterOutcome:
+    """Filter, sample and pad (:func:`choose`, unless the processes of a run already did: ``choice``), then
+    build the rows of ``train.parquet`` and the stats."""
+    started = time.perf_counter()
+    c = choice if choice is not None else choose(cands, groups, settings, score_fn)
+    out_rows = np.flatnonzero(c.kept)
+    row_query, neg_ids = c.row_query, c.negative_ids
     columns: dict[str, list[Any]] = {
         "anchor": [cands.queries[row_query[r]] for r in out_rows],
-        "positive": [corpus[row_positive[r]] for r in out_rows],
+        "positive": [corpus[c.row_positive[r]] for r in out_rows],
     }
     for j in range(settings.num_negatives):
         columns[f"negative_{j + 1}"] = [corpus[neg_ids[r, j]] for r in out_rows]
-    columns["scores"] = [[float(row_pos_score[r]), *map(float, neg_scores[r])] for r in out_rows]
+    columns["scores"] = [[float(c.positive_scores[r]), *map(float, c.negative_scores[r])] for r in out_rows]
 
-    chosen_neg = neg_scores[out_rows]
+    chosen_neg = c.negative_scores[out_rows]
     stats: dict[str, Any] = {
         "rows_in": int(len(row_query)),
         "rows_out": int(len(out_rows)),
-        "queries": int(len(n_pos)),
-        "candidates_considered": int(valid.sum()),
+        "queries": int(len(cands.queries)),
+        "candidates_considered": c.candidates_considered,
         "filtered": {
-            "positive": counts["positive"],
-            "range": counts["range"],
-            settings.strategy if settings.strategy in ("perc_pos", "margin_pos") else "margin": counts["margin"],
-            "max_score": counts["max_score"],
-            "min_score": counts["min_score"],
+            "positive": c.counts["positive"],
+            "range": c.counts["range"],
+            settings.strategy if settings.strategy in ("perc_pos", "margin_pos") else "margin": c.counts["margin"],
+            "max_score": c.counts["max_score"],
+            "min_score": c.counts["min_score"],
         },
-        "shortage": {"rows": n_short, "policy": settings.on_shortage,
-                     "dropped_rows": int(len(row_query) - len(out_rows)), "padded_negatives": int(padded)},
-        "survivors_per_row": score_summary(keep.sum(axis=1)),
-        "scores": {"positive": score_summary(row_pos_score[out_rows]), "negative": score_summary(chosen_neg)},
+        "shortage": {"rows": c.short_rows, "policy": settings.on_shortage,
+                     "dropped_rows": int(len(row_query) - len(out_rows)), "padded_negatives": c.padded},
+        "survivors_per_row": score_summary(c.survivors),
+        "scores": {"positive": score_summary(c.positive_scores[out_rows]), "negative": score_summary(chosen_neg)},
         "seconds": time.perf_counter() - started,
         "settings": settings.__dict__,
         "rescored": cands.rescored,
     }
-    if cands.candidate_sources is not None:
-        stats["negative_sources"] = negative_sources(cands.candidate_sources[row_query][out_rows], cols[out_rows],
-                                                     neg_ids[out_rows])
-    return FilterOutcome(columns, stats, row_pos_score[out_rows], chosen_neg[np.isfinite(chosen_neg)])
+    if c.sources is not None:
+        stats["negative_sources"] = c.sources
+    return FilterOutcome(columns, stats, c.positive_scores[out_rows], chosen_neg[np.isfinite(chosen_neg)])
 
 
 DENSE, LEXICAL = 1, 2  # candidate sources, as bit flags
@@ -285,17 +363,19 @@ def negative_sources(sources: np.ndarray, cols: np.ndarray, neg_ids: np.ndarray)
 
 def _pad_random(neg_ids: np.ndarray, neg_scores: np.ndarray, short: np.ndarray, ids: np.ndarray,
                 valid: np.ndarray, pos_score: np.ndarray, row_query: np.ndarray, pos_groups: np.ndarray,
-                groups: np.ndarray, settings: FilterSettings, rng: np.random.Generator, score_fn: ScoreFn) -> int:
+                groups: np.ndarray, settings: FilterSettings, global_rows: np.ndarray, score_fn: ScoreFn) -> int:
     """Fill short rows with random corpus passages that pass the filter, scored exactly by ``score_fn``.
 
     Candidates are drawn from outside the row's candidate window and its query's positives; each draw is scored
     and kept only if it passes the same rules as mined candidates. Rows still short after a bounded number of
-    draws stay short (and are dropped).
+    draws stay short (and are dropped). Each row draws from its own generator, seeded by (``settings.seed``, its
+    global row index), so the draws do not depend on which other rows are padded with it.
     """
     n_corpus = len(groups)
     padded = 0
     upper = upper_threshold(pos_score, settings)
     for r in np.flatnonzero(short):
+        rng = np.random.default_rng([settings.seed, int(global_rows[r])])
         taken = set(ids[r][valid[r]].tolist()) | set(neg_ids[r][neg_ids[r] >= 0].tolist())
         banned_groups = set(pos_groups[row_query[r]].tolist())
         missing = list(np.flatnonzero(neg_ids[r] < 0))

@@ -11,7 +11,8 @@ Phases:
    the BM25 top ``search.lexical.top_k`` over Korean morphemes, each scored by the teacher (:mod:`koret.lexical`);
 4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``), each process taking a
    range of queries;
-5. filter and sample negatives (:mod:`koret.filter`) and write the outputs.
+5. filter and sample negatives (:mod:`koret.filter`), each process taking a range of queries, and write the
+   outputs from the main process.
 
 Outputs in ``output.dir`` (each written atomically): ``candidates.parquet``, ``corpus.parquet``,
 ``train.parquet`` (``anchor``, ``positive``, ``negative_1..N``, ``scores``), ``stats.json``, ``scores.png``,
@@ -48,7 +49,7 @@ from koret.encode import (
     slice_of,
 )
 from koret.errors import KoretError
-from koret.filter import Candidates, FilterSettings, apply_filter
+from koret.filter import Candidates, Choice, FilterSettings, apply_filter, choose, join_choices
 from koret.io import write_json
 from koret.lexical import LexicalSettings, check_lexical_available, lexical_candidates, union_candidates
 from koret.prompts import resolve_prompts
@@ -143,24 +144,30 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
         t = time.perf_counter()
         rescored = rescore_pairs(dist.broadcast_from_main(cand_ids), positive_ids, data.queries, data.corpus, cfg)
         phases["rescore"] = time.perf_counter() - t
+    cands = None
+    if dist.is_main():
+        positive_scores = np.split(flat_pos_scores, np.cumsum([len(p) for p in positive_ids])[:-1])
+        cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
+                           candidate_sources=sources)
+        if rescored is not None:
+            cands = apply_rescore(cands, *rescored)
+
+    # filter: every process a range of queries; the whole corpus memory-mapped (pad_random reads the rows it draws)
+    t = time.perf_counter()
+    all_passages = open_shard_files(corpus_emb.files) if corpus_emb.files else corpus_emb
+    groups = np.asarray(data.groups, dtype=np.int64)
+    choice = choose_by_query_range(cands, len(data.queries), groups, settings, score_fn(query_emb, all_passages))
     if not dist.is_main():
         return {}
-    positive_scores = np.split(flat_pos_scores, np.cumsum([len(p) for p in positive_ids])[:-1])
-    # the whole corpus, memory-mapped: pad_random reads only the rows it draws
-    all_passages = open_shard_files(corpus_emb.files) if corpus_emb.files else corpus_emb
-    cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
-                       candidate_sources=sources)
-    if rescored is not None:
-        cands = apply_rescore(cands, *rescored)
+    filter_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
     write_candidates(out_dir, cands, data)
     phases["write_candidates"] = time.perf_counter() - t
     write_json(out_dir / "embeddings.json", {"dim": dim, "passages": corpus_emb.files,
                                              "queries": query_emb_s.files})
-    outcome = apply_filter(cands, data.corpus, np.asarray(data.groups, dtype=np.int64), settings,
-                           score_fn(query_emb, all_passages))
-    phases["filter"] = outcome.stats["seconds"]
+    outcome = apply_filter(cands, data.corpus, groups, settings, choice=choice)
+    phases["filter"] = filter_seconds + outcome.stats["seconds"]
     outcome.stats.update({
         "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
                  "queries": len(data.queries), "pairs": len(data.pairs), "passages": len(data.corpus),
@@ -175,6 +182,24 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     })
     write_filter_outputs(out_dir, cfg, outcome, phases, started=started)
     return outcome.stats
+
+
+def choose_by_query_range(cands: Candidates | None, n_queries: int, groups: np.ndarray, settings: FilterSettings,
+                          score: Any) -> Choice | None:
+    """The filter's choice for every query, each process taking one contiguous range of queries (collective):
+    the main process scatters the ranges of its candidates and joins the choices; None on the others. Random
+    draws are keyed by global row, so the result equals one process's."""
+    if dist.world_size() <= 1:
+        return choose(cands, groups, settings, score)
+    ranges = [slice_of(n_queries, r, dist.world_size()) for r in range(dist.world_size())]
+    parts = None
+    if cands is not None:
+        rows_before = np.concatenate([[0], np.cumsum([len(p) for p in cands.positive_ids])])
+        parts = [(cands.take(r), int(rows_before[r.start])) for r in ranges]
+    part, first_row = dist.scatter_from_main(parts)
+    mine = choose(part, groups, settings, score, first_query=ranges[dist.rank()].start, first_row=first_row)
+    every = dist.gather_to_main(mine)
+    return join_choices(every) if every is not None else None
 
 
 def rescore_pairs(ids: np.ndarray, positive_ids: list[np.ndarray], queries: list[str], corpus: list[str],

@@ -83,24 +83,41 @@ def test_padding_is_never_kept():
 
 def test_sample_top_takes_best_ranks_in_order():
     keep = np.array([[False, True, True, False, True, True]])
-    assert sample_negatives(keep, 3, "top", np.random.default_rng(0)).tolist() == [[1, 2, 4]]
+    assert sample_negatives(keep, 3, "top").tolist() == [[1, 2, 4]]
 
 
 def test_sample_marks_shortage_with_minus_one():
     keep = np.array([[False, True, False, False]])
-    assert sample_negatives(keep, 3, "top", np.random.default_rng(0)).tolist() == [[1, -1, -1]]
+    assert sample_negatives(keep, 3, "top").tolist() == [[1, -1, -1]]
 
 
 def test_sample_random_is_seeded_uniform_among_survivors_and_rank_ordered():
     keep = np.zeros((2000, 10), bool)
     keep[:, [0, 3, 5, 6, 9]] = True
-    cols = sample_negatives(keep, 2, "random", np.random.default_rng(1))
+    cols = sample_negatives(keep, 2, "random", seed=1)
     assert np.isin(cols, [0, 3, 5, 6, 9]).all()
     assert (np.diff(cols, axis=1) > 0).all()
     freq = np.bincount(cols.ravel(), minlength=10)[[0, 3, 5, 6, 9]] / cols.size
     np.testing.assert_allclose(freq, 0.2, atol=0.03)
-    again = sample_negatives(keep, 2, "random", np.random.default_rng(1))
-    assert (cols == again).all()
+    pairs = np.bincount(cols[:, 0] * 10 + cols[:, 1], minlength=100)  # the 10 pairs of survivors equally often
+    pairs = pairs[pairs > 0] / len(cols)
+    assert len(pairs) == 10 and np.allclose(pairs, 0.1, atol=0.025)
+    assert (cols == sample_negatives(keep, 2, "random", seed=1)).all()
+    assert (cols != sample_negatives(keep, 2, "random", seed=2)).any(axis=1).mean() > 0.5
+    # a row draws by its global index: rows 1000..1999 alone draw what they drew among all 2000
+    part = sample_negatives(keep[1000:], 2, "random", seed=1, rows=np.arange(1000, 2000))
+    assert (part == cols[1000:]).all()
+
+
+def test_row_uniforms_are_uniform_and_independent_of_the_split():
+    from koret.filter import row_uniforms
+
+    u = row_uniforms(7, np.arange(20_000), 50)
+    assert u.shape == (20_000, 50) and u.min() >= 0 and u.max() < 1
+    hist = np.histogram(u, bins=20, range=(0, 1))[0] / u.size
+    np.testing.assert_allclose(hist, 0.05, atol=0.002)
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03 and abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.03
+    np.testing.assert_array_equal(row_uniforms(7, np.arange(5_000, 6_000), 50), u[5_000:6_000])
 
 
 def test_settings_cross_checks():

@@ -238,12 +238,13 @@ def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.slow
-@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical, float16 cache")])
+@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical, float16 cache, random sampling and padding")])
 def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_encoder, data_dir, processes,
                                                extra):
-    """Each process encodes and searches its slice of the corpus (and rescores its range of queries); the
-    outputs equal one process's."""
-    extra = {"search__lexical": {"top_k": 10}, "encode__dtype": "float16"} if extra.startswith("lexical") else \
+    """Each process encodes and searches its slice of the corpus, rescores and filters its range of queries;
+    the outputs equal one process's (random draws included: they are keyed by global row)."""
+    extra = {"search__lexical": {"top_k": 10}, "encode__dtype": "float16", "filter__sampling": "random",
+             "filter__on_shortage": "pad_random", "filter__range_max": 4} if extra.startswith("lexical") else \
         {"rescore__model": str(tiny_cross_encoder)}
     cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
                       encode__shard_size=25, out="many", **extra)
@@ -253,12 +254,20 @@ def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_
     stats = json.loads((tmp_path / "many" / "stats.json").read_text())
     assert stats["encode"]["passages"]["processes"] == processes
     assert stats["search"]["backend"].endswith(f"x {processes} slices")
+    if "filter__on_shortage" in extra:
+        assert stats["shortage"]["padded_negatives"] > 20, stats["shortage"]  # the padding was exercised
     one = write_config(tmp_path / "one.yaml", {**cfg, "cache_dir": str(tmp_path / "c1"),
                                                "output": {"dir": str(tmp_path / "one")}})
     assert run_cli("mine", "-c", str(one), "--quiet").exit_code == 0
     for name in ("candidates.parquet", "train.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / name),
                                       pd.read_parquet(tmp_path / "many" / name), atol=1e-6)
+    alone = json.loads((tmp_path / "one" / "stats.json").read_text())
+    for key in ("rows_in", "rows_out", "candidates_considered", "filtered", "shortage", "survivors_per_row",
+                "negative_sources"):
+        assert stats.get(key) == alone.get(key), key  # the joined choices count what one process counts
+    for side in ("positive", "negative"):
+        assert stats["scores"][side] == pytest.approx(alone["scores"][side], abs=1e-6)
 
 
 def _beir(root: Path, pairs, zero_judged: int) -> Path:
