@@ -19,7 +19,8 @@ from koret.errors import KoretError
 
 app = typer.Typer(
     name="koret",
-    help="Fine-tune Korean text retrievers end to end: mine -> filter -> train -> eval -> push.",
+    help="Fine-tune Korean text retrievers end to end: mine -> filter -> train (and train-reranker) -> eval -> push; "
+         "koret run chains them from one config.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -45,27 +46,50 @@ STAGE_SCHEMAS = ("mine", "filter", "train", "reranker", "eval", "push", "run")
 
 
 def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
-    """Call ``fn`` turning user errors into one line on stderr and exit code 2."""
+    """Call ``fn`` turning user errors into one line on stderr and exit code 2.
+
+    In a run started with ``--num-processes N`` each process leaves its failure for the launcher, which prints
+    the run's one line naming the process it came from (:func:`koret.dist.failure_report`); under another
+    launcher each process prints its own, prefixed with its rank."""
+    from koret import dist
     from koret.report import set_quiet
 
     set_quiet(quiet)
     debug = debug or os.environ.get("KORET_DEBUG", "") not in ("", "0")
+    if dist.launched_by_koret():
+        dist.stop_on_sigterm()
     try:
         return fn()
     except KoretError as exc:
+        dist.ignore_stop()
+        if dist.launched_by_koret():
+            dist.record_failure(exc)
         if debug:
             raise
-        if not getattr(exc, "shown_elsewhere", False):
-            print(f"error: {exc}", file=sys.stderr)
+        if not dist.launched_by_koret():
+            where = f"process {dist.launched_rank()} of {dist.launched_world_size()}: " if (
+                dist.launched_world_size() > 1 and not isinstance(exc, dist.PeerLost)) else ""
+            print(f"error: {where}{exc}", file=sys.stderr)
         raise typer.Exit(code=exc.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished embedding shards are cached)",
               file=sys.stderr)
         raise typer.Exit(code=130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug in koret: its traceback goes to the launcher, which prints it once
+        dist.ignore_stop()
+        if not dist.launched_by_koret() or debug:
+            raise
+        import traceback
+
+        dist.record_failure(exc, traceback.format_exc())
+        raise typer.Exit(code=1) from None
 
 
 def _relaunch(num_processes: int) -> bool:
-    """Under ``--num-processes N`` (N > 1) outside a launched run, start ``accelerate launch`` and exit."""
+    """Under ``--num-processes N`` (N > 1) outside a launched run, start N processes (torchrun's launcher,
+    :func:`koret.dist.launch`) and exit with the run's code."""
     from koret import dist
 
     if num_processes <= 1 or dist.world_size() > 1:
@@ -209,9 +233,6 @@ def push(
     _run(go, debug, quiet)
 
 
-StageName = Annotated[str | None, typer.Option(help="mine, filter, train, eval or push.")]
-
-
 @app.command("run")
 def run_(
     config: ConfigOpt,
@@ -224,10 +245,10 @@ def run_(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Run the whole chain (mine, filter, train, eval, push) from one config; current stages are skipped.
+    """Run the whole chain (mine, filter, train, reranker, eval, push) from one config; current stages are skipped.
 
-    With --num-processes N (or under accelerate launch / torchrun) mine's encoding and train use every
-    process; filter, eval and push run on the main one.
+    With --num-processes N (N processes started by torchrun's launcher; or run under torchrun / accelerate
+    launch yourself) mine, train and reranker use every process; filter, eval and push run on the main one.
     """
 
     def go() -> None:

@@ -40,6 +40,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    """This process's index among the processes of its machine (``LOCAL_RANK``): which of its GPUs it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextlib.contextmanager
 def single_process() -> Iterator[None]:
     """Run a single-process stage on the main process of a launched job: inside, koret's own code sees one
@@ -70,10 +75,11 @@ def _state() -> Any:
 
 
 def collective_timeout() -> Any:
-    """How long a process waits for the others in a collective: ``KORET_COLLECTIVE_TIMEOUT`` seconds, default 6
-    hours. torch's defaults (30 minutes for gloo, 10 for NCCL) are shorter than work koret does on the main
-    process alone while the others wait (BM25 over a large corpus); a process that dies is caught by the
-    launcher, not by this timeout."""
+    """The one deadline for waiting on other processes: ``KORET_COLLECTIVE_TIMEOUT`` seconds, default 6 hours,
+    for every collective (the data ones and :func:`agree` / :func:`wait_for_all` of ``koret run``). torch's
+    defaults (30 minutes for gloo, 10 for NCCL) are shorter than work koret does on the main process alone while
+    the others wait (BM25 over a large corpus, an evaluation). A process that dies or fails is not waited for:
+    its peers' collectives fail at once (closed connection) and the launcher stops the rest."""
     from datetime import timedelta
 
     raw = os.environ.get("KORET_COLLECTIVE_TIMEOUT", "")
@@ -94,23 +100,31 @@ def _destroy_process_group() -> None:
 
 
 class PeerLost(KoretError):
-    """Another process of the run ended (killed, crashed) while this one waited for it in a collective."""
+    """Another process of the run ended (killed, crashed, failed) while this one waited for it in a collective."""
 
     exit_code = 1
 
     def __init__(self, op: str, exc: Exception) -> None:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        if "timed out" in first.lower():
+        self.timed_out = "timed out" in first.lower()
+        if self.timed_out:
             seconds = collective_timeout().total_seconds()
             super().__init__(f"waited {seconds:g} s in {op} for the other processes of this run and gave up "
                              f"({type(exc).__name__}: {first[:160]})",
                              "raise KORET_COLLECTIVE_TIMEOUT (seconds) if a process needs longer alone")
-            self.shown_elsewhere = False
             return
         super().__init__(f"another process of this run stopped while this one waited in {op} "
                          f"({type(exc).__name__}: {first[:160]})", "its own error, or the launcher's report, says why")
-        # under koret's launcher the launcher prints the one line that names the process that died
-        self.shown_elsewhere = bool(os.environ.get(_LAUNCHED))
+
+
+class Stopped(KoretError):
+    """The launcher stopped this process (SIGTERM) because another process of the run failed or the user
+    interrupted the launcher."""
+
+    exit_code = 143
+
+    def __init__(self) -> None:
+        super().__init__("stopped by the launcher (SIGTERM): another process of this run ended first")
 
 
 _LAUNCHED = "KORET_LAUNCHER"
@@ -161,7 +175,7 @@ def gather_to(obj: Any, dst: int) -> list[Any] | None:
     return out
 
 
-def exchange(parts: list[Any]) -> list[Any]:
+def all_to_all(parts: list[Any]) -> list[Any]:
     """All-to-all: this process sends ``parts[d]`` to process ``d`` and gets, in rank order, what every process
     sent it (``[parts[0]]`` in a single-process run). One gather per destination."""
     if world_size() <= 1:
@@ -200,50 +214,119 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-class FileSync:
-    """Meeting points between the processes of a launched ``koret run``, through small files in a folder every
-    process sees (the run folder, like the embedding cache).
+# --------------------------------------------------------------------------------------------- koret run's waits
 
-    A collective barrier would time out (NCCL/gloo's default is 10-30 minutes) while the main process runs a
-    long single-process stage (a large evaluation); files wait as long as needed. If a process dies, the
-    launcher (torchrun / accelerate launch) ends the others.
-    """
 
-    def __init__(self, root: Path, token: str, poll_seconds: float = 0.2) -> None:
-        self.dir = root / ".koret-sync" / token
-        self.poll = poll_seconds
-        self.steps = 0
+@lru_cache(maxsize=1)
+def _control_group() -> Any:
+    """The group ``koret run`` waits in: gloo (TCP, CPU), so a process that waits while the main process runs a
+    single-process stage occupies no GPU, and a peer that exits is noticed at once. On CPU runs the default
+    group is gloo already; under NCCL a gloo group over the same processes is created (a collective call)."""
+    import torch.distributed as td
 
-    @classmethod
-    def start(cls, root: Path) -> FileSync:
-        """Agree on a fresh folder (one collective call, at the start when every process is there)."""
-        token = uuid.uuid4().hex[:12]
-        if is_main() and (root / ".koret-sync").exists():
-            shutil.rmtree(root / ".koret-sync", ignore_errors=True)  # stale folders of earlier runs
-        token = gather_objects(token)[0]
-        sync = cls(root, token)
-        if is_main():
-            sync.dir.mkdir(parents=True, exist_ok=True)
-        barrier()
-        return sync
+    _state()
+    if td.get_backend() == "gloo":
+        return None
+    return td.new_group(backend="gloo", timeout=collective_timeout())
 
-    def exchange(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        """Post ``payload`` and return every process's, in rank order, once all have posted."""
-        from koret.io import write_json
 
-        step = self.steps
-        self.steps += 1
-        write_json(self.dir / f"{step}.{launched_rank()}.json", payload)
-        paths = [self.dir / f"{step}.{r}.json" for r in range(launched_world_size())]
-        while not all(p.exists() for p in paths):
-            time.sleep(self.poll)
-        return [json.loads(p.read_text()) for p in paths]
+def start_control() -> None:
+    """Create the control group; every process calls it at the same point (the start of ``koret run``)."""
+    if world_size() > 1:
+        _control_group()
 
-    def close(self) -> None:
-        """After the last exchange every process is at the end: one barrier, then the folder goes."""
-        barrier()
-        if is_main():
-            shutil.rmtree(self.dir.parent, ignore_errors=True)
+
+def agree(obj: Any) -> Any:
+    """The main process's ``obj`` on every process, through the control group. The processes that wait here
+    while the main process works alone wait up to :func:`collective_timeout`; if the main process ends (its own
+    error, killed), they fail at once with :class:`PeerLost`."""
+    if world_size() <= 1:
+        return obj
+    import torch.distributed as td
+
+    box = [obj if is_main() else None]
+    with _collective("koret run's wait for the main process"):
+        td.broadcast_object_list(box, src=0, group=_control_group())
+    return box[0]
+
+
+def wait_for_all() -> None:
+    """A barrier through the control group (see :func:`agree`)."""
+    if world_size() > 1:
+        import torch.distributed as td
+
+        with _collective("koret run's final barrier"):
+            td.barrier(group=_control_group())
+
+
+# --------------------------------------------------------------------------------------------- failures
+
+_FAILURES = "KORET_FAILURE_DIR"  # set by :func:`launch`: each failing process leaves its record there
+
+
+def launched_by_koret() -> bool:
+    """Under ``--num-processes N``: the launcher, not each process, prints the run's one error line."""
+    return bool(os.environ.get(_FAILURES))
+
+
+def record_failure(exc: BaseException, detail: str = "") -> None:
+    """Leave this process's failure for the launcher: ``kind`` is ``error`` (koret's one-line error: the cause),
+    ``peer`` (a collective failed because another process ended, or the deadline passed), ``stopped`` (SIGTERM
+    from the launcher) or ``crash`` (any other exception: a bug, with its traceback in ``detail``)."""
+    folder = os.environ.get(_FAILURES)
+    if not folder:
+        return
+    from koret.io import write_json
+
+    if isinstance(exc, PeerLost):
+        kind = "timeout" if exc.timed_out else "peer"
+    elif isinstance(exc, Stopped):
+        kind = "stopped"
+    elif isinstance(exc, KoretError):
+        kind = "error"
+    else:
+        kind = "crash"
+    message = str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
+    write_json(Path(folder) / f"{launched_rank()}.json", {"rank": launched_rank(), "kind": kind,
+                                                          "message": message, "detail": detail,
+                                                          "time": time.time()})
+
+
+def read_failures(folder: str | Path | None = None) -> dict[int, dict[str, Any]]:
+    """The failure records of this run's processes (see :func:`record_failure`), by rank."""
+    folder = folder or os.environ.get(_FAILURES)
+    out: dict[int, dict[str, Any]] = {}
+    if not folder or not Path(folder).is_dir():
+        return out
+    for path in Path(folder).glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+            out[int(record["rank"])] = record
+        except (ValueError, KeyError, OSError):
+            continue
+    return out
+
+
+def stop_on_sigterm() -> None:
+    """Turn the launcher's SIGTERM into :class:`Stopped`, once: the stage unwinds, ``koret run`` writes its
+    summary (the stage marked failed, its record removed), and a second SIGTERM during that is ignored (the
+    launcher sends SIGKILL 30 s later)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def ignore_stop() -> None:
+    """While a process reports its failure (the summary, its record), the launcher's SIGTERM must not cut that
+    short with a second exception: ignore it (SIGKILL follows 30 s later if the process hangs)."""
+    if launched_by_koret():
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def launch(num_processes: int, module_args: list[str]) -> int:
@@ -251,10 +334,12 @@ def launch(num_processes: int, module_args: list[str]) -> int:
 
     This is torchrun's launcher, called in-process: one process per GPU (each takes ``cuda:LOCAL_RANK``, NCCL)
     or, without GPUs, CPU processes with gloo (``accelerate launch --cpu`` starts a single process unless MPI
-    is set up, so it cannot be used there). koret's processes print their own one-line errors, so the
-    launcher's traceback and failure report are left out.
+    is set up, so it cannot be used there). When a process fails, torchrun stops the others (SIGTERM within a
+    second, SIGKILL 30 s later); each process leaves a failure record instead of printing, and this prints the
+    run's one line: the error that caused it, naming its process (:func:`failure_report`).
     """
     import logging
+    import tempfile
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -264,33 +349,61 @@ def launch(num_processes: int, module_args: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--nproc_per_node", str(num_processes), "--master_port", str(_free_port()),
                                          "-m", "koret", *module_args])
+    folder = tempfile.mkdtemp(prefix="koret-failures-")
+    os.environ[_FAILURES] = folder
     try:
         run(args)
     except ChildFailedError as exc:
-        code, line = failure_report({r: (f.exitcode, f.signal_name() if f.exitcode < 0 else "")
-                                     for r, f in exc.failures.items()}, num_processes)
-        if line:
-            print(f"error: {line}", file=sys.stderr)
+        code, line, detail = failure_report({r: (f.exitcode, f.signal_name() if f.exitcode < 0 else "")
+                                             for r, f in exc.failures.items()}, num_processes,
+                                            read_failures(folder))
+        if detail:
+            print(detail.rstrip(), file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return code
+    finally:
+        os.environ.pop(_FAILURES, None)
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
-def failure_report(failures: dict[int, tuple[int, str]], world: int) -> tuple[int, str]:
-    """The exit code and the one line to print for a launched run whose processes failed: ``failures`` maps
-    global rank to (exit code, signal name). A process that ended with koret's own error (exit 2) has printed
-    it; a process killed by a signal (the kernel's OOM killer, a preemption) printed nothing, so the launcher
-    says which one it was. Pure."""
-    codes = {r: c for r, (c, _) in failures.items()}
-    if 2 in codes.values():
-        return 2, ""
-    killed = sorted((r, name) for r, (c, name) in failures.items() if c < 0)
+def failure_report(failures: dict[int, tuple[int, str]], world: int,
+                   records: dict[int, dict[str, Any]] | None = None) -> tuple[int, str, str]:
+    """The exit code, the one line and any traceback to print for a launched run whose processes failed.
+
+    ``failures`` maps global rank to (exit code, signal name) as the launcher saw them; ``records`` are the
+    processes' own failure records (:func:`record_failure`). The cause, in this order: koret's own error on a
+    process (the earliest; its peers then fail in collectives or are stopped: not causes); a process killed by a
+    signal other than the launcher's SIGTERM (the kernel's OOM killer, a preemption: it recorded nothing); an
+    exception in koret (a bug: its traceback is returned); a collective's deadline; else the exit codes. Pure."""
+    records = records or {}
+
+    def earliest(kind: str) -> int | None:
+        found = sorted((r["time"], rank) for rank, r in records.items() if r.get("kind") == kind)
+        return found[0][1] if found else None
+
+    resume = ("rerun the same command to resume: finished embedding shards are reused (koret train: add "
+              "--resume)")
+    rank = earliest("error")
+    if rank is not None:
+        return 2, f"process {rank} of {world}: {records[rank]['message']}", ""
+    killed = sorted((r, name) for r, (c, name) in failures.items() if c < 0 and name != "SIGTERM")
     if killed:
-        # the launcher stops the survivors with SIGTERM: report the process that died first, not those
-        rank, name = next(((r, n) for r, n in killed if n != "SIGTERM"), killed[0])
+        rank, name = killed[0]
         why = " (out of memory?)" if name == "SIGKILL" else ""
-        return 1, (f"process {rank} of {world} was killed by {name}{why}, so the run stopped; rerun the same "
-                   "command to resume: finished embedding shards are reused (koret train: add --resume)")
-    return next((c for c in codes.values() if c > 0), 1), ""
+        return 1, f"process {rank} of {world} was killed by {name}{why}, so the run stopped; {resume}", ""
+    rank = earliest("crash")
+    if rank is not None:
+        return 1, f"process {rank} of {world} failed: {records[rank]['message'][:300]}", records[rank].get("detail", "")
+    rank = earliest("timeout")
+    if rank is not None:
+        return 1, f"process {rank} of {world}: {records[rank]['message']}", ""
+    codes = sorted((r, c) for r, (c, _) in failures.items())
+    if not codes:
+        return 1, f"the run's {world} processes failed and none said why", ""
+    rank, code = codes[0]
+    how = f"with exit code {code}" if code >= 0 else f"by {failures[rank][1] or 'a signal'}"
+    return (code if code > 0 else 1), f"process {rank} of {world} ended {how} without a message; {resume}", ""
 
 
 def _free_port() -> int:

@@ -1,13 +1,15 @@
-"""``koret run``: the whole chain mine -> filter -> train -> eval -> push from one config.
+"""``koret run``: the whole chain mine -> filter -> train -> reranker -> eval -> push from one config.
 
-The file has a section per stage (``mine``, ``filter``, ``train``, ``eval``, ``push``; each with the schema of the
-stage's own config, ``filter`` holding the filter keys) plus ``run.dir``. Every stage writes under
+The file has a section per stage (``mine``, ``filter``, ``train``, ``reranker``, ``eval``, ``push``: the registry in
+:mod:`koret.stages`; each with the schema of the stage's own config, ``filter`` holding the filter keys) plus
+``run.dir``. Every stage writes under
 ``<run.dir>/<stage>/`` and feeds the next by default: train reads the (re)filtered ``train.parquet`` and takes
 mine's teacher as its guide, eval compares [base, trained], push uploads (or stages, ``push.dry_run``) the
 trained ``final/`` with eval's metrics in the card.
 
-A stage whose outputs exist with the same resolved config (its hash, which includes the upstream stages'
-hashes, is recorded in ``<run.dir>/<stage>/.koret-stage.json``) is skipped; ``--force`` redoes it. A failed
+A stage whose outputs exist with the same resolved config, input files and models (its key: the config's hash,
+which includes the upstream stages' hashes, and fingerprints of the data files and model folders it reads, is
+recorded in ``<run.dir>/<stage>/.koret-stage.json``) is skipped; ``--force`` redoes it. A failed
 stage stops the chain with its one-line error; rerunning resumes from there. The closing table goes to
 ``<run.dir>/summary.json`` too.
 """
@@ -29,9 +31,9 @@ from koret.config import (
 from koret.errors import KoretError
 from koret.io import fingerprint_paths, read_record, write_json
 from koret.report import console, info, is_quiet
-from koret.stages import STAGES as REGISTRY
+from koret.stages import REGISTRY
 
-STAGES = tuple(REGISTRY)
+CHAIN = tuple(REGISTRY)  # the stages in the order koret run chains them
 
 
 class RunSection(Section):
@@ -63,7 +65,7 @@ def resolve(cfg: Any, source: str) -> dict[str, Any]:
 def _stage_hashes(stages: dict[str, Any]) -> dict[str, str]:
     hashes: dict[str, str] = {}
     upstream = ""
-    for name in STAGES:
+    for name in CHAIN:
         if name in stages:
             hashes[name] = config_hash({"stage": name, "config": stages[name].model_dump(mode="json"),
                                         "upstream": upstream})
@@ -76,8 +78,8 @@ def _stage_hashes(stages: dict[str, Any]) -> dict[str, str]:
 
 def select(present: list[str], start: str | None, until: str | None, only: str | None) -> list[str]:
     for flag, value in (("--from", start), ("--until", until), ("--only", only)):
-        if value is not None and value not in STAGES:
-            raise KoretError(f"{flag}: unknown stage {value!r}", f"one of {', '.join(STAGES)}")
+        if value is not None and value not in CHAIN:
+            raise KoretError(f"{flag}: unknown stage {value!r}", f"one of {', '.join(CHAIN)}")
         if value is not None and value not in present:
             raise KoretError(f"{flag}: the config has no {value!r} section", f"sections: {', '.join(present)}")
     if only:
@@ -96,41 +98,41 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
     """Run the chain; returns the summary (also ``<run.dir>/summary.json``). Raises the failing stage's error.
 
     Under ``accelerate launch`` / torchrun (or ``koret run --num-processes N``) every process runs this. Stages
-    that use many processes (mine's encoding, train) run on all of them; filter, eval and push run on the main
-    process while the others wait. The main process decides what is skipped, writes the stage records and
-    ``summary.json``; after each stage the processes exchange their outcome, so a stage that fails on any
-    process fails the run everywhere, with its one-line error on the main process.
+    that use many processes (mine, train, reranker) run on all of them; filter, eval and push run on the main
+    process while the others wait for its decision on the next stage (:func:`koret.dist.agree`, one deadline:
+    ``KORET_COLLECTIVE_TIMEOUT``). A process whose stage fails raises at once: its peers' collectives fail when
+    it exits, or the launcher stops them, so one failure ends the run within seconds; the main process then
+    writes the summary with the stage marked failed (and its record removed: nothing half-done counts as done).
     """
     root = Path(cfg.run.dir)
     stages = resolve(cfg, source)
     if not stages:
-        raise KoretError(f"{source}: no stage section (mine, filter, train, eval, push)")
+        raise KoretError(f"{source}: no stage section ({', '.join(CHAIN)})")
     hashes = _stage_hashes(stages)
-    present = [s for s in STAGES if s in stages]
+    present = [s for s in CHAIN if s in stages]
     chosen = select(present, start, until, only)
     main = dist.is_main()
-    sync = dist.FileSync.start(root) if dist.world_size() > 1 else None
+    dist.start_control()
     rows: list[dict[str, Any]] = []
-    failure: KoretError | None = None
     for name in present:
-        if name not in chosen or failure is not None:
-            rows.append({"stage": name, "status": "not selected" if name not in chosen else "not run",
-                         "seconds": 0.0, "figure": ""})
+        if name not in chosen:
+            rows.append({"stage": name, "status": "not selected", "seconds": 0.0, "figure": ""})
             continue
         record_path = root / name / ".koret-stage.json"
         key = hashes[name] + ":" + _inputs_fingerprint(name, stages[name])
         skip_figure = _current(record_path, key, name, stages[name]) if main and not force else None
-        if sync is not None:  # the main process's decision holds for every process
-            skip_figure = sync.exchange({"skip": skip_figure})[0]["skip"]
+        skip_figure = dist.agree(skip_figure)  # the main process's decision holds for every process
         if skip_figure is not None:
-            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config and inputs; --force redoes it)")
+            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config, inputs and models; "
+                 "--force redoes it)")
             rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": skip_figure})
             continue
         if on_stage:
             on_stage(name)
         info(f"[bold cyan]== {name} ==[/bold cyan]")
+        if main:
+            record_path.unlink(missing_ok=True)  # a stage that starts is not done until it ends
         started = time.perf_counter()
-        outcome: dict[str, Any] = {"ok": True}
         stage = REGISTRY[name]
         try:
             if stage.multi_process:
@@ -140,40 +142,44 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
                     result = stage.call(stages[name])
             else:
                 result = None
+            figure, details = stage.figure(stages[name], result) if main else ("", {})
+        except BaseException as exc:  # koret's error, a peer that ended, the launcher's SIGTERM, a bug, Ctrl-C
+            dist.ignore_stop()
+            rows.append({"stage": name, "status": "failed", "seconds": time.perf_counter() - started,
+                         "figure": _failure_figure(exc)})
+            rows += [{"stage": n, "status": "not run" if n in chosen else "not selected", "seconds": 0.0,
+                      "figure": ""} for n in present[present.index(name) + 1:]]
             if main:
-                outcome["figure"], outcome["details"] = stage.figure(stages[name], result)
-        except KoretError as exc:
-            outcome = {"ok": False, "error": str(exc), "rank": dist.rank()}
-            failure = exc
-        if sync is not None:
-            every = sync.exchange(outcome)
-            failed = next((o for o in every if not o["ok"]), None)
-            if failed is not None and failure is None:
-                failure = KoretError(f"process {failed['rank']}: {failed['error']}")
+                _finish(root, rows, ok=False)
+            raise
         seconds = time.perf_counter() - started
-        if failure is not None:
-            if main:
-                record_path.unlink(missing_ok=True)
-            rows.append({"stage": name, "status": "failed", "seconds": seconds, "figure": str(failure)})
-            continue
         if main:
-            write_json(record_path, {"hash": key, "status": "ran", "figure": outcome["figure"], "seconds": seconds,
-                                     "details": outcome["details"]})
-            rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": outcome["figure"]})
-        else:
-            rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": ""})
-    summary = {"run_dir": str(root), "stages": rows, "ok": failure is None, "processes": dist.world_size()}
+            write_json(record_path, {"hash": key, "status": "ran", "figure": figure, "seconds": seconds,
+                                     "details": details})
+        rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": figure})
+    dist.wait_for_all()
+    summary = {"run_dir": str(root), "stages": rows, "ok": True, "processes": dist.world_size()}
     if main:
-        write_json(root / "summary.json", summary)
-        _show(rows, root)
-    if sync is not None:
-        sync.exchange({"done": True})
-        sync.close()
-    if failure is not None:
-        if not main:
-            failure.shown_elsewhere = True  # the main process prints it; the CLI stays quiet here
-        raise failure
+        _finish(root, rows, ok=True)
     return summary
+
+
+def _finish(root: Path, rows: list[dict[str, Any]], ok: bool) -> None:
+    write_json(root / "summary.json", {"run_dir": str(root), "stages": rows, "ok": ok,
+                                       "processes": dist.world_size()})
+    _show(rows, root)
+
+
+def _failure_figure(exc: BaseException) -> str:
+    """What the summary says about a failed stage: this process's own error, or, when it only saw another
+    process end (a collective failed, the launcher stopped it), that process's error if it left a record."""
+    if isinstance(exc, KoretError) and not isinstance(exc, (dist.PeerLost, dist.Stopped)):
+        return str(exc)
+    errors = sorted((r for r in dist.read_failures().values() if r.get("kind") == "error"),
+                    key=lambda r: (r["time"], r["rank"]))
+    if errors:
+        return f"process {errors[0]['rank']}: {errors[0]['message']}"
+    return str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
 
 
 def _current(record_path: Path, key: str, name: str, cfg: Any) -> str | None:
@@ -186,9 +192,13 @@ def _current(record_path: Path, key: str, name: str, cfg: Any) -> str | None:
 
 
 def _inputs_fingerprint(name: str, cfg: Any) -> str:
-    """What a stage reads from outside the run folder (its registry entry's inputs), so that a changed input
-    file reruns it: content of files up to 64 MB, size and modification time of larger ones."""
-    return fingerprint_paths([p for p in REGISTRY[name].inputs(cfg) if p])
+    """What a stage reads besides its config, so that a change reruns it: its data files (content up to 64 MB,
+    size and modification time of larger ones) and the models it loads (a local folder's files by size and
+    modification time: a model re-trained at the same path, such as the ``train/final/`` that eval reads after
+    ``koret run --force --only train``; a Hub id counts as its name)."""
+    stage = REGISTRY[name]
+    return (fingerprint_paths([p for p in stage.inputs(cfg) if p]) + "."
+            + fingerprint_paths([m for m in stage.models(cfg) if m], content_limit=-1))
 
 
 def _show(rows: list[dict[str, Any]], root: Path) -> None:

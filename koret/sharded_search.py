@@ -65,7 +65,7 @@ def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chu
     for a in range(0, len(queries), chunk):
         n = min(chunk, len(queries) - a)
         ranges = [slice_of(n, r, dist.world_size()) for r in range(dist.world_size())]
-        received = dist.exchange([(local_s[a + r.start:a + r.stop], local_i[a + r.start:a + r.stop])
+        received = dist.all_to_all([(local_s[a + r.start:a + r.stop], local_i[a + r.start:a + r.stop])
                                   for r in ranges])
         parts = dist.gather_to_main(merge_slices(received, k))
         if parts is not None:

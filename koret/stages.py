@@ -33,7 +33,7 @@ class Stage:
     schema: type
     run: str  # "module:function", called with the stage's config
     outputs: Callable[[Any], list[Path]]
-    inputs: Callable[[Any], list[str | None]]
+    inputs: Callable[[Any], list[str | None]]  # data files read from outside the run folder
     figure: Callable[[Any, Any], tuple[str, dict[str, Any]]]
     multi_process: bool = False  # uses every process of a launched run (else: the main one, the others wait)
     help: str = ""
@@ -44,6 +44,8 @@ class Stage:
     # chain (defaults from the upstream stages, outputs under run.dir): chain(section, upstream, root, source)
     section: type | None = None
     chain: Callable[[Any, dict[str, Any], Path, str], Any] | None = None
+    # the models the stage loads (Hub ids or folders): a folder re-trained at the same path reruns the stage
+    models: Callable[[Any], list[str | None]] = lambda cfg: []
 
     @property
     def command(self) -> str:
@@ -160,10 +162,11 @@ def _mine_outputs(cfg: Any) -> list[Path]:
     return [Path(cfg.output.dir) / "train.parquet", Path(cfg.output.dir) / "stats.json"]
 
 
-STAGES: dict[str, Stage] = {
+REGISTRY: dict[str, Stage] = {
     s.name: s for s in (
         Stage("mine", MineConfig, "koret.mine:mine", _mine_outputs,
               lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True, chain=_chain_mine,
+              models=lambda c: [c.teacher.model, c.rescore.model],
               help="Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."),
         Stage("filter", MineConfig, "koret.refilter:refilter", _mine_outputs,
               lambda c: [], _rows_figure, section=FilterConfig, chain=_chain_filter,
@@ -171,16 +174,18 @@ STAGES: dict[str, Stage] = {
         Stage("train", TrainConfig, "koret.train:train",
               lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
               lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
-              resumable=True, chain=_chain_trainer("train"),
+              resumable=True, chain=_chain_trainer("train"), models=lambda c: [c.model.name, c.loss.guide],
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
         Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
               lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
               resumable=True, cli="train-reranker", aliases=("train-reranker",), chain=_chain_trainer("reranker"),
+              models=lambda c: [c.model.name],
               help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "
                    "margin_mse)."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
               lambda c: [c.data.path, c.data.corpus], _eval_figure, chain=_chain_eval,
+              models=lambda c: [m.name for m in c.models] + [r.name for r in c.rerankers],
               help="Evaluate models side by side with trec_eval's metrics."),
         Stage("push", PushConfig, "koret.push:push_stage", lambda c: [], lambda c: [], _push_figure,
               chain=_chain_push,
@@ -192,7 +197,7 @@ STAGES: dict[str, Stage] = {
 def get(name: str) -> Stage:
     from koret.errors import KoretError
 
-    for stage in STAGES.values():
+    for stage in REGISTRY.values():
         if name == stage.name or name in stage.aliases:
             return stage
-    raise KoretError(f"unknown stage {name!r}", f"one of {', '.join(STAGES)}")
+    raise KoretError(f"unknown stage {name!r}", f"one of {', '.join(REGISTRY)}")

@@ -68,10 +68,10 @@ def test_filter_rules_are_a_pure_leaf():
 def test_every_stage_comes_from_the_registry():
     """koret run's sections, its chain, the CLI commands and config validate all read koret/stages.py."""
     from koret.cli import app
-    from koret.pipeline import STAGES, PipelineConfig
-    from koret.stages import STAGES as REGISTRY
+    from koret.pipeline import CHAIN, PipelineConfig
+    from koret.stages import REGISTRY
 
-    assert list(PipelineConfig.model_fields) == ["run", *REGISTRY] and STAGES == tuple(REGISTRY)
+    assert list(PipelineConfig.model_fields) == ["run", *REGISTRY] and CHAIN == tuple(REGISTRY)
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {s.command for s in REGISTRY.values()} <= commands
     assert all(s.chain is not None and s.run.count(":") == 1 for s in REGISTRY.values())

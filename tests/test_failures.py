@@ -1,0 +1,154 @@
+"""A launched run ends cleanly when one process fails: one error anywhere ends every process within a minute, the
+last line is the original error naming its process, a killed process is named, and the summary says so.
+
+The failures are injected on process 1 only through a ``sitecustomize`` module on PYTHONPATH (each process of the
+launched run imports it at start-up; the launching process has no RANK and is left alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_subprocess, write_config
+
+HOOK = """
+import os, time
+MARK = os.environ["KORET_TEST_MARK"]
+def _mark():
+    with open(MARK, "w") as fh:
+        fh.write(repr(time.time()))
+if os.environ.get("RANK") == "1":
+    WHERE, HOW = os.environ["KORET_TEST_FAIL"].split(":")
+    def fail():
+        _mark()
+        if HOW == "kill":
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)  # like the kernel's OOM killer
+        from koret.errors import KoretError
+        raise KoretError("data.train: injected failure on this process only", "fix the injected thing")
+    if WHERE == "mine":  # after encoding, while process 0 waits for it in the sharded search
+        import koret.sharded_search as s
+        s.search_slices = lambda *a, **k: fail()
+    else:  # the second training step, while process 0 waits for it in DDP's gradient all-reduce
+        from sentence_transformers import SentenceTransformerTrainer as T
+        _step = T.training_step
+        calls = {"n": 0}
+        def training_step(self, *a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                fail()
+            return _step(self, *a, **k)
+        T.training_step = training_step
+"""
+
+
+def _run_config(tmp_path: Path, tiny_model: Path, data_dir: Path, stage: str) -> Path:
+    cfg: dict = {"run": {"dir": str(tmp_path / "run")}}
+    if stage == "mine":
+        cfg["mine"] = {"data": {"train": str(data_dir / "pairs.jsonl"), "corpus": str(data_dir / "corpus.txt")},
+                       "teacher": {"model": str(tiny_model)}, "search": {"top_k": 10},
+                       "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "cache")}
+    else:
+        cfg["train"] = {"model": {"name": str(tiny_model)}, "data": {"train": str(data_dir / "pairs.jsonl")},
+                        "loss": {"name": "mnrl"},
+                        "args": {"per_device_train_batch_size": 8, "num_train_epochs": 1, "logging_steps": 1,
+                                 "save_steps": 1000}}
+    return write_config(tmp_path / "run.yaml", cfg)
+
+
+def _launch_with_failure(tmp_path: Path, config: Path, where: str, how: str):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    mark = tmp_path / "failed-at"
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "KORET_TEST_FAIL": f"{where}:{how}", "KORET_TEST_MARK": str(mark)}
+    r = run_subprocess("run", "-c", str(config), "--num-processes", "2", timeout=400, env=env)
+    ended = time.time()
+    assert mark.exists(), f"the failure was never injected:\n{r.stderr[-3000:]}"
+    return r, ended - float(mark.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mine", "train"])
+def test_an_error_on_one_process_ends_the_run_with_that_error(tmp_path, tiny_model, data_dir, where):
+    """Process 1 raises koret's error while process 0 waits for it in a collective (the sharded search; DDP's
+    all-reduce): every process ends within a minute, the last line is process 1's error, and the summary that
+    the main process writes marks the stage failed with that error."""
+    config = _run_config(tmp_path, tiny_model, data_dir, where)
+    r, seconds = _launch_with_failure(tmp_path, config, where, "raise")
+    assert seconds < 60, f"the run went on {seconds:.0f} s after the failure"
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == ("error: process 1 of 2: data.train: injected failure on this process only "
+                         "(fix the injected thing)"), r.stderr[-3000:]
+    assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:], "one error line"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ok"] is False and summary["stages"][0]["status"] == "failed"
+    assert summary["stages"][0]["figure"].startswith("process 1: data.train: injected failure"), summary
+    assert not (tmp_path / "run" / where / ".koret-stage.json").exists(), "a failed stage is not recorded as done"
+
+
+@pytest.mark.slow
+def test_a_process_killed_during_training_ends_the_run_naming_it(tmp_path, tiny_model, data_dir):
+    config = _run_config(tmp_path, tiny_model, data_dir, "train")
+    r, seconds = _launch_with_failure(tmp_path, config, "train", "kill")
+    assert seconds < 60, f"the run went on {seconds:.0f} s after the kill"
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: process 1 of 2 was killed by SIGKILL (out of memory?), so the run "
+                                "stopped"), r.stderr[-3000:]
+    assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:], "one error line"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "run" / "train" / "final").exists()
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+def test_failure_report_puts_the_cause_first():
+    """koret's own error beats the peers that then failed in collectives or were stopped; a process killed by
+    a signal beats the crash its peer saw in a collective; a crash gives its traceback; exit codes alone still
+    give a line."""
+    from koret.dist import failure_report
+
+    rec = {0: {"rank": 0, "kind": "peer", "message": "another process stopped", "time": 1.0},
+           1: {"rank": 1, "kind": "error", "message": "data.train: bad", "time": 2.0}}
+    assert failure_report({0: (1, ""), 1: (2, "")}, 2, rec) == (2, "process 1 of 2: data.train: bad", "")
+    two = {0: {"rank": 0, "kind": "error", "message": "late", "time": 5.0},
+           3: {"rank": 3, "kind": "error", "message": "first", "time": 4.0}}
+    assert failure_report({0: (2, ""), 3: (2, "")}, 4, two)[1] == "process 3 of 4: first"
+
+    crash = {0: {"rank": 0, "kind": "crash", "message": "RuntimeError: Connection closed by peer",
+                 "detail": "Traceback ...", "time": 1.0}}
+    code, line, detail = failure_report({0: (1, ""), 1: (-9, "SIGKILL")}, 2, crash)
+    assert (code, detail) == (1, "") and line.startswith("process 1 of 2 was killed by SIGKILL (out of memory?)")
+    assert failure_report({0: (1, "")}, 2, crash) == (1, "process 0 of 2 failed: RuntimeError: Connection closed "
+                                                         "by peer", "Traceback ...")
+    # the launcher's SIGTERM of the survivors is not a cause
+    code, line, _ = failure_report({0: (-15, "SIGTERM"), 3: (-9, "SIGKILL")}, 4)
+    assert code == 1 and line.startswith("process 3 of 4 was killed by SIGKILL")
+    assert failure_report({1: (3, "")}, 2)[1].startswith("process 1 of 2 ended with exit code 3 without a message")
+
+
+def test_records_say_what_kind_of_failure_each_process_had(tmp_path, monkeypatch):
+    from koret import dist
+    from koret.errors import KoretError
+
+    monkeypatch.setenv("KORET_FAILURE_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    dist.record_failure(KoretError("x: bad", "do y"))
+    assert dist.read_failures()[1]["kind"] == "error" and dist.read_failures()[1]["message"] == "x: bad (do y)"
+    monkeypatch.setenv("RANK", "0")
+    dist.record_failure(dist.PeerLost("a barrier", RuntimeError("Connection closed by peer")))
+    assert dist.read_failures()[0]["kind"] == "peer"
+    dist.record_failure(dist.Stopped())
+    assert dist.read_failures()[0]["kind"] == "stopped"
+    dist.record_failure(ValueError("boom"), "Traceback: ...")
+    assert dist.read_failures()[0] | {"time": 0} == {"rank": 0, "kind": "crash", "message": "ValueError: boom",
+                                                     "detail": "Traceback: ...", "time": 0}
