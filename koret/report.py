@@ -26,7 +26,20 @@ from rich.progress import (
 from rich.table import Table
 
 _state = {"quiet": False}
-_console = Console(stderr=True)
+
+
+def _make_console() -> Console:
+    """stderr; off a terminal (a log file, nohup, SLURM, CI) lines are never wrapped, so a log line is one line
+    for grep, and tables are as wide as their content (rich renders nothing full-width here) unless COLUMNS says
+    otherwise."""
+    probe = Console(stderr=True)
+    if probe.is_terminal:
+        return probe
+    width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 1000
+    return Console(stderr=True, soft_wrap=True, width=width)
+
+
+_console = _make_console()
 
 
 def set_quiet(quiet: bool) -> None:

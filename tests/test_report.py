@@ -40,3 +40,20 @@ def test_unfinished_task_gets_a_closing_line(monkeypatch):
         task = bar.add_task("search", total=100, unit="queries")
         bar.update(task, advance=30)
     assert out.getvalue().startswith("search: 30/100 (30%)")
+
+
+def test_info_lines_are_whole_lines_off_a_terminal(tmp_path):
+    """Logs (nohup, SLURM, CI) are grepped by line: a long info line and a table row are never wrapped."""
+    import subprocess
+    import sys
+
+    long_path = "/data/" + "가" * 60 + "/" + "x" * 80 + ".jsonl"
+    script = ("from koret.report import info, table, show\n"
+              f"info('data {long_path}: 413 queries, 413 (query, positive) rows, 59 passages')\n"
+              f"show(table('t', ['file', 'rows'], [['{long_path}', '413']]))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert f"data {long_path}: 413 queries, 413 (query, positive) rows, 59 passages" in lines
+    assert any(long_path in line and "413" in line for line in lines[1:]), r.stderr
