@@ -275,7 +275,7 @@ def test_run_on_two_processes_matches_one(pipeline_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_failure_on_two_processes_is_one_line_from_the_main_process(tmp_path, tiny_model, data_dir):
+def test_run_failure_on_two_processes_is_one_line_naming_a_process(tmp_path, tiny_model, data_dir):
     from helpers import run_subprocess
 
     cfg = {"run": {"dir": str(tmp_path / "run")},
@@ -286,7 +286,8 @@ def test_run_failure_on_two_processes_is_one_line_from_the_main_process(tmp_path
                        timeout=300)
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and "teacher.query_prompt_name: 'nope'" in errors[0], r.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: process ") and (
+        "teacher.query_prompt_name: 'nope'" in errors[0]), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stages"][0]["status"] == "failed"
@@ -308,6 +309,36 @@ def test_run_reruns_a_stage_whose_input_file_changed(tmp_path, tiny_model, data_
     lines = data.read_text(encoding="utf-8").splitlines()
     data.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one pair less, same config
     assert status() == "ran"
+
+
+def test_run_reruns_what_a_retrained_model_invalidates(tmp_path, tiny_model, data_dir):
+    """After ``--force --only train`` the next ``koret run`` evaluates the new model instead of skipping eval with
+    the old model's metrics; a teacher folder re-trained at the same path reruns mine."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model, teacher)
+    cfg = {"run": {"dir": str(tmp_path / "run")},
+           "mine": {"data": {"train": str(data_dir / "pairs.jsonl")}, "teacher": {"model": str(teacher)},
+                    "search": {"top_k": 10}, "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "c")},
+           "train": {"model": {"name": str(tiny_model)}, "loss": {"name": "mnrl"},
+                     "args": {"per_device_train_batch_size": 32, "num_train_epochs": 1, "save_steps": 1000,
+                              "learning_rate": 1e-3}},
+           "eval": {"data": {"path": str(data_dir / "pairs.jsonl")}, "k": [10], "cache_dir": str(tmp_path / "c")}}
+    path = write_config(tmp_path / "p.yaml", cfg)
+
+    def statuses(*flags):
+        r = run_cli("run", "-c", str(path), "--quiet", *flags)
+        assert r.exit_code == 0, r.stderr
+        return {s["stage"]: s["status"] for s in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]}
+
+    assert set(statuses().values()) == {"ran"}
+    assert set(statuses().values()) == {"skipped"}
+    assert statuses("--force", "--only", "train")["train"] == "ran"
+    assert statuses() == {"mine": "skipped", "train": "skipped", "eval": "ran"}
+    weights = next(teacher.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # re-trained at the same path: new file, same config
+    assert statuses()["mine"] == "ran"
 
 
 def test_push_config_dry_run_never_uploads(tiny_model, fake_hub, tmp_path):
