@@ -3,7 +3,8 @@
 Layouts (``data.format``, auto-detected from the path when unambiguous):
 
 - pairs of (query, positive) in ``jsonl``/``json``/``csv``/``tsv``/``parquet``, a ``datasets.save_to_disk``
-  folder (``hf_disk``) or a Hub dataset id (``hub``). Columns are configurable, the first two by default.
+  folder (``hf_disk``) or a Hub dataset id (``hub``). Columns are configurable, the first two by default (never
+  a column of ids: that is refused, as is koret mine's ``candidates.parquet``, which holds passage ids).
   Several positives for one query are repeated query rows.
 - ``squad``: SQuAD-style JSON (KorQuAD, KLUE-MRC); each question's paragraph is its positive.
 - ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (graded relevance kept).
@@ -329,6 +330,8 @@ def _load_hub_dataset(name: str, split: str, key: str) -> Any:
 
 
 def _pick_column(df: Any, wanted: str | None, position: int, key: str, option: str) -> str:
+    """The column ``option`` names, else the one at ``position``; a guessed column that holds ids is refused (a
+    pairs file that starts with an id column would otherwise train on (id, text) pairs without a word)."""
     cols = [str(c) for c in df.columns]
     if wanted is not None:
         if wanted not in cols:
@@ -338,7 +341,65 @@ def _pick_column(df: Any, wanted: str | None, position: int, key: str, option: s
     if len(cols) <= position:
         raise KoretError(f"{key}: needs at least {position + 1} columns, found {len(cols)} ({', '.join(cols)})",
                          f"set {option}")
-    return cols[position]
+    guess = cols[position]
+    why = _id_column(guess, df[df.columns[position]].tolist())
+    if why:
+        role = "query" if position == 0 else "positive passage"
+        raise KoretError(f"{key}: column {guess!r} (column {position + 1}, the default {role} column) {why}, not "
+                         f"{role} text; columns found: {', '.join(cols)}",
+                         f"set {option} to the column that holds the {role} text")
+    return guess
+
+
+# column names that say "identifier": id, _id, qid, doc_id, query-ids, passage.id, queryId (camelCase)
+_ID_NAMES = {"id", "ids", "_id", "qid", "pid", "did", "docid", "idx", "uuid", "guid"}
+_ID_SUFFIX = re.compile(r"[_\-. ](?:id|ids|idx)$", re.IGNORECASE)
+_CAMEL_ID = re.compile(r"[a-z]Ids?$")
+# an id-like value: a short token without spaces that holds a digit (1, q1, doc-0003, 2f9c1e)
+_ID_VALUE = re.compile(r"[A-Za-z0-9_.:#/-]{0,63}")
+
+
+def _id_column(name: str, values: list[Any]) -> str | None:
+    """Why a column holds identifiers rather than text, or None: named like an id, or every value (ignoring
+    missing ones) is an integer or an id-like token (no spaces, at least one digit); lists count by their items."""
+    if name.lower() in _ID_NAMES or _ID_SUFFIX.search(name) or _CAMEL_ID.search(name):
+        return "is named like an id"
+    present = [v for v in values if v is not None and not (isinstance(v, float) and v != v)]
+    if present and all(_is_id_value(v) for v in present):
+        shown = ", ".join(repr(_plain(v)) for v in present[:3])
+        return f"holds ids (every value is an integer or an id-like token: {shown}, ...)"
+    return None
+
+
+def _is_id_value(value: Any) -> bool:
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    if isinstance(value, (float, np.floating)):
+        return float(value).is_integer()
+    if isinstance(value, str):
+        return bool(_ID_VALUE.fullmatch(value)) and any(ch.isdigit() for ch in value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return len(value) > 0 and all(_is_id_value(v) for v in value)
+    return False
+
+
+def _plain(value: Any) -> Any:
+    """A value as plain Python for a message (numpy scalars and arrays print as their numbers)."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+# the columns of ``candidates.parquet`` (koret mine's per-query candidates, see :mod:`koret.candidates`)
+CANDIDATE_COLUMNS = ("query_id", "query", "positive_ids", "candidate_ids", "teacher_positive_scores",
+                     "teacher_candidate_scores")
+
+
+def is_candidates_table(columns: Iterable[Any]) -> bool:
+    """Whether a table's columns are those of ``candidates.parquet``: passage ids per query, not texts."""
+    return {"positive_ids", "candidate_ids"} <= {str(c) for c in columns}
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -383,6 +444,11 @@ def load_retrieval_data(
                          "give (query, positive) pairs in data.train")
     else:
         df = read_table(path, fmt, key, split)
+        if is_candidates_table(df.columns):
+            raise KoretError(f"{key}: {path} is koret mine's candidates.parquet (passage ids per query; columns: "
+                             f"{', '.join(map(str, df.columns))}), not (query, positive) pairs",
+                             "use the train.parquet beside it (koret filter writes a new one); koret train-reranker "
+                             "reads candidates.parquet itself")
         qcol = _pick_column(df, query_column, 0, key, "data.query_column")
         pcol = _pick_column(df, positive_column, 1, key, "data.positive_column")
         if qcol == pcol:

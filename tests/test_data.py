@@ -204,3 +204,76 @@ def test_eval_keeps_ids_mining_merges_equal_texts(tmp_path):
     only = zero.with_positives_only()
     assert only.query_ids == ["q2"] and only.pairs == [(0, 1)]
     assert only.counts == {"queries without a positive skipped": 1}
+
+
+# --------------------------------------------------------------------------------------------- no guessed id columns
+
+TEXTS = {"question": ["한글은 누가 만들었나?", "김치는 어떻게 보관하나?"],
+         "answer": ["한글은 세종이 창제하였다.", "김치는 낮은 온도에서 보관한다."]}
+
+
+@pytest.mark.parametrize(("first", "values", "why"), [
+    ("id", ["a", "b"], "is named like an id"),
+    ("query_id", ["첫째", "둘째"], "is named like an id"),
+    ("no", [1, 2], "holds ids"),
+    ("key", ["doc-001", "doc-002"], "holds ids"),
+])
+def test_pairs_reader_refuses_a_guessed_id_column(tmp_path, first, values, why):
+    """The first column is the default query column; when it holds ids the reader says so instead of training
+    on (id, text) pairs, and reads the file once data.query_column / data.positive_column name the texts."""
+    path = tmp_path / "p.jsonl"
+    pd.DataFrame({first: values, **TEXTS}).to_json(path, orient="records", lines=True, force_ascii=False)
+    with pytest.raises(KoretError) as err:
+        load_retrieval_data(str(path))
+    assert str(err.value).startswith(f"data.train: column {first!r} (column 1, the default query column) {why}")
+    assert f"not query text; columns found: {first}, question, answer" in str(err.value)
+    assert str(err.value).endswith("(set data.query_column to the column that holds the query text)")
+    data = load_retrieval_data(str(path), query_column="question", positive_column="answer")
+    assert data.queries == TEXTS["question"] and data.corpus == TEXTS["answer"] and data.pairs == [(0, 0), (1, 1)]
+
+
+def test_pairs_reader_refuses_an_id_column_as_positive_and_reads_text_with_digits(tmp_path):
+    path = tmp_path / "p.parquet"
+    pd.DataFrame({"question": TEXTS["question"], "passage_id": [17, 18], "answer": TEXTS["answer"]}).to_parquet(path)
+    with pytest.raises(KoretError, match=r"column 'passage_id' \(column 2, the default positive passage column\) is "
+                                         r"named like an id, not positive passage text; columns found: question, "
+                                         r"passage_id, answer \(set data.positive_column"):
+        load_retrieval_data(str(path))
+    assert load_retrieval_data(str(path), positive_column="answer").corpus == TEXTS["answer"]
+    # texts with digits are still texts: a number inside a sentence, a year
+    years = tmp_path / "years.jsonl"
+    pd.DataFrame({"q": ["1443", "세종 1443년?"], "p": ["훈민정음 1443년", "1446년 반포"]}).to_json(
+        years, orient="records", lines=True, force_ascii=False)
+    assert load_retrieval_data(str(years)).queries == ["1443", "세종 1443년?"]
+
+
+def test_candidates_parquet_is_not_read_as_pairs(tmp_path):
+    """koret mine's candidates.parquet (ids per query) is refused by every pairs reader (mine, train, eval),
+    pointing at train.parquet, even when the query column is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "candidates.parquet"
+    pq.write_table(pa.table({"query_id": ["q0", "q1"], "query": TEXTS["question"], "positive_ids": [[0], [1]],
+                             "candidate_ids": [[1, 0], [0, 1]], "teacher_positive_scores": [[0.9], [0.8]],
+                             "teacher_candidate_scores": [[0.5, 0.9], [0.4, 0.8]]}), path)
+    for kwargs in ({}, {"query_column": "query", "positive_column": "query_id"}):
+        with pytest.raises(KoretError, match=r"^data.train: .*candidates.parquet is koret mine's candidates.parquet "
+                                             r"\(passage ids per query; columns: query_id, query, positive_ids, "
+                                             r"candidate_ids, .*\(use the train.parquet beside it"):
+            load_retrieval_data(str(path), **kwargs)
+
+
+def test_cli_refuses_an_id_first_pairs_file_in_one_line(tmp_path, tiny_cross_encoder):
+    """Through the CLI (koret train-reranker reads its pairs with the same reader): exit 2, one line."""
+    from helpers import run_cli, write_config
+
+    path = tmp_path / "p.csv"
+    pd.DataFrame({"id": [1, 2], **TEXTS}).to_csv(path, index=False)
+    cfg = write_config(tmp_path / "r.yaml", {"model": {"name": str(tiny_cross_encoder)}, "data": {"train": str(path)},
+                                              "args": {"output_dir": str(tmp_path / "out"), "max_steps": 1,
+                                                       "save_strategy": "no"}})
+    r = run_cli("train-reranker", "-c", str(cfg), "--quiet")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "column 'id' (column 1, the default query column) is named like an id" in r.stderr
+    assert "set data.query_column" in r.stderr and not (tmp_path / "out").exists()
