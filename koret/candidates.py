@@ -22,6 +22,51 @@ from koret.io import write_json, write_parquet, write_text
 from koret.report import plot_score_distributions, show, table
 from koret.search import exact_scores
 
+# --------------------------------------------------------------------------------------------- score kinds
+
+# What the scores that drive the filter and fill train.parquet's ``scores`` are, recorded in the metadata of
+# candidates.parquet and train.parquet (key ``koret.score_kind``) and in stats.json, for loss.distill to put the
+# teacher on its own scale (koret.training.distill): the teacher's cosine similarities (no rescore.model), or
+# the rescore model's CrossEncoder.predict output, raw logits (Identity activation) or their sigmoid (the
+# default activation of a one-label CrossEncoder saved without one), or through another activation.
+TEACHER_COSINE = "teacher_cosine"
+CROSS_ENCODER_LOGITS = "cross_encoder_logits"
+CROSS_ENCODER_SIGMOID = "cross_encoder_sigmoid"
+CROSS_ENCODER_OTHER = "cross_encoder_other"
+SCORE_KINDS = (TEACHER_COSINE, CROSS_ENCODER_LOGITS, CROSS_ENCODER_SIGMOID, CROSS_ENCODER_OTHER)
+SCORE_KIND_KEY = b"koret.score_kind"
+
+
+def cross_encoder_score_kind(model: Any) -> str:
+    """The kind of a CrossEncoder's ``predict`` scores, from the activation it applies to its logits."""
+    import torch
+
+    activation = getattr(model, "activation_fn", None)
+    if isinstance(activation, torch.nn.Identity):
+        return CROSS_ENCODER_LOGITS
+    if isinstance(activation, torch.nn.Sigmoid):
+        return CROSS_ENCODER_SIGMOID
+    return CROSS_ENCODER_OTHER
+
+
+def read_score_kind(path: str | Path) -> str | None:
+    """The score kind recorded in a parquet file's metadata; None when it records none (a file written before
+    koret recorded it, another tool's file) or is not a readable parquet file."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # not parquet, a folder, unreadable: the reader of the data reports those
+        return None
+    kind = metadata.get(SCORE_KIND_KEY)
+    return kind.decode() if kind is not None else None
+
+
+def _with_score_kind(table: Any, kind: str | None) -> Any:
+    return table if kind is None else table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), SCORE_KIND_KEY: kind.encode()})
+
+
 # --------------------------------------------------------------------------------------------- teacher scores
 
 
@@ -66,8 +111,9 @@ def _rows(matrix: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
     return [row[ok] for row, ok in zip(matrix, valid, strict=True)]
 
 
-def write_candidates(out_dir: Path, cands: Candidates, data: RetrievalData) -> None:
-    """``corpus.parquet`` (id, doc_id, text, group) and ``candidates.parquet`` (one row per query)."""
+def write_candidates(out_dir: Path, cands: Candidates, data: RetrievalData, score_kind: str) -> None:
+    """``corpus.parquet`` (id, doc_id, text, group) and ``candidates.parquet`` (one row per query; ``score_kind``,
+    the kind of the scores that drive the filter, in its metadata)."""
     import pyarrow as pa
 
     write_parquet(out_dir / "corpus.parquet", pa.table({
@@ -94,7 +140,7 @@ def write_candidates(out_dir: Path, cands: Candidates, data: RetrievalData) -> N
     if cands.rescored:
         cols["rescore_positive_scores"] = _list_column(cands.positive_scores, pa.float32())
         cols["rescore_candidate_scores"] = _list_column(_rows(cands.candidate_scores, valid), pa.float32())
-    write_parquet(out_dir / "candidates.parquet", pa.table(cols))
+    write_parquet(out_dir / "candidates.parquet", _with_score_kind(pa.table(cols), score_kind))
 
 
 def _padded(list_array: Any, fill: float, dtype: Any) -> np.ndarray:
@@ -168,20 +214,24 @@ def _sources(table: Any) -> np.ndarray:
 
 
 def write_filter_outputs(out_dir: Path, cfg: MineConfig, outcome: FilterOutcome, phases: dict[str, float],
-                         started: float) -> None:
-    """``train.parquet``, ``stats.json``, ``scores.png``, ``config.yaml`` and the closing summary table."""
+                         started: float, score_kind: str | None) -> None:
+    """``train.parquet``, ``stats.json``, ``scores.png``, ``config.yaml`` and the closing summary table.
+
+    ``score_kind`` (what ``scores`` are, see :data:`SCORE_KINDS`; None: unknown) goes into train.parquet's
+    metadata and stats.json."""
     import pyarrow as pa
 
     t = time.perf_counter()
     columns = dict(outcome.rows)
     table_cols = {name: pa.array(values, type=pa.string()) for name, values in columns.items() if name != "scores"}
     table_cols["scores"] = pa.array(columns["scores"], type=pa.list_(pa.float32()))
-    write_parquet(out_dir / "train.parquet", pa.table(table_cols))
+    write_parquet(out_dir / "train.parquet", _with_score_kind(pa.table(table_cols), score_kind))
     plot_score_distributions(out_dir / "scores.png", outcome.positive_scores, outcome.negative_scores,
                              f"{cfg.filter.strategy}: positives vs chosen negatives")
     write_text(out_dir / "config.yaml", dump_yaml(cfg))
     phases = {**phases, "write": time.perf_counter() - t}
     stats = outcome.stats
+    stats["score_kind"] = score_kind
     stats["phases_seconds"] = phases
     stats["seconds_total"] = time.perf_counter() - started
     write_json(out_dir / "stats.json", stats)

@@ -214,9 +214,14 @@ class DistillConfig(Section):
     name: Literal["kl", "margin_mse"] = Field("kl", description="kl: DistillKLDivLoss over (positive, negatives); "
                                                                 "margin_mse: MarginMSELoss on positive - negative.")
     weight: float = Field(1.0, gt=0, description="Added to the contrastive loss with this weight.")
-    temperature: float | None = Field(None, gt=0, description="Teacher and student scores are divided by it before "
-                                                                "they are compared. Default: the contrastive loss's "
+    temperature: float | None = Field(None, gt=0, description="The student's cosines are divided by it before they "
+                                                                "are compared. Default: the contrastive loss's "
                                                                 "temperature (0.05 with name none).")
+    teacher_temperature: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="The teacher's scores are divided by it. Default by the kind of scores the mined data records: "
+                    "teacher cosines: temperature (above); cross-encoder logits, or their sigmoid (read back as "
+                    "logits): 1.0; another kind, or a file with an unknown kind: required.")
 
 
 class LossConfig(Section):

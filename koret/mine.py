@@ -16,7 +16,9 @@ Phases:
 
 Outputs in ``output.dir`` (each written atomically): ``candidates.parquet``, ``corpus.parquet``,
 ``train.parquet`` (``anchor``, ``positive``, ``negative_1..N``, ``scores``), ``stats.json``, ``scores.png``,
-``config.yaml``. ``koret filter`` re-runs phase 5 from ``candidates.parquet`` in seconds.
+``config.yaml``. ``score_kind``, in stats.json and in both parquet files' metadata, says what the scores are (the
+teacher's cosines, or the cross-encoder's logits or their sigmoid: :data:`koret.candidates.SCORE_KINDS`), which
+``loss.distill`` reads. ``koret filter`` re-runs phase 5 from ``candidates.parquet`` in seconds.
 
 Python use::
 
@@ -34,7 +36,13 @@ from typing import Any
 import numpy as np
 
 from koret import dist
-from koret.candidates import score_fn, write_candidates, write_filter_outputs
+from koret.candidates import (
+    TEACHER_COSINE,
+    cross_encoder_score_kind,
+    score_fn,
+    write_candidates,
+    write_filter_outputs,
+)
 from koret.config import MineConfig
 from koret.data import load_section
 from koret.encode import (
@@ -139,7 +147,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
             cand_ids, cand_scores, sources = union_candidates(result.ids, result.scores, lexical_ids,
                                                               lexical_scores.reshape(lexical_ids.shape))
             lexical_stats["candidates_per_query"] = float((cand_ids >= 0).sum(axis=1).mean())
-    rescored = None
+    rescored, score_kind = None, TEACHER_COSINE
     if cfg.rescore.model:  # every process scores the pairs of its range of queries with the CrossEncoder
         t = time.perf_counter()
         rescored = rescore_pairs(dist.broadcast_from_main(cand_ids), positive_ids, data.queries, data.corpus, cfg)
@@ -150,7 +158,8 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
         cands = Candidates(data.query_ids, data.queries, positive_ids, positive_scores, cand_ids, cand_scores,
                            candidate_sources=sources)
         if rescored is not None:
-            cands = apply_rescore(cands, *rescored)
+            new_cand, new_pos, score_kind = rescored
+            cands = apply_rescore(cands, new_cand, new_pos)
 
     # filter: every process a range of queries; the whole corpus memory-mapped (pad_random reads the rows it draws)
     t = time.perf_counter()
@@ -162,7 +171,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     filter_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    write_candidates(out_dir, cands, data)
+    write_candidates(out_dir, cands, data, score_kind)
     phases["write_candidates"] = time.perf_counter() - t
     write_json(out_dir / "embeddings.json", {"dim": dim, "passages": corpus_emb.files,
                                              "queries": query_emb_s.files})
@@ -180,7 +189,7 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
                    "seconds": result.seconds, "queries_per_second": len(query_emb) / max(result.seconds, 1e-9),
                    **({"lexical": lexical_stats} if lexical_stats else {})},
     })
-    write_filter_outputs(out_dir, cfg, outcome, phases, started=started)
+    write_filter_outputs(out_dir, cfg, outcome, phases, started=started, score_kind=score_kind)
     return outcome.stats
 
 
@@ -203,10 +212,11 @@ def choose_by_query_range(cands: Candidates | None, n_queries: int, groups: np.n
 
 
 def rescore_pairs(ids: np.ndarray, positive_ids: list[np.ndarray], queries: list[str], corpus: list[str],
-                  cfg: MineConfig) -> tuple[np.ndarray, list[np.ndarray]] | None:
+                  cfg: MineConfig) -> tuple[np.ndarray, list[np.ndarray], str] | None:
     """CrossEncoder scores of every (query, candidate) and (query, positive) pair, each process taking one
     contiguous range of queries (collective); on the main process (candidate scores -inf padded, positive
-    scores per query), None on the others."""
+    scores per query, and their kind: logits, or their sigmoid, see :func:`cross_encoder_score_kind`), None on
+    the others."""
     ce = load_cross_encoder(cfg.rescore.model, device=cfg.teacher.device, max_length=cfg.rescore.max_length)
     mine = slice_of(len(queries), dist.rank(), dist.world_size())
     pairs: list[tuple[str, str]] = []
@@ -226,7 +236,7 @@ def rescore_pairs(ids: np.ndarray, positive_ids: list[np.ndarray], queries: list
     parts = dist.gather_to_main((cand, pos_scores))
     if parts is None:
         return None
-    return np.concatenate([c for c, _ in parts]), [p for _, ps in parts for p in ps]
+    return np.concatenate([c for c, _ in parts]), [p for _, ps in parts for p in ps], cross_encoder_score_kind(ce)
 
 
 def apply_rescore(cands: Candidates, new_cand: np.ndarray, new_pos: list[np.ndarray]) -> Candidates:

@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from koret.candidates import read_candidates, teacher_score_fn, write_filter_outputs
+from koret.candidates import (
+    TEACHER_COSINE,
+    read_candidates,
+    read_score_kind,
+    teacher_score_fn,
+    write_filter_outputs,
+)
 from koret.errors import KoretError
 from koret.filter import FilterSettings, apply_filter
 from koret.io import read_record
@@ -40,6 +46,10 @@ def refilter(cfg: Any) -> dict[str, Any]:
     previous = read_record(source.parent / "stats.json")  # what the candidates came from
     if previous:
         outcome.stats.update({k: previous[k] for k in ("data", "teacher", "search") if k in previous})
+    # the kind of the scores is the candidates': recorded there, else teacher cosines when not rescored, else what
+    # the stats.json beside them says (None, unknown, for rescored candidates written before koret recorded it)
+    score_kind = read_score_kind(source) or (TEACHER_COSINE if not cands.rescored else
+                                             (previous or {}).get("score_kind"))
     write_filter_outputs(Path(cfg.output.dir), cfg, outcome, phases={"filter": outcome.stats["seconds"]},
-                         started=started)
+                         started=started, score_kind=score_kind)
     return outcome.stats

@@ -82,7 +82,11 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
     n_neg = len(columns) - 2
     if cfg.loss.distill is not None:
+        from koret.training.distill import score_kind_of, teacher_scale
+
         columns[LABEL] = _teacher_scores(scores, n_neg, d.train, len(columns["anchor"]))
+        # the scores' kind and the teacher's temperature, checked before any model loads (build_loss uses them)
+        teacher_scale(cfg.loss.distill, score_kind_of(d.train), loss_temperature(cfg.loss), d.train)
     return TrainData(Dataset.from_dict(columns), n_neg, d.train, _mined_config(path))
 
 
@@ -363,10 +367,17 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
                                                          mini_batch_size=lc.mini_batch_size,
                                                          gather_across_devices=lc.gather_across_devices)
     if lc.distill is not None:
-        from koret.training.distill import build_distill_loss, combined_loss_class
+        from koret.training.distill import (
+            build_distill_loss,
+            combined_loss_class,
+            score_kind_of,
+            teacher_scale,
+        )
 
-        distill, factor = build_distill_loss(lc.distill, student, temperature)
-        return combined_loss_class()(student, loss, distill, factor)
+        # the teacher on its own scale: by the kind of scores data.train records (teacher cosines if none)
+        scale = teacher_scale(lc.distill, score_kind_of(cfg.data.train), temperature, cfg.data.train)
+        distill, factor, targets = build_distill_loss(lc.distill, student, scale)
+        return combined_loss_class()(student, loss, distill, factor, targets)
     if lc.matryoshka_dims:
         dim = student.get_embedding_dimension()
         too_big = [d for d in lc.matryoshka_dims if d > dim or d < 1]

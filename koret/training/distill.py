@@ -16,11 +16,42 @@ The distillation term is sentence-transformers' own loss:
 - ``margin_mse``: MarginMSELoss, the squared error between the student's and the teacher's
   ``score(positive) - score(negative_i)``.
 
-Both compare scores divided by ``temperature``, by default the contrastive loss's own (GIST 0.01, MNRL 0.05):
-the distillation term then reads the student's scores on the scale the contrastive loss reads them, and a
-``weight`` of 1 means comparable magnitudes. (Teacher cosines of 0.80-0.95 are near-uniform at temperature 1,
-and sentence-transformers' losses work at temperature 1 with Hinton's ``T^2`` factor; koret divides their value
-by ``T^2``, which gives exactly the KL, and the margin MSE, of the temperature-scaled scores.)
+Each side is read on its own scale: the student's cosines divided by ``temperature`` (by default the
+contrastive loss's own, GIST 0.01, MNRL 0.05, so the term reads the student as the contrastive loss does), the
+teacher's scores divided by ``teacher_temperature``, whose default follows what the scores are. koret mine
+records that (``score_kind`` in stats.json and in train.parquet's metadata, :data:`koret.candidates.SCORE_KINDS`):
+
++-----------------------+--------------------------------------------+--------------------------------------+
+| score_kind            | the scores                                 | default teacher_temperature          |
++=======================+============================================+======================================+
+| teacher_cosine        | the mining teacher's cosines               | ``temperature`` (the student's)      |
++-----------------------+--------------------------------------------+--------------------------------------+
+| cross_encoder_logits  | ``rescore.model``'s logits                 | 1.0                                  |
++-----------------------+--------------------------------------------+--------------------------------------+
+| cross_encoder_sigmoid | their sigmoid, read back as logits         | 1.0                                  |
+|                       | (``log p/(1-p)``, p clipped to float32's   |                                      |
+|                       | open (0, 1): at most 16.6 in size)         |                                      |
++-----------------------+--------------------------------------------+--------------------------------------+
+| cross_encoder_other   | another activation's output                | none: ``teacher_temperature`` needed |
++-----------------------+--------------------------------------------+--------------------------------------+
+
+A file with no recorded kind (mined before koret recorded it, or written by hand) is read as teacher cosines,
+koret's behaviour before the kind was recorded. Cosines of 0.80-0.95 are near-uniform at temperature 1, so a
+cosine teacher shares the student's temperature; a cross-encoder's logits (spread over ~10 units) are its
+softmax's own input: divided by 0.01 they would make one-hot targets (the "how much" lost, float32 underflow),
+and their margins / 0.01 (500-1,000) would face student margins of at most 2 / 0.01 = 200: a term that cannot be
+fitted and drowns the contrastive loss.
+
+``margin_mse`` compares the same scaled scores as ``kl``: ``student margin / temperature`` with ``teacher margin
+/ teacher_temperature`` (a logit margin of 10 asks for a cosine margin of 10 x 0.05 = 0.5 under MNRL). With a
+cosine teacher and the defaults this is the squared error of the raw margins / ``temperature^2``, as before.
+
+sentence-transformers' losses carry Hinton's ``T^2`` factor (the student temperature's, for the KL); koret
+divides their value by ``temperature^2``, which gives exactly the KL, and the margin MSE, of the scaled scores:
+``weight`` 1 then weighs a term of a few units at the start of training: a KL of at most about log(1 + N) while
+the student is near uniform (0.2x the MNRL term in a test on logits spread over ~10 units); for margin_mse the
+teacher's mean squared scaled margin, about 40 on those logits (9x the MNRL term: a lower ``weight``, or a
+larger ``teacher_temperature``, balances it).
 
 :class:`ContrastivePlusDistillation` returns ``{"contrastive": c, "distill": weight x d}``; the trainer sums the
 parts and logs each. With MultipleNegativesRankingLoss the student encodes the batch once for both terms
@@ -38,24 +69,109 @@ Inputs:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from koret.candidates import (
+    CROSS_ENCODER_LOGITS,
+    CROSS_ENCODER_SIGMOID,
+    SCORE_KINDS,
+    TEACHER_COSINE,
+    read_score_kind,
+)
 from koret.errors import KoretError
 
+# the teacher's temperature by score kind; teacher_cosine: the student's (see the module table)
+DEFAULT_TEACHER_TEMPERATURE = {CROSS_ENCODER_LOGITS: 1.0, CROSS_ENCODER_SIGMOID: 1.0}
 
-def build_distill_loss(dc: Any, student: Any, temperature: float) -> tuple[Any, float]:
+
+def score_kind_of(train: str | None) -> str:
+    """What ``data.train``'s ``scores`` are: the kind recorded in its parquet metadata; teacher cosines when it
+    records none (a file mined before koret recorded the kind, a hand-made or non-parquet file): koret's reading
+    of every file before the kind was recorded."""
+    from koret.data import split_source
+
+    if not train:
+        return TEACHER_COSINE
+    path, selection = split_source(train)
+    return (read_score_kind(path) if selection is None else None) or TEACHER_COSINE
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherScale:
+    """The scales the distillation term reads: the student's cosines / ``student_temperature``, the teacher's
+    scores (of ``kind``) / ``teacher_temperature``."""
+
+    kind: str
+    student_temperature: float
+    teacher_temperature: float
+
+    def __str__(self) -> str:
+        return (f"teacher scores: {self.kind} / {self.teacher_temperature:g}, "
+                f"student cosines / {self.student_temperature:g}")
+
+
+def teacher_scale(dc: Any, kind: str, contrastive_temperature: float, source: str | None) -> TeacherScale:
+    """``loss.distill``'s temperatures for teacher scores of ``kind`` (module table); one clear error when the
+    kind has no default and ``teacher_temperature`` is not set."""
+    student = float(dc.temperature if dc.temperature is not None else contrastive_temperature)
+    if dc.teacher_temperature is not None:
+        teacher = float(dc.teacher_temperature)
+    elif kind == TEACHER_COSINE:
+        teacher = student
+    elif kind in DEFAULT_TEACHER_TEMPERATURE:
+        teacher = DEFAULT_TEACHER_TEMPERATURE[kind]
+    else:
+        what = "another activation's output" if kind in SCORE_KINDS else "of a kind koret does not know"
+        raise KoretError(f"loss.distill.teacher_temperature: required: data.train {source}'s scores are {kind!r} "
+                         f"({what}), which has no default scale",
+                         "set loss.distill.teacher_temperature so that score differences / it are a few units")
+    return TeacherScale(kind, student, teacher)
+
+
+def teacher_logits(scores: Any, kind: str) -> Any:
+    """The teacher's scores as its softmax reads them: ``cross_encoder_sigmoid`` scores back to logits
+    (``log p - log(1 - p)``, p clipped to float32's open (0, 1), so at most 16.6 in size), others unchanged."""
+    import torch
+
+    if kind != CROSS_ENCODER_SIGMOID:
+        return scores
+    return torch.logit(scores, eps=2.0**-24)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTargets:
+    """Maps a batch's stored teacher scores to the labels the library loss compares with the student's cosines:
+    logits (:func:`teacher_logits`); for margin_mse, also rescaled by ``scale`` = student / teacher temperature
+    (MarginMSELoss has no temperatures: raw cosine margins are compared with teacher margins x scale)."""
+
+    kind: str
+    scale: float = 1.0
+
+    def __call__(self, labels: Any) -> Any:
+        logits = teacher_logits(labels, self.kind)
+        return logits if self.scale == 1.0 else logits * self.scale
+
+
+def build_distill_loss(dc: Any, student: Any, scale: TeacherScale) -> tuple[Any, float, TeacherTargets]:
     """sentence-transformers' DistillKLDivLoss or MarginMSELoss, scoring the student by cosine similarity (the
-    similarity the teacher's stored scores use), and the factor that turns its value into ``weight`` x the
-    divergence of the temperature-scaled scores."""
+    similarity the student is trained on), the factor that turns its value into ``weight`` x the divergence
+    of the scaled scores, and the map from stored teacher scores to the labels the loss reads."""
     from sentence_transformers.sentence_transformer import losses
     from sentence_transformers.util import pairwise_cos_sim
 
-    t = dc.temperature if dc.temperature is not None else temperature
-    if dc.name == "kl":  # its value is KL(teacher/t || student/t) x t^2
-        return losses.DistillKLDivLoss(student, similarity_fct=pairwise_cos_sim, temperature=t), dc.weight / t**2
-    # MSE of margins / t = MSE of raw margins / t^2
-    return losses.MarginMSELoss(student, similarity_fct=pairwise_cos_sim), dc.weight / t**2
+    from koret.report import info
+
+    info(f"loss.distill: {dc.name}, {scale}")
+    t = scale.student_temperature
+    if dc.name == "kl":  # its value is KL(softmax(teacher / t_teacher) || softmax(student / t)) x t^2
+        loss = losses.DistillKLDivLoss(student, similarity_fct=pairwise_cos_sim, temperature=t,
+                                       teacher_temperature=scale.teacher_temperature)
+        return loss, dc.weight / t**2, TeacherTargets(scale.kind)
+    # MSE(student margin - teacher margin x t / t_teacher) / t^2 = MSE(student margin / t - teacher margin / t_teacher)
+    return (losses.MarginMSELoss(student, similarity_fct=pairwise_cos_sim), dc.weight / t**2,
+            TeacherTargets(scale.kind, t / scale.teacher_temperature))
 
 
 def combined_loss_class() -> type:
@@ -70,14 +186,18 @@ def combined_loss_class() -> type:
             contrastive: a sentence-transformers contrastive loss (MNRL, GIST, their cached variants) or None.
             distill: DistillKLDivLoss or MarginMSELoss.
             weight: the factor of the distillation term (``loss.distill.weight / temperature^2``).
+            targets: the batch's stored teacher scores -> the labels ``distill`` reads (:class:`TeacherTargets`);
+                the contrastive loss gets the stored scores (the losses koret builds ignore them).
         """
 
-        def __init__(self, model: Any, contrastive: Any | None, distill: Any, weight: float) -> None:
+        def __init__(self, model: Any, contrastive: Any | None, distill: Any, weight: float,
+                     targets: Any = None) -> None:
             super().__init__()
             self.model = model
             self.contrastive = contrastive
             self.distill = distill
             self.weight = weight
+            self.targets = targets if targets is not None else TeacherTargets(TEACHER_COSINE)
             # MNRL can score precomputed embeddings, so both terms share one forward pass
             self.shares_embeddings = type(contrastive) is losses.MultipleNegativesRankingLoss
 
@@ -86,16 +206,17 @@ def combined_loss_class() -> type:
                 raise KoretError("loss.distill: the batch has no teacher scores")
             features = list(sentence_features)
             labels = labels.to(torch.float32)
+            targets = self.targets(labels)
             if self.contrastive is None:
-                return {"distill": self.weight * self.distill(features, labels)}
+                return {"distill": self.weight * self.distill(features, targets)}
             if self.shares_embeddings:
                 from sentence_transformers.base.losses.merged_forward import embed_columns
 
                 embeddings = embed_columns(self.model, features)
                 return {"contrastive": self.contrastive.compute_loss_from_embeddings(embeddings, labels),
-                        "distill": self.weight * self.distill.compute_loss_from_embeddings(embeddings, labels)}
+                        "distill": self.weight * self.distill.compute_loss_from_embeddings(embeddings, targets)}
             contrastive = self.contrastive([dict(f) for f in features], labels)
-            return {"contrastive": contrastive, "distill": self.weight * self.distill(features, labels)}
+            return {"contrastive": contrastive, "distill": self.weight * self.distill(features, targets)}
 
         @property
         def citation(self) -> str:
