@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path

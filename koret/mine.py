@@ -72,6 +72,9 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     settings.check()
     if not cfg.teacher.model:
         raise KoretError("teacher.model: required key is missing", "set a SentenceTransformer Hub id or folder")
+    if dist.world_size() > 1 and not cfg.cache_dir:  # checked before the corpus is encoded, not after
+        raise KoretError(f"cache_dir: not set, and the {dist.world_size()} processes of this run share the corpus "
+                         "and query embeddings through it", "set cache_dir to a folder every process sees")
     out_dir = Path(cfg.output.dir)
     phases: dict[str, float] = {}
     # fail fast on model references, before any data is read or encoded

@@ -4,10 +4,11 @@ Backends (``search.backend``):
 
 - ``faiss``: exact ``Flat`` search block by block with ``faiss.knn`` (no copy of the corpus into an index), or
   any ``index_factory`` string (``IVF4096,Flat``, ``HNSW32``, ``IVF1024,PQ32`` ...) trained on a sample of the
-  corpus. Where FAISS was built with GPU support the index is spread over all GPUs (``shard=True``).
-- ``torch``: chunked matmul + ``topk``, on CUDA when torch sees a GPU. This is the GPU path where FAISS
-  has no GPU support (faiss-cpu, or no faiss at all). ``search.precision`` picks the matmul precision
-  (``auto``: float16 on CUDA, float32 on CPU).
+  corpus. Where FAISS was built with GPU support a single process spreads the index over all GPUs
+  (``shard=True``); in a multi-process run each process puts its slice on its own GPU (:func:`process_gpu`).
+- ``torch``: chunked matmul + ``topk``, on CUDA when torch sees a GPU (in a multi-process run, the process's own
+  GPU). This is the GPU path where FAISS has no GPU support (faiss-cpu, or no faiss at all). ``search.precision``
+  picks the matmul precision (``auto``: float16 on CUDA, float32 on CPU).
 - ``auto``: FAISS on its GPUs; else torch on CUDA; else FAISS on CPU; else torch on CPU.
 
 Queries are searched in chunks of ``query_chunk_size`` and the corpus is visited shard by shard, each chunk
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from koret import dist
 from koret.errors import KoretError
 from koret.report import progress, warn
 
@@ -61,6 +63,15 @@ def faiss_gpus() -> int:
         return int(faiss.get_num_gpus()) if faiss is not None else 0
     except Exception:
         return 0
+
+
+def process_gpu(n_gpus: int) -> int | None:
+    """The one GPU this process searches on in a multi-process run: its ``LOCAL_RANK`` modulo the ``n_gpus`` it
+    sees; None in a single-process run, which may use every GPU. A process of a sharded search holds one slice of
+    the corpus: spread over all GPUs, N processes would put N contexts and N copies on every GPU."""
+    if dist.world_size() <= 1 or n_gpus <= 0:
+        return None
+    return dist.local_rank() % n_gpus
 
 
 def torch_cuda() -> bool:
@@ -139,9 +150,9 @@ def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 # Bound on |selection score - exact score| relative to |q| x max|x|, per selection precision: fp16 / bf16 round the
 # inputs to 11 / 8 significant bits (at most 2 x 2^-11 / 2 x 2^-8 on the product) and the output once more (2^-11 /
-# 2^-8), with a margin; accumulation is float32 (reduced-precision reductions are switched off during the search),
-# whose bound for a d-term dot product every precision adds (see _tolerance). A passage whose selection score is
-# below the k-th exact score by more than this cannot be in the top k.
+# 2^-8), with a margin; accumulation is float32 (reduced-precision reductions are switched off during the search:
+# fp32_accumulation), whose bound for a d-term dot product every precision adds (see _tolerance). A passage whose
+# selection score is below the k-th exact score by more than this cannot be in the top k.
 _TOLERANCE = {"float32": 0.0, "float16": 2.5e-3, "bfloat16": 1.5e-2}
 
 
@@ -157,17 +168,29 @@ def resolve_precision(precision: str, backend: str) -> str:
     return precision
 
 
-def _tolerance(precision: str, queries: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+def max_row_norm(blocks: list[np.ndarray]) -> float:
+    """The largest row norm of the corpus blocks, read 65,536 rows at a time: the scale of the selection error
+    bound. One read of the whole slice, so :func:`search` computes it once, not once per selection pass."""
+    return float(np.sqrt(max(np.max(np.einsum("ij,ij->i", *(np.asarray(b[a:a + 65_536], np.float32),) * 2))
+                             for b in blocks for a in range(0, len(b), 65_536))))
+
+
+def _tolerance(precision: str, queries: np.ndarray, max_norm: float) -> np.ndarray:
+    """Per query, the largest |selection score - exact score| over the corpus whose largest row norm is
+    ``max_norm`` (see _TOLERANCE)."""
     dim = queries.shape[1]
-    max_norm = float(np.sqrt(max(np.max(np.einsum("ij,ij->i", *(np.asarray(b[a:a + 65_536], np.float32),) * 2))
-                                 for b in blocks for a in range(0, len(b), 65_536))))
     q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries)).astype(np.float64)
     rel = _TOLERANCE[precision] + 4 * (dim + 2) * 2.0**-24
     return rel * q_norm * max_norm + 1e-30
 
 
+# float64 passage vectors exact_scores gathers in one step: sized to stay in cache (on 2 cores, 2-4 MiB was the
+# fastest; 64 rows of 100 x 1024, 52 MiB, about 1.5x slower, 64 MiB of pairs 2x slower)
+EXACT_CHUNK_BYTES = 4 * 2**20
+
+
 def exact_scores(queries: np.ndarray, corpus: Any, ids: np.ndarray, rows: np.ndarray | None = None,
-                 chunk: int = 64) -> np.ndarray:
+                 chunk: int | None = None) -> np.ndarray:
     """The one score koret stores and ranks by: float32 inner products of ``queries[r]`` with ``corpus[ids[r, j]]``.
 
     Products and sums are taken in float64 and rounded once to float32, so the value does not depend on the
@@ -175,22 +198,40 @@ def exact_scores(queries: np.ndarray, corpus: Any, ids: np.ndarray, rows: np.nda
     get identical scores. ``corpus`` is an :class:`~koret.encode.Embeddings` (or anything with ``take``); ids < 0
     (padding) score -inf. ``rows[r]`` is the query of row ``r`` of ``ids`` (default: ``r``); ``ids`` may be 1-D
     (one passage per row).
+
+    A 1-D list of pairs (the positives', the lexical candidates': tens of millions) is visited in passage order,
+    ``chunk`` pairs at a time, so a step gathers neighbouring rows of one shard, not random rows of every shard
+    (a step used to be 64 pairs in list order). A 2-D ``ids`` is visited ``chunk`` rows at a time. By default a
+    step gathers ``EXACT_CHUNK_BYTES`` of float64 vectors (512 of 1024 dimensions). A pair's score is the same
+    float64 matmul of its own rows whatever the step and the order, so neither changes a bit.
     """
-    one_d = ids.ndim == 1
-    ids2 = ids[:, None] if one_d else ids
-    rows = np.arange(len(ids2)) if rows is None else np.asarray(rows, dtype=np.int64)
-    out = np.full(ids2.shape, -np.inf, dtype=np.float32)
-    for start in range(0, len(ids2), chunk):
-        block = ids2[start:start + chunk]
+    dim = queries.shape[1]
+    if ids.ndim == 1:
+        rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+        step = chunk or max(1, EXACT_CHUNK_BYTES // (8 * max(1, dim)))
+        out = np.full(len(ids), -np.inf, dtype=np.float32)
+        order = np.argsort(ids)
+        order = order[np.count_nonzero(ids < 0):]  # padding sorts first and stays -inf
+        for start in range(0, len(order), step):
+            sel = order[start:start + step]
+            vecs = corpus.take(ids[sel]).astype(np.float64).reshape(len(sel), 1, dim)
+            q = np.asarray(queries[rows[sel]], dtype=np.float64).reshape(len(sel), dim, 1)
+            out[sel] = np.matmul(vecs, q)[:, 0, 0].astype(np.float32)
+        return out
+    rows = np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)
+    step = chunk or max(1, EXACT_CHUNK_BYTES // (8 * max(1, ids.shape[1]) * max(1, dim)))
+    out = np.full(ids.shape, -np.inf, dtype=np.float32)
+    for start in range(0, len(ids), step):
+        block = ids[start:start + step]
         valid = block >= 0
         if not valid.any():
             continue
         vecs = corpus.take(np.where(valid, block, 0).reshape(-1)).astype(np.float64)
         vecs = vecs.reshape(block.shape[0], block.shape[1], -1)
-        q = np.asarray(queries[rows[start:start + chunk]], dtype=np.float64)
+        q = np.asarray(queries[rows[start:start + step]], dtype=np.float64)
         s = np.matmul(vecs, q[:, :, None])[:, :, 0].astype(np.float32)
-        out[start:start + chunk] = np.where(valid, s, -np.inf)
-    return out[:, 0] if one_d else out
+        out[start:start + step] = np.where(valid, s, -np.inf)
+    return out
 
 
 def search(
@@ -253,13 +294,16 @@ def search(
         pending = np.arange(len(queries))
         k_fetch = min(n_corpus, k_eff + (8 if prec == "float32" else max(32, k_eff)))
         p, desc = prec, description
+        max_norm: float | None = None  # read once per search (one slice per process), only if a bound is needed
         while len(pending):
             approx, found = select(queries[pending], k_fetch, p, desc)
             s, i = _sorted(exact_scores(queries, emb, found, rows=pending), found, k_fetch)
             if k_fetch >= n_corpus:
                 done = np.ones(len(pending), dtype=bool)
             else:  # a passage left out scores (in selection) at most the lowest fetched one
-                bound = _tolerance(p, queries[pending], blocks)
+                if max_norm is None:
+                    max_norm = max_row_norm(blocks)
+                bound = _tolerance(p, queries[pending], max_norm)
                 done = approx[:, -1].astype(np.float64) + bound < s[:, k_eff - 1]
             scores[pending[done]], ids[pending[done]] = s[done, :k_eff], i[done, :k_eff]
             pending = pending[~done]
@@ -309,7 +353,10 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
     """Candidate selection by chunked matmul + topk in ``precision`` (scores are rescored exactly afterwards)."""
     import torch
 
-    device = torch.device("cuda" if chosen == "torch-cuda" else "cpu")
+    device = torch.device("cpu")
+    if chosen == "torch-cuda":
+        gpu = process_gpu(torch.cuda.device_count())
+        device = torch.device("cuda") if gpu is None else torch.device("cuda", gpu)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[precision]
     # Corpus blocks stay resident on the GPU when they fit, else they are streamed per query chunk.
     resident: list[torch.Tensor] | None = None
@@ -321,11 +368,7 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
     n = len(queries)
     out_s = np.empty((n, k), dtype=np.float32)
     out_i = np.empty((n, k), dtype=np.int64)
-    reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-    with progress() as bar, torch.inference_mode(), contextlib.ExitStack() as undo:
-        # float32 accumulation for float16 matmuls, so the selection error stays within _TOLERANCE
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-        undo.callback(setattr, torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", reduced)
+    with progress() as bar, torch.inference_mode(), fp32_accumulation():
         task = bar.add_task(description, total=n * len(blocks), unit="queries")
         # a streamed corpus is uploaded once per group of up to QUERY_GROUP queries, not once per query chunk
         group = n if resident is not None else max(chunk, QUERY_GROUP)
@@ -350,6 +393,24 @@ def _exact_torch(queries: np.ndarray, blocks: list[np.ndarray], k: int, chunk: i
             out_s[g0:g1] = best_s.cpu().numpy()
             out_i[g0:g1] = best_i.cpu().numpy()
     return out_s, out_i
+
+
+@contextlib.contextmanager
+def fp32_accumulation() -> Iterator[None]:
+    """Inside, CUDA float16 and bfloat16 matmuls accumulate in float32: torch's reduced-precision reductions for
+    both are switched off (on by default; restored on exit), so the selection error stays within _TOLERANCE."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    before = {name: getattr(matmul, name) for name in names}
+    try:
+        for name in names:
+            setattr(matmul, name, False)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(matmul, name, value)
 
 
 def _upload(block: np.ndarray, device: Any, dtype: Any) -> Any:
@@ -383,10 +444,16 @@ def _faiss_index(queries: np.ndarray, blocks: list[np.ndarray], k: int, spec: st
         except RuntimeError as exc:
             raise KoretError(f"search.index: training {spec!r} on {len(sample):,} vectors failed "
                              f"({str(exc).splitlines()[0]})", "use fewer IVF cells or a Flat index") from exc
+    resources = None  # the GPU resources of a single-GPU index, alive as long as the index
     if gpu:
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = True
-        index = faiss.index_cpu_to_all_gpus(index, co=co)
+        device = process_gpu(faiss_gpus())
+        if device is None:  # one process: the index sharded over every GPU
+            co = faiss.GpuMultipleClonerOptions()
+            co.shard = True
+            index = faiss.index_cpu_to_all_gpus(index, co=co)
+        else:  # one process per GPU: this process's slice on its own GPU
+            resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(resources, device, index)
     for block in blocks:
         index.add(np.ascontiguousarray(block, dtype=np.float32))
     if nprobe is not None:
@@ -404,4 +471,5 @@ def _faiss_index(queries: np.ndarray, blocks: list[np.ndarray], k: int, spec: st
             out_s[start:start + len(d)] = np.where(i >= 0, d, -np.inf)
             out_i[start:start + len(d)] = i
             bar.update(task, advance=len(d))
+    del index, resources  # the index before the resources it runs on
     return out_s, out_i

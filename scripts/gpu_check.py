@@ -8,8 +8,12 @@ Measures, on one GPU (models built from configs with random weights; nothing is 
 2. koret's torch exact search (the path used where FAISS has no GPU) of one process's slice as ``koret mine``
    holds it: 1M x 1024 passages stored in float16, 10k queries, top-100, and the slice's upload rate (the inputs
    of the README's scale-out projection, ``scripts/projection.py``);
-3. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16;
-4. ``accelerate launch --num_processes 1 -m koret run`` over a small config (mine, train, eval) with an
+3. the sharded search as ``koret mine --num-processes 2`` runs it (``koret.sharded_search``, two processes under
+   torchrun, each holding half of a 400k x 1024 corpus): ``search.backend: auto`` (FAISS on the process's own GPU
+   where faiss-gpu is installed, else torch on CUDA in float16) and torch with bfloat16 selection, each equal to a
+   float64 brute force, and each process's torch allocations on its own GPU only (``LOCAL_RANK`` modulo the GPUs);
+4. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16;
+5. ``accelerate launch --num_processes 1 -m koret run`` over a small config (mine, train, eval) with an
    e5-small-shaped student and teacher (384 hidden, 12 layers), checking that every teacher score stored in
    ``candidates.parquet`` is the exact float32 score recomputed from the cached embeddings.
 
@@ -43,11 +47,12 @@ SIZES = {
     "full": {"encoders": {"bert-base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
                           "xlmr-large": dict(hidden=1024, layers=24, heads=16, intermediate=4096)},
              "seq": 512, "texts": 4096, "batch": 128, "passages": 1_000_000, "dim": 1024, "queries": 10_000,
-             "top_k": 100, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128,
+             "top_k": 100, "sharded_passages": 400_000, "sharded_queries": 4000, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128,
              "run_model": dict(hidden=384, layers=12, heads=12, intermediate=1536), "run_entities": 600,
              "run_batch": 64},
     "smoke": {"encoders": {"bert-base": dict(hidden=64, layers=2, heads=2, intermediate=128)},
               "seq": 32, "texts": 64, "batch": 16, "passages": 5000, "dim": 32, "queries": 200, "top_k": 10,
+              "sharded_passages": 3000, "sharded_queries": 100,
               "train_batch": 16, "mini_batch": 8, "train_steps": 2, "train_seq": 32,
               "run_model": dict(hidden=32, layers=2, heads=2, intermediate=64), "run_entities": 40, "run_batch": 16},
 }
@@ -153,6 +158,102 @@ def bench_search(size: dict, device: str) -> dict:
             "rechecked_rows": res.rechecked, "passages": size["passages"], "dim": size["dim"],
             "pairs_per_s": size["queries"] * size["passages"] / seconds,
             "upload_gb_per_s": sum(b.nbytes for b in blocks) / upload_s / 1e9}
+
+
+SHARDED_WORKER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+import torch
+from koret import dist
+from koret.encode import Embeddings, slice_of
+from koret.report import set_quiet
+from koret.sharded_search import search_slices
+
+set_quiet(True)
+root, k = Path(sys.argv[1]), int(sys.argv[2])
+if torch.cuda.is_available() and torch.cuda.device_count() < dist.world_size():
+    import torch.distributed as td  # NCCL cannot put two ranks on one GPU: gloo carries the lists, the GPU searches
+    td.init_process_group("gloo")
+files = sorted(root.glob("shard-*.npy"))
+mine = slice_of(len(files), dist.rank(), dist.world_size())
+local = Embeddings([np.load(files[i], mmap_mode="r") for i in mine],
+                   start=sum(len(np.load(f, mmap_mode="r")) for f in files[:mine.start]))
+n = sum(len(np.load(f, mmap_mode="r")) for f in files)
+queries = np.load(root / "queries.npy")
+report = {}
+dist.barrier()  # the process group starts here, outside the timings
+for name, kwargs in (("auto", {}), ("bfloat16", {"backend": "torch", "precision": "bfloat16"})):
+    t0 = time.perf_counter()
+    res = search_slices(queries, local, n, k, **kwargs)
+    seconds = time.perf_counter() - t0
+    used = [d for d in range(torch.cuda.device_count()) if torch.cuda.max_memory_allocated(d) > 0]
+    placement = dist.gather_to_main({"local_rank": dist.local_rank(), "gpus": torch.cuda.device_count(),
+                                     "torch_gpus_used": used})
+    if dist.is_main():
+        np.savez(root / f"out-{name}.npz", ids=res.ids, scores=res.scores)
+        report[name] = {"backend": res.backend, "seconds": seconds, "rechecked": res.rechecked,
+                        "processes": placement}
+if dist.is_main():
+    (root / "report.json").write_text(json.dumps(report))
+"""
+
+
+def check_sharded_search(size: dict, workdir: Path) -> dict:
+    """``koret.sharded_search`` on two processes (torchrun), as ``koret mine --num-processes 2`` searches: each
+    process holds half of the corpus shards. Runs ``backend: auto`` and torch with bfloat16 selection; checks ids
+    against a float64 brute force (ties by passage index) and scores against :func:`koret.search.exact_scores` on
+    up to 50 queries, and that each process's torch allocations are on its own GPU (``LOCAL_RANK`` modulo the
+    GPUs; torch's allocator only, so a faiss-gpu search shows none)."""
+    import subprocess
+
+    from koret.dist import _free_port
+    from koret.encode import Embeddings
+    from koret.search import exact_scores
+
+    root = workdir / "sharded"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    n, dim, k = size["sharded_passages"], size["dim"], size["top_k"]
+    shard = max(1, n // 8)
+    corpus = []
+    for i, start in enumerate(range(0, n, shard)):
+        x = rng.standard_normal((min(shard, n - start), dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.save(root / f"shard-{i:03d}.npy", x)
+        corpus.append(x)
+    q = rng.standard_normal((size["sharded_queries"], dim), dtype=np.float32)
+    queries = q / np.linalg.norm(q, axis=1, keepdims=True)
+    np.save(root / "queries.npy", queries)
+    (root / "worker.py").write_text(SHARDED_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(root / "worker.py"), str(root), str(k)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"2-process search exited {proc.returncode}: {' | '.join(proc.stderr.splitlines()[-8:])}")
+    report = json.loads((root / "report.json").read_text())
+    full = np.concatenate(corpus)
+    m = min(50, len(queries))
+    ref = (queries[:m].astype(np.float64) @ full.T.astype(np.float64)).astype(np.float32)
+    ref_ids = np.lexsort((np.broadcast_to(np.arange(len(full)), ref.shape), -ref), axis=1)[:, :k]
+    exact = {}
+    for name in report:
+        got = np.load(root / f"out-{name}.npz")
+        exact[name] = (bool(np.array_equal(got["ids"][:m], ref_ids)),
+                       bool(np.array_equal(got["scores"][:m], exact_scores(queries, Embeddings(corpus),
+                                                                             got["ids"][:m]))))
+    own = [p["torch_gpus_used"] == [p["local_rank"] % p["gpus"]] for r in report.values() if "torch" in r["backend"]
+           for p in r["processes"]] if torch.cuda.is_available() else []
+    auto, bf16 = report["auto"], report["bfloat16"]
+    return {"check": f"2-process search {n:,} x {dim} top-{k}: auto ({auto['backend']}) and torch bfloat16",
+            "queries_per_s": len(queries) / auto["seconds"], "bf16_queries_per_s": len(queries) / bf16["seconds"],
+            "seconds": seconds, "ids_equal_fp64": all(i for i, _ in exact.values()),
+            "scores_exact": all(sc for _, sc in exact.values()), "exact_by_variant": exact,
+            "rechecked_rows": {name: r["rechecked"] for name, r in report.items()},
+            "own_gpu": all(own) if own else None, "placement": {name: r["processes"] for name, r in report.items()}}
 
 
 def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:
@@ -262,7 +363,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for step in (lambda: bench_encode(size, work, device, dtype), lambda: [bench_search(size, device)],
-                     lambda: [bench_train(size, work, bf16=cuda)], lambda: [check_run(size, work)]):
+                     lambda: [check_sharded_search(size, work)], lambda: [bench_train(size, work, bf16=cuda)],
+                     lambda: [check_run(size, work)]):
             try:
                 results["checks"].extend(step())
             except Exception as exc:  # report and go on: one failing check must not hide the others
@@ -291,6 +393,10 @@ def main() -> int:
                or c.get("ids_equal_fp64") is False or c.get("stored_scores_exact_fp32") is False]
     for name in inexact:
         print(f"NOT EXACT: {name}")
+    misplaced = [c["check"] for c in results["checks"] if c.get("own_gpu") is False]
+    for name in misplaced:
+        print(f"NOT ON ITS OWN GPU: {name}")
+    inexact += misplaced
     return 1 if inexact or any(c["check"] == "error" for c in results["checks"]) else 0
 
 

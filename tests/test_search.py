@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -169,3 +171,177 @@ def test_near_ties_beyond_the_fetch_are_rechecked():
     res = search(q, [c[i:i + 7] for i in range(0, 100, 7)], 10, backend="faiss")
     assert res.ids[0].tolist() == list(range(0, 20, 2))
     assert res.rechecked >= 0
+
+
+# ------------------------------------------------------------------------- GPU placement, precision flags, cost
+
+
+class _FakeFaissGpus:
+    """faiss with ``n`` fake GPUs: every GPU call is recorded and the index stays on the CPU (so the search runs)."""
+
+    def __init__(self, monkeypatch, n: int) -> None:
+        import types
+
+        import faiss
+
+        self.calls: list[tuple[str, object]] = []
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: n)
+        monkeypatch.setattr(faiss, "StandardGpuResources", lambda: self.calls.append(("StandardGpuResources", None))
+                            or "resources", raising=False)
+        monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", types.SimpleNamespace, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", self.to_gpu, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", self.to_all_gpus, raising=False)
+
+    def to_gpu(self, resources, device, index):
+        assert resources == "resources"
+        self.calls.append(("index_cpu_to_gpu", device))
+        return index
+
+    def to_all_gpus(self, index, co=None, ngpu=-1):
+        self.calls.append(("index_cpu_to_all_gpus", "shard" if co is not None and co.shard else "replicas"))
+        return index
+
+
+@pytest.mark.parametrize("world,local_rank,gpus,index,expected", [
+    ("2", "1", 4, "Flat", [("StandardGpuResources", None), ("index_cpu_to_gpu", 1)]),
+    ("16", "5", 8, "IVF4,Flat", [("StandardGpuResources", None), ("index_cpu_to_gpu", 5)]),  # 2 machines x 8
+    ("3", "2", 2, "Flat", [("StandardGpuResources", None), ("index_cpu_to_gpu", 0)]),  # more processes than GPUs
+    ("1", "0", 4, "Flat", [("index_cpu_to_all_gpus", "shard")]),  # one process: every GPU
+    ("solo", "0", 4, "Flat", [("index_cpu_to_all_gpus", "shard")]),  # a single-process stage of a launched run
+])
+def test_faiss_gpu_index_of_a_launched_process_goes_to_its_own_gpu(vectors, monkeypatch, world, local_rank, gpus,
+                                                                   index, expected):
+    """Each process of a multi-process run puts its slice on GPU LOCAL_RANK (modulo the GPUs it sees), not on
+    every GPU; a single process spreads the index over all of them."""
+    from koret import dist
+
+    q, c = vectors
+    fake = _FakeFaissGpus(monkeypatch, gpus)
+    monkeypatch.setenv("WORLD_SIZE", "2" if world == "solo" else world)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with dist.single_process() if world == "solo" else contextlib.nullcontext():
+        res = search(q, [c[:400], c[400:]], 10, backend="faiss", index=index, nprobe=4, train_sample=1000)
+    assert res.backend == "faiss-gpu"
+    passes = len(fake.calls) // len(expected)
+    assert passes >= 1 and fake.calls == expected * passes, fake.calls  # every selection pass places it alike
+    if index == "Flat":
+        np.testing.assert_array_equal(res.ids, _reference_topk(q, c, 10)[1])
+
+
+def test_process_gpu_is_the_local_rank_in_a_multi_process_run_only(monkeypatch):
+    from koret import dist
+    from koret.search import process_gpu
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert [process_gpu(n) for n in (8, 4, 0)] == [6, 2, None]
+    with dist.single_process():
+        assert process_gpu(8) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert process_gpu(8) is None
+
+
+def test_low_precision_selection_accumulates_in_float32_and_restores_the_flags(vectors, monkeypatch):
+    """While torch selects candidates, neither fp16 nor bf16 matmuls may use reduced-precision reductions (the
+    error bound assumes float32 accumulation); the caller's settings come back afterwards."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    before = {name: getattr(matmul, name) for name in names}  # torch's flags: monkeypatch cannot restore them
+    seen: list[tuple[bool, bool]] = []
+    real_topk = torch.topk
+
+    def topk(*args, **kwargs):
+        seen.append(tuple(getattr(matmul, name) for name in names))
+        return real_topk(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", topk)
+    q, c = vectors
+    try:
+        for name in names:
+            setattr(matmul, name, True)
+        res = search(q, [c], 10, backend="torch", precision="bfloat16")
+        assert res.precision == "bfloat16" and seen and set(seen) == {(False, False)}
+        assert all(getattr(matmul, name) for name in names)
+
+        from koret.search import fp32_accumulation
+
+        with pytest.raises(RuntimeError), fp32_accumulation():
+            raise RuntimeError("a failure inside the search")
+        assert all(getattr(matmul, name) for name in names)
+    finally:
+        for name, value in before.items():
+            setattr(matmul, name, value)
+
+
+class _RowCounting(np.ndarray):
+    """A corpus block counting the rows read through slices of it (how the norm of a slice is read)."""
+
+    rows_read = 0
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            _RowCounting.rows_read += len(range(start, stop, step))
+        return super().__getitem__(key)
+
+
+def test_the_norm_bound_reads_the_corpus_once_however_many_selection_passes(monkeypatch):
+    # the near-tie case below needs several passes (k + 8, then 2x, 4x candidates): each used to read every row
+    monkeypatch.setattr(_RowCounting, "rows_read", 0)
+    c = np.zeros((100, 4), np.float32)
+    c[:, 1] = 1.0
+    c[::2, 0] = 0.5
+    q = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    blocks = [c[i:i + 7].view(_RowCounting) for i in range(0, 100, 7)]
+    res = search(q, blocks, 10, backend="faiss")
+    assert res.ids[0].tolist() == list(range(0, 20, 2)) and res.rechecked >= 1
+    assert _RowCounting.rows_read == 100
+
+
+class _TakeCounting:
+    """An Embeddings that records every gather."""
+
+    def __init__(self, shards):
+        from koret.encode import Embeddings
+
+        self.emb = Embeddings(shards)
+        self.takes: list[np.ndarray] = []
+
+    def take(self, rows):
+        self.takes.append(np.asarray(rows).copy())
+        return self.emb.take(rows)
+
+
+def test_exact_scores_of_a_long_pair_list_gather_in_few_bounded_steps_in_passage_order(monkeypatch):
+    """A 1-D pair list (positives, lexical candidates) is scored in steps of EXACT_CHUNK_BYTES of float64 vectors,
+    in passage order, not 64 pairs at a time in list order; the scores equal a float64 reference bit for bit and
+    every way of stepping through the list."""
+    import koret.search as s
+    from koret.search import exact_scores
+
+    rng = np.random.default_rng(5)
+    c, q = _unit(rng, 3000, 16), _unit(rng, 200, 16)
+    shards = [c[i:i + 250] for i in range(0, 3000, 250)]
+    rows = rng.integers(0, 200, 5000)
+    ids = rng.integers(0, 3000, 5000)
+    ids[::9] = -1  # padding
+    want = np.where(ids >= 0, np.einsum("pd,pd->p", q[rows].astype(np.float64),
+                                        c[np.maximum(ids, 0)].astype(np.float64)).astype(np.float32), -np.inf)
+    monkeypatch.setattr(s, "EXACT_CHUNK_BYTES", 8 * 16 * 500, raising=False)  # 500 pairs of 16 dims a step
+    corpus = _TakeCounting(shards)
+    got = exact_scores(q, corpus, ids, rows=rows)
+    np.testing.assert_array_equal(got, want)
+    valid = int((ids >= 0).sum())
+    assert len(corpus.takes) == -(-valid // 500) and max(len(t) for t in corpus.takes) == 500
+    gathered = np.concatenate(corpus.takes)
+    assert np.array_equal(gathered, np.sort(ids[ids >= 0]))  # each valid pair once, in passage order
+    for chunk in (1, 7, 64, 10_000):
+        np.testing.assert_array_equal(exact_scores(q, corpus, ids, rows=rows, chunk=chunk), want)
+    ids2 = np.where(rng.random((200, 25)) < 0.1, -1, rng.integers(0, 3000, (200, 25)))  # 2-D, as search rescores
+    corpus.takes.clear()
+    got2 = exact_scores(q, corpus, ids2)
+    assert max(t.size for t in corpus.takes) * 16 * 8 <= 8 * 16 * 500  # rows of 25 pairs, at most 500 pairs
+    ref = exact_scores(q, corpus, ids2.reshape(-1), rows=np.repeat(np.arange(200), 25)).reshape(200, 25)
+    np.testing.assert_array_equal(got2, ref)
