@@ -170,7 +170,10 @@ def test_near_ties_beyond_the_fetch_are_rechecked():
     q = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
     res = search(q, [c[i:i + 7] for i in range(0, 100, 7)], 10, backend="faiss")
     assert res.ids[0].tolist() == list(range(0, 20, 2))
-    assert res.rechecked >= 0
+    assert res.rechecked >= 1, "the 50-way tie at the k-th place is larger than the first fetch: a recheck ran"
+    c[::2, 0] = np.linspace(0.9, 0.5, 50, dtype=np.float32)  # the same corpus without ties: nothing to recheck
+    res = search(q, [c[i:i + 7] for i in range(0, 100, 7)], 10, backend="faiss")
+    assert res.ids[0].tolist() == list(range(0, 20, 2)) and res.rechecked == 0
 
 
 # ------------------------------------------------------------------------- GPU placement, precision flags, cost
