@@ -190,11 +190,12 @@ class Candidates:
     candidate_sources: np.ndarray | None = None
 
     def take(self, queries: range) -> Candidates:
-        """The candidates of a contiguous range of queries."""
-        a, b = queries.start, queries.stop
-        return Candidates(self.query_ids[a:b], self.queries[a:b], self.positive_ids[a:b], self.positive_scores[a:b],
-                          self.candidate_ids[a:b], self.candidate_scores[a:b], rescored=self.rescored,
-                          candidate_sources=None if self.candidate_sources is None else self.candidate_sources[a:b])
+        """The candidates of a contiguous range of queries: every per-query field sliced, the flags kept."""
+        from dataclasses import fields, replace
+
+        sl = slice(queries.start, queries.stop)
+        return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
+                                if f.name != "rescored" and getattr(self, f.name) is not None})
 
 
 @dataclass

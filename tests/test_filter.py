@@ -132,3 +132,27 @@ def test_settings_cross_checks():
 def test_score_summary():
     s = score_summary(np.array([0.1, 0.2, 0.3, np.nan]))
     assert s["count"] == 3 and s["p50"] == pytest.approx(0.2) and s["max"] == pytest.approx(0.3)
+
+
+def test_candidates_take_slices_every_per_query_field():
+    """A range of queries keeps the teacher's scores of rescored candidates and the candidates' sources."""
+    from dataclasses import fields
+
+    from koret.filter import Candidates
+
+    q = 5
+    c = Candidates([f"q{i}" for i in range(q)], [f"질문 {i}" for i in range(q)],
+                   [np.array([i]) for i in range(q)], [np.array([0.9], np.float32) for _ in range(q)],
+                   np.arange(q * 3).reshape(q, 3), np.linspace(0, 1, q * 3, dtype=np.float32).reshape(q, 3),
+                   rescored=True, teacher_positive_scores=[np.array([0.5 + i]) for i in range(q)],
+                   teacher_candidate_scores=np.arange(q * 3, dtype=np.float32).reshape(q, 3) / 10,
+                   candidate_sources=np.ones((q, 3), np.int8) * np.arange(1, q + 1, dtype=np.int8)[:, None])
+    part = c.take(range(1, 3))
+    assert part.rescored
+    for f in fields(c):
+        if f.name == "rescored":
+            continue
+        whole, got = getattr(c, f.name), getattr(part, f.name)
+        assert len(got) == 2, f.name
+        for i in range(2):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(whole[1 + i]), err_msg=f.name)
