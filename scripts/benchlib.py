@@ -103,21 +103,22 @@ def machine() -> str:
     return f"{cores} cores, {cpu}"
 
 
-def update_readme(section: str, md: str) -> None:
-    """Put ``md`` between the README's ``<!-- SECTION:begin ... -->`` and ``<!-- SECTION:end -->`` lines."""
-    readme = REPO / "README.md"
-    text = readme.read_text()
+def update_doc(page: str, section: str, md: str) -> None:
+    """Put ``md`` between the ``<!-- SECTION:begin ... -->`` and ``<!-- SECTION:end -->`` lines of the docs page
+    ``page`` (``docs/quality.md``): the tables the docs show are the ones the scripts wrote."""
+    path = REPO / page
+    text = path.read_text() if path.exists() else ""
     begin = text.find(f"<!-- {section}:begin")
     end = text.find(f"<!-- {section}:end -->")
     if begin < 0 or end < begin:
-        print(f"README has no {section}:begin / {section}:end markers; table not copied", file=sys.stderr)
+        print(f"{page} has no {section}:begin / {section}:end markers; table not copied", file=sys.stderr)
         return
     begin = text.index("\n", begin) + 1
-    readme.write_text(text[:begin] + md + text[end:])
+    path.write_text(text[:begin] + md + text[end:])
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table (printed and pasted into the README)."""
+    """A Markdown table (printed, and written into the docs pages between markers)."""
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 1 else f"{v:,.2f}"

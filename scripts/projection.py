@@ -18,7 +18,7 @@ the XLM-R-large-shaped encoder's tokens/s in bf16, the float16 search of a 1M x 
 when it has run on a GPU; else rates assumed from the H100's data sheet, labelled so in the table. The merge
 rate is measured here every run.
 
-    python scripts/projection.py        # writes bench/results/projection.{json,md} and the README's table
+    python scripts/projection.py        # writes bench/results/projection.{json,md} and the table in docs/scale-out.md
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import RESULTS, flops_per_token, machine, update_readme  # noqa: E402
+from benchlib import RESULTS, flops_per_token, machine, update_doc  # noqa: E402
 
 DIM = 1024
 QUERIES = 1_000_000  # mining queries (a large training set); search time scales with it
@@ -168,7 +168,7 @@ def main() -> int:
                                              + "\n")
     md = markdown(rows, rates, meta)
     (RESULTS / "projection.md").write_text(md)
-    update_readme("projection", md)
+    update_doc("docs/scale-out.md", "projection", md)
     print(md)
     return 0
 

@@ -10,7 +10,7 @@ randomization p-value, :mod:`koret.significance`), and a few arms with each othe
 Sized for this project's 2-core CPU machine (about 15 minutes an arm; ``--steps``, ``--batch``,
 ``--max-seq-length`` change it). It resumes where it stopped: mining, filtering and each arm are skipped when their outputs exist,
 and a killed training continues from its last checkpoint. Outputs: ``runs/quality/`` (everything),
-``bench/results/quality.json`` and ``bench/results/quality.md`` (the table the README shows).
+``bench/results/quality.json`` and ``bench/results/quality.md`` (the table docs/quality.md shows).
 
     python scripts/quality.py [--arms base,perc_mnrl,...] [--steps 50] [--batch 16]
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import update_readme  # noqa: E402
+from benchlib import update_doc  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KORET_SHARED", REPO.parent / "shared"))  # this project's shared/ beside the clone
@@ -284,7 +284,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-5, help="koret's default")
     p.add_argument("--temperature", type=float, default=0.01,
-                   help="e5's own training temperature (MNRL's default 0.05 lost 5 points here, see the README)")
+                   help="e5's own training temperature (MNRL's default 0.05 lost 5 points here, see docs/quality.md)")
     p.add_argument("--max-seq-length", type=int, default=256, help="as in eval (128 lost points: KorQuAD answers "
                                                                      "often lie past the first 128 tokens)")
     p.add_argument("--mine-max-seq-length", type=int, default=256)
@@ -337,7 +337,7 @@ def main() -> None:
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "arms": done, "pairs": pairs}, indent=2))
     table_md = markdown(done, pairs, meta)
     (RESULTS / "quality.md").write_text(table_md)
-    update_readme("quality", table_md)
+    update_doc("docs/quality.md", "quality", table_md)
     print(table_md)
 
 

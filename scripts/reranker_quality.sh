@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reranker quality on real Korean data, sized for the 2-core CPU machine (about 35 minutes), with the README's
+# Reranker quality on real Korean data, sized for the 2-core CPU machine (about 35 minutes), with the documented
 # commands only. Needs ../shared (KorQuAD 1.0 dev, the e5-small builder); not part of make test.
 #   1. mine KorQuAD articles 0-111 with multilingual-e5-small as teacher (3 hard negatives per query);
 #   2. train a reranker from the e5-small body with a new one-logit head (mnrl over 1 + 3, first RR_QUERIES rows);

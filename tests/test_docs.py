@@ -1,0 +1,496 @@
+"""The docs cannot drift from the code: README.md and docs/*.md are checked against the CLI and the config models.
+
+What is checked (the rules a doc writer follows are in docs/development.md, "Writing docs"):
+
+- every ``koret ...`` command line in a ``bash`` / ``sh`` / ``shell`` / ``console`` code block, and every inline
+  code span that starts with ``koret ``, names a real command and only that command's options (read from the
+  click objects of the Typer app, nothing is run); each ``--set key=value`` names a key of that command's schema,
+  a ``-c`` file under configs/ or samples/ exists, and ``--from`` / ``--until`` / ``--only`` name a stage;
+- every ``yaml`` code block is a whole config that ``koret config validate`` accepts, unless its first line is
+  ``# fragment: STAGE``: then it is part of a STAGE config, validated against that schema alone;
+- every inline code span that names a dotted config key (``filter.perc``, ``search.lexical.top_k: 50``) names a
+  key of some command's schema, and every span naming a repository path (``koret/mine.py``) names one that exists;
+- every relative link and anchor resolves (GitHub's heading slugs);
+- no issue numbers; docs/configuration.md is what ``koret config reference`` prints; the tables that scripts
+  rewrite between markers hold what bench/results/ holds; README.md fits on a screen.
+
+``test_checkers_report_what_a_rename_breaks`` feeds snippets with a renamed command, option, key, file, link and
+anchor into the checker functions and asserts each one is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import typer.main
+from helpers import REPO
+from typer.testing import CliRunner
+
+from koret.cli import EXAMPLES, app
+from koret.config import load_yaml_text, validate
+from koret.config_reference import key_exists, reference, schemas
+
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+PAGES = ["mining", "scale-out", "training", "reranker", "evaluation", "pipeline", "configuration", "benchmarks",
+         "quality", "troubleshooting", "development"]
+COMMAND_BLOCKS = {"bash", "sh", "shell", "console"}
+SHELL_STOP = {">", ">>", "|", "||", "&&", ";", "&", "2>&1"}
+FILE_SUFFIXES = {"parquet", "json", "jsonl", "yaml", "yml", "png", "py", "md", "tsv", "csv", "txt", "npy", "sh",
+                 "safetensors", "bin", "toml"}
+REPO_DIRS = ("koret/", "scripts/", "configs/", "tests/", "bench/", "samples/", "docs/")
+ROOT_COMMAND = typer.main.get_command(app)
+
+
+def doc_files() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+# --------------------------------------------------------------------------------------------- reading a doc
+
+
+@dataclass
+class Block:
+    info: str
+    text: str
+    line: int  # of the first line inside the fence
+
+
+def code_blocks(text: str) -> list[Block]:
+    blocks, current, fence = [], None, ""
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if current is None:
+            m = re.match(r"^(`{3,}|~{3,})\s*([^`]*)$", stripped)
+            if m:
+                fence, current = m.group(1), Block(m.group(2).strip(), "", n + 1)
+        elif stripped.startswith(fence) and stripped.strip("`~") == "":
+            blocks.append(current)
+            current = None
+        else:
+            current.text += line + "\n"
+    return blocks
+
+
+def prose(text: str) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks and HTML comments."""
+    out, in_fence, fence, in_comment = [], False, "", False
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if in_fence:
+            if stripped.startswith(fence) and stripped.strip("`~") == "":
+                in_fence = False
+            continue
+        m = re.match(r"^(`{3,}|~{3,})", stripped)
+        if m:
+            in_fence, fence = True, m.group(1)
+            continue
+        if in_comment or stripped.startswith("<!--"):
+            in_comment = "-->" not in stripped
+            continue
+        out.append((n, line))
+    return out
+
+
+def inline_spans(text: str) -> list[tuple[int, str]]:
+    spans = []
+    for n, line in prose(text):
+        for m in re.finditer(r"(`+)(.+?)\1", line):
+            spans.append((n, m.group(2).strip()))
+    return spans
+
+
+def command_lines(text: str) -> list[tuple[int, str]]:
+    """Shell lines of the command blocks (continuations joined) and inline spans that start with ``koret ``."""
+    out = []
+    for block in code_blocks(text):
+        if block.info.split(" ")[0].lower() not in COMMAND_BLOCKS:
+            continue
+        pending, start = "", block.line
+        for i, line in enumerate(block.text.splitlines()):
+            if not pending:
+                start = block.line + i
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            out.append((start, pending + line))
+            pending = ""
+    out += [(n, span) for n, span in inline_spans(text) if span.startswith("koret ")]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checkers
+
+
+def koret_args(line: str) -> list[str] | None:
+    """The arguments after ``koret`` (or ``-m koret``) on a shell line, up to a redirect or pipe; None when the
+    line runs no koret command. Usage brackets (``[--resume]``) are dropped."""
+    try:
+        tokens = shlex.split(line.replace("…", " ... "), comments=True)
+    except ValueError:
+        return None if "koret" not in line else [f"<unbalanced quotes: {line}>"]
+    for i, tok in enumerate(tokens):
+        if tok == "koret" or tok.endswith("/koret"):
+            rest = tokens[i + 1:]
+            break
+        if tok == "-m" and tokens[i + 1:i + 2] == ["koret"]:
+            rest = tokens[i + 2:]
+            break
+    else:
+        return None
+    args = []
+    for tok in rest:
+        if tok in SHELL_STOP or tok.startswith((">", "2>")):
+            break
+        tok = tok.strip("[]")
+        if tok:
+            args.append(tok)
+    return args
+
+
+def _placeholder(value: str) -> bool:
+    return value.isupper() or value in ("...", "…") or value.startswith("<")
+
+
+def _schema_for(path: list[str], values: dict[str, list[str]]):
+    from koret.cli import _schema, _stage_of
+
+    if path[:1] == ["config"]:
+        stage = (values.get("stage") or [None])[0]
+        config = (values.get("config") or [None])[0]
+        if stage and not _placeholder(stage):
+            return _schema(stage)
+        if config and (REPO / config).is_file():
+            return _schema(_stage_of(REPO / config, None))
+        return None
+    return schemas().get(path[0]) if path else None
+
+
+def check_command(line: str) -> list[str]:
+    """Problems of one shell line: an unknown command or option, a --set key the schema lacks, a missing
+    configs/ file, an unknown stage; [] when the line is fine or runs no koret command."""
+    args = koret_args(line)
+    if args is None:
+        return []
+    if args and args[0].startswith("<unbalanced"):
+        return [args[0]]
+    cmd, path = ROOT_COMMAND, []
+    while hasattr(cmd, "commands"):  # a group (typer vendors click: no isinstance against click's classes)
+        if not args or args[0] == "--help":  # a group named alone (`koret config`), or its help
+            return []
+        if args[0].startswith("-"):
+            return [f"`koret {' '.join(path)}`: no command given ({line.strip()})"]
+        name = args.pop(0)
+        sub = cmd.commands.get(name)
+        if sub is None:
+            return [f"`koret {' '.join(path + [name])}`: no such command (commands: {', '.join(cmd.commands)})"]
+        cmd, path = sub, path + [name]
+    options = {o: p for p in cmd.params if p.param_type_name == "option" for o in p.opts + p.secondary_opts}
+    takes_arguments = any(p.param_type_name == "argument" for p in cmd.params)
+    problems: list[str] = []
+    values: dict[str, list[str]] = {}
+    where = f"`koret {' '.join(path)}`"
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok.startswith("-") and len(tok) > 1 and not re.match(r"^-\d", tok):
+            name, eq, value = tok.partition("=")
+            if name == "--help":
+                i += 1
+                continue
+            param = options.get(name)
+            if param is None:
+                problems.append(f"{where}: no option {name} (options: {', '.join(sorted(options))})")
+            elif not (param.is_flag or param.count):
+                if not eq:
+                    if i + 1 >= len(args):
+                        problems.append(f"{where}: option {name} needs a value")
+                        break
+                    value, i = args[i + 1], i + 1
+                values.setdefault(param.name, []).append(value)
+        elif not takes_arguments and tok not in ("...", "…"):  # an ellipsis stands for more of the same
+            problems.append(f"{where}: unexpected argument {tok!r}")
+        i += 1
+    for config in values.get("config", []):
+        if config.startswith(("configs/", "samples/")) and not (REPO / config).exists():
+            problems.append(f"{where}: -c {config}: no such file")
+    for flag in ("from_", "until", "only"):
+        from koret.pipeline import CHAIN
+
+        for stage in values.get(flag, []):
+            if not _placeholder(stage) and stage not in CHAIN:
+                problems.append(f"{where}: --{flag.rstrip('_')} {stage}: no such stage ({', '.join(CHAIN)})")
+    schema = _schema_for(path, values)
+    for item in values.get("set_", []):
+        key = item.partition("=")[0]
+        if _placeholder(key):
+            continue
+        known = key_exists(schema, key) if schema is not None else any(
+            key_exists(s, key) for s in schemas().values())
+        if not known:
+            problems.append(f"{where}: --set {key}: no such config key")
+    return problems
+
+
+def check_yaml(block_text: str, tmp: Path) -> list[str]:
+    """A whole config is validated by ``koret config validate``; a ``# fragment: STAGE`` block by the stage's
+    schema alone (its keys and values, not the chain's cross-section rules)."""
+    first = (block_text.strip().splitlines() or [""])[0]
+    fragment = re.match(r"^#\s*fragment\b:?\s*([\w-]*)", first)
+    try:
+        raw = load_yaml_text(block_text)
+    except Exception as exc:  # noqa: BLE001 - any YAML error is the doc's problem
+        return [f"invalid YAML: {str(exc).splitlines()[0]}"]
+    if fragment:
+        from koret.cli import _schema
+        from koret.errors import KoretError
+
+        stage = fragment.group(1)
+        if not stage:
+            return ["a fragment names its stage: # fragment: mine|filter|train|reranker|eval|push|run"]
+        try:
+            validate(_schema(stage), raw or {}, f"fragment of a {stage} config")
+        except KoretError as exc:
+            return [str(exc)]
+        return []
+    path = tmp / "block.yaml"
+    path.write_text(block_text, encoding="utf-8")
+    result = CliRunner().invoke(app, ["config", "validate", "-c", str(path)])
+    if result.exit_code != 0:
+        return [(result.stderr or result.output).strip().replace(str(path), "block") or f"exit {result.exit_code}"]
+    return []
+
+
+def _has_keys(annotation) -> bool:
+    """A section, an optional section, a list of sections or a mapping (``args``): a field with dotted keys."""
+    import typing
+
+    from pydantic import BaseModel
+
+    args = [annotation, *typing.get_args(annotation)]
+    args += [b for a in args for b in typing.get_args(a)]
+    return any(isinstance(a, type) and issubclass(a, BaseModel) for a in args) or typing.get_origin(annotation) is dict
+
+
+def check_spans(text: str) -> list[str]:
+    """Inline code naming a config key that no schema has, or a repository path that does not exist."""
+    problems = []
+    tops = {name for s in schemas().values() for name, f in s.model_fields.items() if _has_keys(f.annotation)}
+    for n, span in inline_spans(text):
+        m = re.match(r"^([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+)\s*(?:[:=].*)?$", span)
+        if m:
+            key = m.group(1)
+            parts = key.split(".")
+            if parts[0] in tops and parts[-1] not in FILE_SUFFIXES and not any(
+                    key_exists(s, key) for s in schemas().values()):
+                problems.append(f"line {n}: `{span}`: no such config key")
+        if span.startswith(REPO_DIRS) and re.match(r"^[\w./-]+$", span) and not (REPO / span).exists():
+            problems.append(f"line {n}: `{span}`: no such file or folder")
+    return problems
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: link text kept, lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for _, line in prose(text):
+        m = re.match(r"^#{1,6}\s+(.+?)\s*#*\s*$", line)
+        if m:
+            base = slug(m.group(1))
+            n = seen.get(base, 0)
+            out.add(base if n == 0 else f"{base}-{n}")
+            seen[base] = n + 1
+    return out
+
+
+def check_links(doc: Path, text: str) -> list[str]:
+    problems = []
+    for n, line in prose(text):
+        line = re.sub(r"(`+).+?\1", "", line)
+        for m in re.finditer(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", line):
+            target = m.group(1)
+            if re.match(r"^[a-z]+:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            if not file_part:
+                if anchor not in anchors(text):
+                    problems.append(f"line {n}: link {target}: no heading #{anchor} on this page")
+                continue
+            target_path = (doc.parent / file_part).resolve()
+            if not target_path.exists():
+                problems.append(f"line {n}: link {target}: no such file")
+                continue
+            if anchor and target_path.suffix == ".md":
+                if anchor not in anchors(target_path.read_text(encoding="utf-8")):
+                    problems.append(f"line {n}: link {target}: no heading #{anchor} in {target_path.name}")
+    return problems
+
+
+ISSUE_REF = re.compile(r"(?i)\bissues?\s*#?\d+|(?<![\w&/#(\[])#\d+\b")
+
+
+def check_issue_refs(text: str) -> list[str]:
+    return [f"line {n}: {m.group(0)!r}: user docs cite no issue numbers"
+            for n, line in enumerate(text.splitlines(), 1) for m in ISSUE_REF.finditer(line)]
+
+
+def check_doc(doc: Path, text: str, tmp: Path) -> list[str]:
+    problems = [f"line {n}: {p}" for n, line in command_lines(text) for p in check_command(line)]
+    for block in code_blocks(text):
+        if block.info.split(" ")[0].lower() in ("yaml", "yml"):
+            problems += [f"line {block.line}: yaml block: {p}" for p in check_yaml(block.text, tmp)]
+    return problems + check_spans(text) + check_links(doc, text) + check_issue_refs(text)
+
+
+# --------------------------------------------------------------------------------------------- the tests
+
+
+def test_docs_pages_exist():
+    missing = [p for p in PAGES if not (DOCS / f"{p}.md").exists()]
+    assert not missing, f"docs/ lacks {missing}"
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=lambda p: p.name)
+def test_doc_matches_the_code(doc, tmp_path):
+    problems = check_doc(doc, doc.read_text(encoding="utf-8"), tmp_path)
+    assert not problems, f"{doc.relative_to(REPO)}:\n" + "\n".join(problems)
+
+
+def test_docs_hold_commands_and_configs():
+    """The checks above have something to check: command lines, whole configs and fragments."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in doc_files())
+    commands = [line for _, line in command_lines(text) if koret_args(line) is not None]
+    yaml_blocks = [b for b in code_blocks(text) if b.info.split(" ")[0] == "yaml"]
+    assert len(commands) > 40 and len(yaml_blocks) >= 5, (len(commands), len(yaml_blocks))
+    assert any(b.text.startswith("# fragment:") for b in yaml_blocks)
+    assert any(not b.text.startswith("# fragment") for b in yaml_blocks)
+
+
+def test_configuration_reference_is_generated_from_the_models():
+    page = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert page == reference(), "docs/configuration.md is stale: koret config reference > docs/configuration.md"
+
+
+def test_config_reference_command_prints_the_reference():
+    result = CliRunner().invoke(app, ["config", "reference"])
+    assert result.exit_code == 0 and result.stdout == reference()
+
+
+def test_readme_is_a_front_page():
+    text = README.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines (at most 200)"
+    head = "\n".join(lines[:40])
+    assert "make quickstart" in head and "make test" in head
+    # every command's page is one link away
+    for page in ("mining", "scale-out", "training", "reranker", "evaluation", "pipeline", "configuration",
+                 "troubleshooting", "development", "benchmarks", "quality"):
+        assert f"(docs/{page}.md" in text, f"README.md does not link docs/{page}.md"
+
+
+def test_readme_headline_numbers_are_the_results_files():
+    """The "measured so far" box quotes bench/results/quality.json and mine.json as they are."""
+    text = README.read_text(encoding="utf-8")
+    quality = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
+    arms = {a["arm"]: a for a in quality["arms"]}
+
+    def ci(s):
+        return f"{s['delta'] * 100:+.2f} [{s['ci_low'] * 100:+.2f}, {s['ci_high'] * 100:+.2f}]"
+
+    best = max((a for a in arms.values() if "vs_base" in a), key=lambda a: a["vs_base"]["ndcg@10"]["delta"])
+    for arm in (best["arm"], "perc_mnrl", "perc_gist"):
+        assert ci(arms[arm]["vs_base"]["ndcg@10"]) in text, arm
+    mine = json.loads((REPO / "bench" / "results" / "mine.json").read_text())
+    for size in mine["sizes"]:
+        assert f"{size['time_ratio']:.2f}x" in text, size["size"]
+
+
+def test_scripts_write_their_tables_into_docs():
+    """make bench, make quality and scripts/projection.py rewrite the text between their markers in docs/."""
+    for page, section in (("benchmarks", "bench"), ("quality", "quality"), ("scale-out", "projection")):
+        text = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+        assert f"<!-- {section}:begin" in text and f"<!-- {section}:end -->" in text, (page, section)
+    for script in ("bench.py", "quality.py", "projection.py"):
+        assert "update_doc(" in (REPO / "scripts" / script).read_text(), script
+    bench = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    results = (REPO / "bench" / "results" / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in results.splitlines() if line.startswith("| ")]
+    assert rows and all(line in bench for line in rows), "docs/benchmarks.md is not bench/results/README.md"
+
+
+def test_development_page_names_every_module():
+    text = (DOCS / "development.md").read_text(encoding="utf-8")
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "koret").rglob("*.py")
+                     if p.name not in ("__init__.py", "__main__.py"))
+    missing = [m for m in modules if f"`{m}`" not in text]
+    assert not missing, f"docs/development.md does not describe {missing}"
+
+
+def test_help_lists_the_chain_in_order_and_ends_with_an_example():
+    names = ROOT_COMMAND.list_commands(None)
+    assert names == ["mine", "filter", "train", "train-reranker", "eval", "push", "run", "config", "synth",
+                     "version"], names
+    runner = CliRunner()
+    commands = [[n] for n in names if n != "config"] + [["config", n] for n in ROOT_COMMAND.commands["config"].commands]
+    for argv in [*commands, ["config"]]:
+        result = runner.invoke(app, [*argv, "--help"])
+        assert result.exit_code == 0, argv
+        after_box = result.stdout.rsplit("╰", 1)[-1].split("\n", 1)[-1]  # the epilog, below the last panel
+        example = EXAMPLES[" ".join(argv)]
+        assert " ".join(after_box.split()) == f"Example: {example}", (argv, after_box)
+        assert koret_args(example) is not None and not check_command(example), (argv, check_command(example))
+
+
+# --------------------------------------------------------------------------------------------- the checkers catch drift
+
+BROKEN = {
+    "renamed command": ("```bash\nkoret mien -c configs/mine.yaml\n```\n", "no such command"),
+    "renamed option": ("```bash\nkoret mine -c configs/mine.yaml --num-procs 8\n```\n", "no option --num-procs"),
+    "option of another command": ("`koret filter -c runs/mine/config.yaml --resume`", "no option --resume"),
+    "renamed --set key": ("```bash\nkoret mine -c configs/mine.yaml --set filter.stratgy=abs\n```\n",
+                          "--set filter.stratgy: no such config key"),
+    "renamed args key": ("```bash\nkoret train -c configs/train.yaml --set args.learning_rat=1e-5\n```\n",
+                         "--set args.learning_rat: no such config key"),
+    "renamed config file": ("```bash\nkoret run -c configs/quickstart2.yaml\n```\n", "no such file"),
+    "unknown stage": ("```bash\nkoret run -c configs/quickstart.yaml --only rerank\n```\n", "no such stage"),
+    "renamed key in a whole config": ("```yaml\nteacher:\n  model: BAAI/bge-m3\nfilter:\n  percent: 0.9\n```\n",
+                                      "unknown key 'filter.percent'"),
+    "renamed key in a fragment": ("```yaml\n# fragment: train\nloss:\n  distil: {name: kl}\n```\n",
+                                  "unknown key 'loss.distil'"),
+    "fragment without a stage": ("```yaml\n# fragment\nloss: {name: mnrl}\n```\n", "names its stage"),
+    "renamed key in prose": ("Set `filter.percent` to 0.9.", "`filter.percent`: no such config key"),
+    "renamed key with a value in prose": ("`search.lexical.topk: 50`", "no such config key"),
+    "renamed module in prose": ("See `koret/sharded.py`.", "no such file or folder"),
+    "broken link": ("See [mining](missing-page.md).", "no such file"),
+    "broken anchor": ("See [exact scores](mining.md#exact-score).", "no heading #exact-score"),
+    "broken anchor on the same page": ("# Top\n\nSee [below](#nowhere) and [top](#top).", "no heading #nowhere"),
+    "issue number": ("Fixed in issue #12.", "no issue numbers"),
+    "bare issue reference": ("See #12 for why.", "no issue numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_checkers_report_what_a_rename_breaks(case, tmp_path):
+    snippet, expected = BROKEN[case]
+    problems = check_doc(DOCS / "snippet.md", snippet, tmp_path)
+    assert any(expected in p for p in problems), (case, problems)
+
+
+def test_checkers_accept_what_is_right(tmp_path):
+    snippet = ("```bash\nkoret mine -c configs/mine.yaml --set filter.perc=0.9 --num-processes 2 [--quiet]\n"
+               "torchrun --nproc_per_node 8 -m koret train -c configs/train.yaml --set args.learning_rate=1e-5\n"
+               "koret config reference > docs/configuration.md\n```\n"
+               "```yaml\n# fragment: mine\nsearch:\n  lexical: {top_k: 50}\n```\n"
+               "Keys: `filter.perc`, `search.lexical.top_k: 50`, `args.learning_rate`, `train.parquet`; "
+               "[exact scores](mining.md#exact-scores); `koret eval --model A --reranker B --rerank-top-k 100`.\n")
+    assert check_doc(DOCS / "snippet.md", snippet, tmp_path) == []
