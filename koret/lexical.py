@@ -9,13 +9,23 @@ Tokenizer: Korean is agglutinative (``서울특별시이며`` = 서울 + 특별�
 match across sentences. Texts are NFC-normalized (decomposed jamo would not be analysed) and split into
 morphemes by Kiwi (kiwipiepy; Lee, "Kiwi: Developing a Korean Morphological Analyzer", 2024); content
 morphemes are kept: nouns (NNG, NNP, NR), verb and adjective stems (VV, VA), roots (XR), foreign words, hanja
-and numbers (SL, SH, SN; Latin lowercased). Particles, endings and punctuation are dropped.
+and numbers (SL, SH, SN; Latin lowercased). Particles, endings and punctuation are dropped. Kiwi tags the stems
+of irregular verbs and adjectives with a suffix (``돕/VV-I`` in 도와서, ``아름답/VA-I`` in 아름다운; ``-R`` for
+regular ones where it disambiguates): a tag is judged by its base, the part before ``-``.
 
 Index: bm25s (Lù, "BM25S: Orders of magnitude faster lexical search via eager sparse scoring", 2024), Lucene's
 BM25 variant: ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))`` and
 ``score = sum over query terms of idf x tf / (tf + k1 x (1 - b + b x len / avglen))``. It is cached in
 ``<cache_dir>/lexical/<key>/``, the key covering the corpus texts, the tokenizer (and Kiwi's version) and the
 BM25 parameters, so a second mine over the same corpus only tokenizes the queries.
+
+Search (:func:`bm25_top_k`): exact, ties broken by passage index (lower first), as a full sort by (score
+descending, index) would. Each query's scores are summed as bm25s sums them, into one vector kept in the CPU cache,
+and only the passages that share a term with the query are ranked; queries are spread over threads and, under
+several processes, each process tokenizes and searches one contiguous range of them against the main process's
+index (read from the cache every process sees) and the ranges are gathered. bm25s's own ``retrieve`` is not used:
+with its numpy backend it was measured slower than a plain per-query loop (``scripts/bench_lexical.py``), and its
+top-k keeps an arbitrary part of a tie group at the cut.
 """
 
 from __future__ import annotations
@@ -73,14 +83,17 @@ def tokenize(texts: Sequence[str], kiwi: Any | None = None) -> list[list[str]]:
     """Content morphemes of each text (NFC first, so NFC and NFD spellings give the same tokens)."""
     kiwi = kiwi or _kiwi()
     normalized = [unicodedata.normalize("NFC", t) for t in texts]
-    return [[tok.form.lower() if tok.tag == "SL" else tok.form for tok in toks if tok.tag in KIWI_CONTENT_TAGS]
+    return [[tok.form.lower() if tok.tag == "SL" else tok.form for tok in toks
+             if tok.tag.split("-", 1)[0] in KIWI_CONTENT_TAGS]  # VV-I (irregular stem) counts as VV
             for toks in kiwi.tokenize(normalized)]
 
 
 def _tokenizer_identity() -> str:
+    """What the index's tokens depend on; part of the cache key, so an index tokenized otherwise (an older koret
+    that dropped irregular stems, another Kiwi) is rebuilt rather than reused."""
     import kiwipiepy
 
-    return f"kiwi-{kiwipiepy.__version__}:{','.join(KIWI_CONTENT_TAGS)}:nfc"
+    return f"kiwi-{kiwipiepy.__version__}:{','.join(KIWI_CONTENT_TAGS)}:base-tag:nfc"
 
 
 def index_key(corpus: Sequence[str], settings: LexicalSettings) -> str:
@@ -146,27 +159,128 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return cand[scores[cand] > 0]
 
 
+def bm25_top_k(index: Any, query_tokens: Sequence[Sequence[str]], k: int,
+               n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per tokenized query, the ``k`` best passages by BM25 and their scores, best first, ties by passage index,
+    positive scores only: (Q, k) int64 ids, -1 padded, and (Q, k) float32 scores, 0 padded. Row ``q`` equals
+    ``top_k(bm25_scores(index, query_tokens[q]), k)`` and those scores, bit for bit.
+
+    Each query is scored into one reused vector that stays in the CPU cache (a block of queries x passages does
+    not, and was measured slower); queries are spread over ``n_threads`` threads, numpy releasing the GIL in its
+    array loops.
+    """
+    if getattr(index, "nonoccurrence_array", None) is not None:  # BM25L / BM25+; build_index makes Lucene's
+        raise ValueError("bm25_top_k: indexes with non-occurrence scores are not supported")
+    n_docs = int(index.scores["num_docs"])
+    k = min(k, n_docs)
+    ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
+    scores = np.zeros((len(query_tokens), k), dtype=np.float32)
+    if k == 0 or not len(query_tokens):
+        return ids, scores
+    vocab = index.vocab_dict
+    token_ids = [[vocab[t] for t in q if t in vocab] for q in query_tokens]
+    arrays = index.scores["data"], index.scores["indices"], index.scores["indptr"]
+
+    def run(rows: range) -> None:
+        neg = np.empty(n_docs, dtype=np.float32)
+        for q in rows:
+            best, best_scores = _query_top_k(*arrays, token_ids[q], k, neg)
+            ids[q, : len(best)], scores[q, : len(best)] = best, best_scores
+
+    size = max(1, min(256, -(-len(token_ids) // max(1, n_threads))))
+    parts = [range(a, min(a + size, len(token_ids))) for a in range(0, len(token_ids), size)]
+    if n_threads <= 1 or len(parts) == 1:
+        for part in parts:
+            run(part)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(run, parts))
+    return ids, scores
+
+
+def _query_top_k(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, terms: list[int], k: int,
+                 neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query of :func:`bm25_top_k` (``0 < k <= len(neg)``, ``neg`` a scratch vector): its ids and scores.
+
+    The scores are summed negated, term by term in query order, as bm25s sums them ((-a) - b == -(a + b) exactly
+    in IEEE arithmetic); the passages scoring above 0 are partitioned for the ``k``-th best score, every one
+    scoring at least that (a tie group may straddle the cut) is sorted by (score descending, index) and the list
+    cut to ``k``. Two passes over every passage (clear, find the nonzero), the rest over those that match.
+    """
+    neg.fill(0)
+    for t in terms:
+        s, e = indptr[t], indptr[t + 1]
+        np.subtract.at(neg, indices[s:e], data[s:e])
+    cand = np.flatnonzero(neg < 0)  # the passages that share a term with the query
+    got = neg[cand]
+    if len(cand) > k:  # keep those scoring at least the k-th best score (a tie group may straddle the cut)
+        keep = got <= np.partition(got, k - 1)[k - 1]
+        cand, got = cand[keep], got[keep]
+    order = np.lexsort((cand, got))[:k]
+    return cand[order], -got[order]
+
+
+def _search_threads() -> int:
+    """Threads for :func:`bm25_top_k`: this process's share of the CPUs it may run on."""
+    from koret import dist
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, dist.world_size()))
+
+
+def _shared_index(index: Any, stats: dict[str, Any] | None) -> Any:
+    """The main process's index on every process (collective): read from its cache folder, which every process
+    sees in a multi-process run (as the embedding cache), or sent when there is none."""
+    from koret import dist
+
+    if dist.world_size() <= 1:
+        return index
+    folder = dist.broadcast_from_main(stats["folder"] if dist.is_main() and stats else None)
+    if folder is None:
+        return dist.broadcast_from_main(index if dist.is_main() else None)
+    if dist.is_main():
+        return index
+    import bm25s
+
+    return bm25s.BM25.load(folder, show_progress=False)
+
+
 def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: LexicalSettings,
                        cache_dir: str | Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """BM25 top ``settings.top_k`` passages per query, (Q, top_k) int64, -1 padded; and stats."""
+    """BM25 top ``settings.top_k`` passages per query, (Q, top_k) int64, -1 padded, on every process; and stats.
+
+    Collective under several processes: the main process builds (or loads) the index, then each process
+    tokenizes and searches one contiguous range of the queries and the ranges are gathered, so the result does
+    not depend on the number of processes.
+    """
+    from koret import dist
+    from koret.encode import slice_of
+
     if settings.method != "bm25" or settings.tokenizer != "kiwi":
         raise KoretError(f"search.lexical: method {settings.method!r} with tokenizer {settings.tokenizer!r} is not "
                          "supported", "use method: bm25, tokenizer: kiwi")
     kiwi = _kiwi()
-    index, index_stats = build_index(corpus, settings, cache_dir, kiwi)
+    index, index_stats = build_index(corpus, settings, cache_dir, kiwi) if dist.is_main() else (None, None)
+    index = _shared_index(index, index_stats)
     t0 = time.perf_counter()
-    out = np.full((len(queries), min(settings.top_k, len(corpus))), -1, dtype=np.int64)
+    mine = slice_of(len(queries), dist.rank(), dist.world_size())
+    threads = _search_threads()
+    parts = []
     with progress() as bar:
-        task = bar.add_task("search (bm25)", total=len(queries), unit="queries")
-        for start in range(0, len(queries), 1024):
-            chunk = queries[start:start + 1024]
-            for i, toks in enumerate(tokenize(chunk, kiwi)):
-                best = top_k(bm25_scores(index, toks), out.shape[1])
-                out[start + i, : len(best)] = best
+        task = bar.add_task("search (bm25)", total=len(mine), unit="queries")
+        for start in range(mine.start, mine.stop, 8192):
+            chunk = queries[start:min(start + 8192, mine.stop)]
+            parts.append(bm25_top_k(index, tokenize(chunk, kiwi), settings.top_k, threads)[0])
             bar.update(task, advance=len(chunk))
+    width = min(settings.top_k, len(corpus))
+    local = np.concatenate(parts) if parts else np.full((0, width), -1, dtype=np.int64)
+    out = np.concatenate(dist.gather_objects(local))
     found = (out >= 0).sum(axis=1)
     return out, {"method": "bm25", "tokenizer": "kiwi", "top_k": settings.top_k, "k1": settings.k1,
                  "b": settings.b, "index": index_stats, "search_seconds": time.perf_counter() - t0,
+                 "search_processes": dist.world_size(), "search_threads": threads,
                  "queries_without_lexical_match": int((found == 0).sum())}
 
 

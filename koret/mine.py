@@ -132,15 +132,14 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     flat_pos_scores = pair_scores(query_emb, corpus_emb, np.repeat(np.arange(len(positive_ids)),
                                                                    [len(p) for p in positive_ids]), flat_pos)
     lexical_ids = lexical_scores = lexical_stats = None
-    if cfg.search.lexical:  # BM25 on the main process; the teacher scores its candidates where they live
-        t = time.perf_counter()
-        found = lexical_candidates(data.corpus, data.queries, LexicalSettings(**cfg.search.lexical.model_dump()),
-                                   cfg.cache_dir) if dist.is_main() else None
-        lexical_ids = dist.broadcast_from_main(found[0] if found else None)
+    if cfg.search.lexical:  # BM25: index on the main process, queries spread over the processes (collective);
+        t = time.perf_counter()  # the teacher scores its candidates where they live
+        lexical_ids, found_stats = lexical_candidates(data.corpus, data.queries,
+                                                      LexicalSettings(**cfg.search.lexical.model_dump()), cfg.cache_dir)
         lexical_scores = pair_scores(query_emb, corpus_emb, np.repeat(np.arange(len(lexical_ids)),
                                                                       lexical_ids.shape[1]), lexical_ids.ravel())
-        if found:
-            lexical_stats = found[1]
+        if dist.is_main():
+            lexical_stats = found_stats
             phases["lexical"] = time.perf_counter() - t
     cand_ids = cand_scores = sources = None
     if dist.is_main():

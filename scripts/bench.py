@@ -1,4 +1,5 @@
-"""make bench: every benchmark in one run (about 25 minutes on 2 CPU cores); tables to bench/results/README.md.
+"""make bench: every benchmark in one run (about 32 minutes on 2 CPU cores); tables to bench/results/README.md
+and into docs/benchmarks.md (between its bench:begin / bench:end markers).
 
 Each benchmark runs both sides (koret and its peer) in the same run on the same data and model, and reports
 ratios: absolute times on a shared 2-core machine are noise, ratios are not.
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import RESULTS, WORK, machine  # noqa: E402
+from benchlib import RESULTS, WORK, machine, update_doc  # noqa: E402
 
 STEPS = [
     ("bench_mine.py", []),
@@ -21,6 +22,8 @@ STEPS = [
     ("bench_eval.py", []),
     ("bench_scale.py", []),
     ("bench_shard.py", []),
+    ("bench_lexical.py", []),
+    ("bench_reranker.py", []),
 ]
 
 
@@ -37,12 +40,15 @@ def main() -> int:
             failed.append(script)
     parts = [f"# koret benchmarks\n\n{time.strftime('%Y-%m-%d')}, {machine()}, `make bench` "
              f"({(time.time() - started) / 60:.0f} min)\n"]
-    for name in ("mine", "encode", "train", "eval", "scale", "shard"):
+    for name in ("mine", "encode", "train", "eval", "scale", "shard", "lexical", "reranker"):
         md = WORK / f"{name}.md"
         if md.exists():
             parts.append(md.read_text())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "README.md").write_text("\n".join(parts))
+    # the docs page has its own heading: the date line and the tables go between its markers
+    update_doc("docs/benchmarks.md", "bench", "\n".join([parts[0].replace("# koret benchmarks\n\n", "", 1),
+                                                         *parts[1:]]))
     print("\n".join(parts))
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

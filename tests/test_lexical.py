@@ -111,3 +111,121 @@ def test_mine_with_lexical_candidates(tmp_path, tiny_model, data_dir):
     assert json.loads((tmp_path / "m2" / "stats.json").read_text())["search"]["lexical"]["index"]["cached"] is True
     pd.testing.assert_frame_equal(pd.read_parquet(out / "train.parquet"), pd.read_parquet(tmp_path / "m2" /
                                                                                           "train.parquet"))
+
+
+def test_irregular_verb_and_adjective_stems_are_kept():
+    """Kiwi tags irregular stems VV-I / VA-I (돕 in 도와서, 아름답 in 아름다운): they count as VV / VA."""
+    assert tokenize(["친구를 도와서 음악을 들었다.", "공원을 걸었다.", "아름다운 하늘", "누가 할머니를 도왔나?"]) == [
+        ["친구", "돕", "음악", "듣"], ["공원", "걷"], ["아름답", "하늘"], ["할머니", "돕"]]
+
+
+def test_an_index_cached_before_irregular_stems_were_kept_is_rebuilt(tmp_path, monkeypatch):
+    import kiwipiepy
+
+    import koret.lexical as lexical
+
+    before = f"kiwi-{kiwipiepy.__version__}:{','.join(lexical.KIWI_CONTENT_TAGS)}:nfc"  # koret <= c1a614f
+    monkeypatch.setattr(lexical, "_tokenizer_identity", lambda: before)
+    _, old = build_index(TEXTS, LexicalSettings(), tmp_path)
+    monkeypatch.undo()
+    _, now = build_index(TEXTS, LexicalSettings(), tmp_path)
+    assert old["cached"] is False and now["cached"] is False, "the tokenization changed: a new cache key"
+    _, again = build_index(TEXTS, LexicalSettings(), tmp_path)
+    assert again["cached"] is True
+
+
+def _tie_corpus() -> tuple[list[str], list[str]]:
+    """Synthetic passages with exact duplicates spread over the corpus (tie groups), and queries that match
+    them, none, or repeat a term."""
+    from koret.synth import generate
+
+    syn = generate(40, seed=3, queries_per_entity=1)
+    corpus = [p["positive"] for p in syn.pairs]
+    for at in (3, 11, 17, 25, 33, 39):  # six copies of passage 0 (equal scores for every query) at these indices
+        corpus.insert(at, corpus[0])
+    queries = [p["query"] for p in syn.pairs] + ["", "zzz qqq", "축제 축제 체험", "매년 열리는 축제"]
+    return corpus, queries
+
+
+def _reference(index, query_tokens, k):
+    """The per-query search koret ran before bm25_top_k: a full score vector, then top_k."""
+    k = min(k, index.scores["num_docs"])
+    ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
+    scores = np.zeros((len(query_tokens), k), dtype=np.float32)
+    for q, toks in enumerate(query_tokens):
+        full = bm25_scores(index, toks)
+        best = top_k(full, k)
+        ids[q, : len(best)], scores[q, : len(best)] = best, full[best]
+    return ids, scores
+
+
+@pytest.mark.parametrize("k", [4, 7, 200])
+def test_batched_search_equals_the_per_query_search_ties_included(k):
+    from koret.lexical import bm25_top_k
+
+    corpus, queries = _tie_corpus()
+    index, _ = build_index(corpus, LexicalSettings(), None)
+    toks = tokenize(queries)
+    ref_ids, ref_scores = _reference(index, toks, k)
+    if k < len(corpus):
+        full = [np.sort(bm25_scores(index, t))[::-1] for t in toks]
+        assert any(f[k - 1] > 0 and f[k - 1] == f[k] for f in full), "a tie group straddles the cut"
+    for threads in (1, 3):
+        ids, scores = bm25_top_k(index, toks, k, n_threads=threads)
+        assert ids.shape == (len(queries), min(k, len(corpus)))
+        assert np.array_equal(ids, ref_ids), "the same passages in the same order, ties by index"
+        assert np.array_equal(scores, ref_scores), "scores bit for bit"
+    assert ids[len(queries) - 4].tolist() == [-1] * ids.shape[1], "an empty query finds nothing"
+    assert ids[len(queries) - 3].tolist() == [-1] * ids.shape[1], "no term of the corpus"
+    copies = [0, 3, 11, 17, 25, 33, 39]  # passage 0 and its six copies
+    first = ids[0][np.isin(ids[0], copies)]
+    assert first.tolist() == copies[: len(first)] and len(first) > 0, "a tie group in index order"
+
+
+LEXICAL_WORKER = """
+import json, sys
+import numpy as np
+from koret import dist
+from koret.lexical import LexicalSettings, lexical_candidates
+
+texts = json.loads(open(sys.argv[1], encoding="utf-8").read())
+out = {}
+for name, cache in (("cached", sys.argv[2]), ("sent", None)):
+    ids, stats = lexical_candidates(texts["corpus"], texts["queries"], LexicalSettings(top_k=5), cache)
+    out[name] = ids
+    out[name + "_built_here"] = np.array([stats["index"] is not None])
+    out[name + "_processes"] = np.array([stats["search_processes"]])
+np.savez(sys.argv[3] + f"-{dist.rank()}.npz", **out)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_queries_and_find_what_one_finds(tmp_path):
+    """Each process searches half the queries against the main process's index (read from the cache, or sent
+    when there is none); every process ends with all the candidates, equal to one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    from koret.dist import _free_port
+    from koret.lexical import lexical_candidates
+
+    corpus, queries = _tie_corpus()
+    (tmp_path / "texts.json").write_text(json.dumps({"corpus": corpus, "queries": queries}, ensure_ascii=False))
+    (tmp_path / "worker.py").write_text(LEXICAL_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path / "texts.json"),
+                           str(tmp_path / "cache"), str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, stats = lexical_candidates(corpus, queries, LexicalSettings(top_k=5), None)
+    assert stats["search_processes"] == 1
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"out-{rank}.npz")
+        for name in ("cached", "sent"):
+            assert np.array_equal(got[name], one), (rank, name)
+            assert got[name + "_processes"].tolist() == [2]
+            assert got[name + "_built_here"].tolist() == [rank == 0], "only the main process builds the index"
