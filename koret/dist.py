@@ -56,6 +56,13 @@ def single_process() -> Iterator[None]:
         _solo["on"] = previous
 
 
+def slice_of(n: int, rank: int, world_size: int) -> range:
+    """The contiguous part of ``n`` items (corpus shards, queries) that process ``rank`` of ``world_size`` owns:
+    ``[r n / w, (r + 1) n / w)``. Used to split the corpus in mine and the sharded search, and queries in BM25,
+    rescoring and filtering."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def is_main() -> bool:
     return rank() == 0
 

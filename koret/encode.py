@@ -10,7 +10,7 @@ corrupt shard file fails its checksum and is recomputed, never used. Evaluating 
 corpus re-encodes nothing for an unchanged model.
 
 In a multi-process run (``accelerate launch``, torchrun) process ``r`` of ``n`` encodes one contiguous slice of the
-shards (:func:`slice_of`), hashing and opening only those; the processes then exchange their lists of shard files.
+shards (:func:`koret.dist.slice_of`), hashing and opening only those; the processes then exchange their lists of shard files.
 Where every process needs every embedding (queries, evaluation) it opens the others' files, so the cache must be on
 a filesystem every process sees; the sharded search keeps each process to its own slice.
 
@@ -390,8 +390,9 @@ def encode_sharded(
     storage: str = "float32",
 ) -> Embeddings:
     """Encode ``texts`` shard by shard through ``cache``; this process computes its contiguous slice of shards
-    (:func:`slice_of`) and returns them, with ``files`` naming just those. Only the slice's texts are hashed
+    (:func:`koret.dist.slice_of`) and returns them, with ``files`` naming just those. Only the slice's texts are hashed
     (for the shard keys) and only its shard files are opened, so a process never reads another's part."""
+    from koret.dist import slice_of
     from koret.report import progress
 
     bounds = shard_bounds(len(texts), shard_size)
@@ -423,11 +424,6 @@ def encode_sharded(
     start = bounds[mine.start][0] if mine.start < len(bounds) else len(texts)
     return Embeddings(shards, computed=computed, reused=reused, seconds=time.perf_counter() - started,
                       texts_encoded=encoded, files=files, start=start)
-
-
-def slice_of(n_shards: int, rank: int, world_size: int) -> range:
-    """The contiguous shards a process owns: process ``r`` of ``w`` gets shards ``[r n / w, (r + 1) n / w)``."""
-    return range(rank * n_shards // world_size, (rank + 1) * n_shards // world_size)
 
 
 def load_shard_files(files: Sequence[str], bounds: Sequence[tuple[int, int]], cache: ShardCache) -> Embeddings:

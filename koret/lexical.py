@@ -256,7 +256,6 @@ def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: 
     not depend on the number of processes.
     """
     from koret import dist
-    from koret.encode import slice_of
 
     if settings.method != "bm25" or settings.tokenizer != "kiwi":
         raise KoretError(f"search.lexical: method {settings.method!r} with tokenizer {settings.tokenizer!r} is not "
@@ -265,7 +264,7 @@ def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: 
     index, index_stats = build_index(corpus, settings, cache_dir, kiwi) if dist.is_main() else (None, None)
     index = _shared_index(index, index_stats)
     t0 = time.perf_counter()
-    mine = slice_of(len(queries), dist.rank(), dist.world_size())
+    mine = dist.slice_of(len(queries), dist.rank(), dist.world_size())
     threads = _search_threads()
     parts = []
     with progress() as bar:

@@ -54,7 +54,6 @@ from koret.encode import (
     resolve_dtype,
     resolve_model_path,
     score_pairs,
-    slice_of,
 )
 from koret.errors import KoretError
 from koret.filter import Candidates, Choice, FilterSettings, apply_filter, choose, join_choices
@@ -202,7 +201,7 @@ def choose_by_query_range(cands: Candidates | None, n_queries: int, groups: np.n
     draws are keyed by global row, so the result equals one process's."""
     if dist.world_size() <= 1:
         return choose(cands, groups, settings, score)
-    ranges = [slice_of(n_queries, r, dist.world_size()) for r in range(dist.world_size())]
+    ranges = [dist.slice_of(n_queries, r, dist.world_size()) for r in range(dist.world_size())]
     parts = None
     if cands is not None:
         rows_before = np.concatenate([[0], np.cumsum([len(p) for p in cands.positive_ids])])
@@ -220,7 +219,7 @@ def rescore_pairs(ids: np.ndarray, positive_ids: list[np.ndarray], queries: list
     scores per query, and their kind: logits, or their sigmoid, see :func:`cross_encoder_score_kind`), None on
     the others."""
     ce = load_cross_encoder(cfg.rescore.model, device=cfg.teacher.device, max_length=cfg.rescore.max_length)
-    mine = slice_of(len(queries), dist.rank(), dist.world_size())
+    mine = dist.slice_of(len(queries), dist.rank(), dist.world_size())
     pairs: list[tuple[str, str]] = []
     for q in mine:
         pairs.extend((queries[q], corpus[d]) for d in ids[q] if d >= 0)

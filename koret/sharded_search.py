@@ -2,7 +2,7 @@
 merges (``koret mine`` under ``--num-processes`` / torchrun / accelerate launch, one process per GPU, any
 number of machines).
 
-Each process holds one contiguous slice of the corpus shards (:func:`koret.encode.slice_of`; memory-mapped, and
+Each process holds one contiguous slice of the corpus shards (:func:`koret.dist.slice_of`; memory-mapped, and
 only its slice is ever read) and every query embedding. Every process finds its slice's top-k with exact float32
 scores (:func:`koret.search.search`, any backend or FAISS index, ids shifted to global passage indices; one call,
 so a GPU uploads the slice once); then, a chunk of queries at a time, the chunk is split into one range per
@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from koret import dist
-from koret.encode import slice_of
 from koret.search import SearchResult, exact_scores, search
 
 
@@ -64,7 +63,7 @@ def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chu
     out_ids = np.full((len(queries), k), -1, dtype=np.int64) if dist.is_main() else None
     for a in range(0, len(queries), chunk):
         n = min(chunk, len(queries) - a)
-        ranges = [slice_of(n, r, dist.world_size()) for r in range(dist.world_size())]
+        ranges = [dist.slice_of(n, r, dist.world_size()) for r in range(dist.world_size())]
         received = dist.all_to_all([(local_s[a + r.start:a + r.stop], local_i[a + r.start:a + r.stop])
                                   for r in ranges])
         parts = dist.gather_to_main(merge_slices(received, k))

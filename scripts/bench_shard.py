@@ -30,7 +30,8 @@ import json, sys, time
 import numpy as np
 import torch  # noqa: F401  (a mining run has torch loaded for its teacher)
 from koret import dist
-from koret.encode import Embeddings, slice_of
+from koret.encode import Embeddings
+from koret.dist import slice_of
 from koret.report import set_quiet
 from koret.sharded_search import search_slices
 

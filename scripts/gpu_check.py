@@ -166,7 +166,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from koret import dist
-from koret.encode import Embeddings, slice_of
+from koret.encode import Embeddings
+from koret.dist import slice_of
 from koret.report import set_quiet
 from koret.sharded_search import search_slices
 

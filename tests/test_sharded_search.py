@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from koret.dist import _free_port
-from koret.encode import Embeddings, slice_of
+from koret.dist import _free_port, slice_of
+from koret.encode import Embeddings
 from koret.search import search
 from koret.sharded_search import merge_slices
 
@@ -22,7 +22,8 @@ import numpy as np
 from pathlib import Path
 from koret import dist
 from koret.dist import _free_port
-from koret.encode import Embeddings, slice_of
+from koret.encode import Embeddings
+from koret.dist import slice_of
 from koret.sharded_search import pair_scores, search_slices
 
 root, k, backend = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
