@@ -85,42 +85,59 @@ def _run(fn: Callable[[], T], debug: bool, quiet: bool) -> T:
     """Call ``fn`` turning user errors into one line on stderr and exit code 2.
 
     In a run started with ``--num-processes N`` each process leaves its failure for the launcher, which prints
-    the run's one line naming the process it came from (:func:`koret.dist.failure_report`); under another
-    launcher each process prints its own, prefixed with its rank."""
+    the run's one line naming the process it came from (:func:`koret.dist.failure_report`), and ends at once
+    (:func:`_leave`); under another launcher each process prints its own line, prefixed with its rank (a
+    process that only saw another one end says so)."""
     from koret import dist
     from koret.report import set_quiet
 
     set_quiet(quiet)
     debug = debug or os.environ.get("KORET_DEBUG", "") not in ("", "0")
-    if dist.launched_by_koret():
+    launched = dist.launched_by_koret()
+    if launched:
         dist.stop_on_sigterm()
     try:
         return fn()
     except KoretError as exc:
         dist.ignore_stop()
-        if dist.launched_by_koret():
+        if launched:
             dist.record_failure(exc)
         if debug:
             raise
-        if not dist.launched_by_koret():
-            where = f"process {dist.launched_rank()} of {dist.launched_world_size()}: " if (
-                dist.launched_world_size() > 1 and not isinstance(exc, dist.PeerLost)) else ""
-            print(f"error: {where}{exc}", file=sys.stderr)
+        if launched:
+            _leave(exc.exit_code)
+        where = f"process {dist.launched_rank()} of {dist.launched_world_size()}: " if (
+            dist.launched_world_size() > 1 and not isinstance(exc, dist.PeerLost)) else ""
+        print(f"error: {where}{exc}", file=sys.stderr)
         raise typer.Exit(code=exc.exit_code) from None
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished embedding shards are cached)",
-              file=sys.stderr)
-        raise typer.Exit(code=130) from None
+    except (dist.Stopped, KeyboardInterrupt) as exc:
+        dist.ignore_stop()
+        code = 143 if isinstance(exc, dist.Stopped) else 130
+        if launched:
+            dist.record_failure(exc if isinstance(exc, dist.Stopped) else dist.Stopped())
+            _leave(code)
+        print(f"{'stopped by SIGTERM' if code == 143 else 'interrupted'}: rerun the same command to resume "
+              "(finished embedding shards are cached; koret train: add --resume)", file=sys.stderr)
+        raise typer.Exit(code=code) from None
     except typer.Exit:
         raise
     except Exception as exc:  # a bug in koret: its traceback goes to the launcher, which prints it once
         dist.ignore_stop()
-        if not dist.launched_by_koret() or debug:
+        if not launched or debug:
             raise
         import traceback
 
         dist.record_failure(exc, traceback.format_exc())
-        raise typer.Exit(code=1) from None
+        _leave(1)
+        raise  # not reached
+
+
+def _leave(code: int) -> None:
+    """End a process of a koret-launched run now, its failure recorded: no interpreter shutdown, whose process
+    group teardown can block on peers stuck in an NCCL collective (the launcher then never saw it end)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _relaunch(num_processes: int) -> bool:

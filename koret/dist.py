@@ -47,7 +47,7 @@ def local_rank() -> int:
 @contextlib.contextmanager
 def single_process() -> Iterator[None]:
     """Run a single-process stage on the main process of a launched job: inside, koret's own code sees one
-    process (no collectives), while the other processes wait in :class:`FileSync`."""
+    process (no collectives), while the other processes wait for it in :func:`agree`."""
     previous = _solo["on"]
     _solo["on"] = True
     try:
@@ -123,17 +123,15 @@ class PeerLost(KoretError):
                          f"({type(exc).__name__}: {first[:160]})", "its own error, or the launcher's report, says why")
 
 
-class Stopped(KoretError):
-    """The launcher stopped this process (SIGTERM) because another process of the run failed or the user
-    interrupted the launcher."""
+class Stopped(BaseException):
+    """This process got SIGTERM: the launcher stops the others when one process fails (or when it is itself
+    interrupted), a scheduler preempts. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    on the way (a shard reader that would treat it as a corrupt file, a library's retry) swallows it."""
 
     exit_code = 143
 
     def __init__(self) -> None:
-        super().__init__("stopped by the launcher (SIGTERM): another process of this run ended first")
-
-
-_LAUNCHED = "KORET_LAUNCHER"
+        super().__init__("stopped by SIGTERM (the launcher stops every process when one fails; or preempted)")
 
 
 @contextlib.contextmanager
@@ -290,12 +288,24 @@ def record_failure(exc: BaseException, detail: str = "") -> None:
         kind = "stopped"
     elif isinstance(exc, KoretError):
         kind = "error"
+    elif is_peer_loss(exc):
+        kind = "peer"
     else:
         kind = "crash"
-    message = str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
+    message = str(exc) if isinstance(exc, (KoretError, Stopped)) else f"{type(exc).__name__}: {exc}"
     write_json(Path(folder) / f"{launched_rank()}.json", {"rank": launched_rank(), "kind": kind,
                                                           "message": message, "detail": detail,
                                                           "time": time.time()})
+
+
+_PEER_LOSS = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted",
+              "nccl communicator", "socket timeout")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """A library's collective (DDP's all-reduce, accelerate's gather) failing because another process ended:
+    gloo's and NCCL's RuntimeError / DistBackendError, which koret's own collectives turn into :class:`PeerLost`."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOSS)
 
 
 def read_failures(folder: str | Path | None = None) -> dict[int, dict[str, Any]]:
@@ -315,15 +325,25 @@ def read_failures(folder: str | Path | None = None) -> dict[int, dict[str, Any]]
 
 def stop_on_sigterm() -> None:
     """Turn the launcher's SIGTERM into :class:`Stopped`, once: the stage unwinds, ``koret run`` writes its
-    summary (the stage marked failed, its record removed), and a second SIGTERM during that is ignored (the
-    launcher sends SIGKILL 30 s later)."""
+    summary (the stage marked failed, its record removed). A SIGTERM while the process already unwinds another
+    failure, or a second one, is ignored (the launcher sends SIGKILL 30 s later). Processes forked from this one
+    (data-loader workers, which the launcher's process-group SIGTERM reaches too) get the default handler back."""
     import signal
 
+    owner = os.getpid()
+
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked child that inherited this handler: end as SIGTERM would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if sys.exc_info()[0] is not None:  # already unwinding a failure: let it finish (summary, record)
+            return
         raise Stopped()
 
     signal.signal(signal.SIGTERM, handler)
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def ignore_stop() -> None:
@@ -350,42 +370,53 @@ def launch(num_processes: int, module_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    os.environ[_LAUNCHED] = "1"
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_processes))))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--nproc_per_node", str(num_processes), "--master_port", str(_free_port()),
                                          "-m", "koret", *module_args])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     folder = tempfile.mkdtemp(prefix="koret-failures-")
     os.environ[_FAILURES] = folder
     try:
         run(args)
     except ChildFailedError as exc:
-        code, line, detail = failure_report({r: (f.exitcode, f.signal_name() if f.exitcode < 0 else "")
-                                             for r, f in exc.failures.items()}, num_processes,
-                                            read_failures(folder))
+        code, line, detail = failure_report({r: (f.exitcode, f.signal_name() if f.exitcode < 0 else "",
+                                                 float(f.timestamp)) for r, f in exc.failures.items()},
+                                            num_processes, read_failures(folder))
         if detail:
             print(detail.rstrip(), file=sys.stderr)
         print(f"error: {line}", file=sys.stderr)
         return code
+    except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM to this launcher: it stopped the processes
+        print(f"interrupted ({exc.sigval.name}): the run's processes were stopped; rerun the same command to resume",
+              file=sys.stderr)
+        return 130 if exc.sigval.name == "SIGINT" else 143
     finally:
         os.environ.pop(_FAILURES, None)
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
-def failure_report(failures: dict[int, tuple[int, str]], world: int,
+def failure_report(failures: dict[int, tuple[int, str, float]], world: int,
                    records: dict[int, dict[str, Any]] | None = None) -> tuple[int, str, str]:
     """The exit code, the one line and any traceback to print for a launched run whose processes failed.
 
-    ``failures`` maps global rank to (exit code, signal name) as the launcher saw them; ``records`` are the
-    processes' own failure records (:func:`record_failure`). The cause, in this order: koret's own error on a
-    process (the earliest; its peers then fail in collectives or are stopped: not causes); a process killed by a
-    signal other than the launcher's SIGTERM (the kernel's OOM killer, a preemption: it recorded nothing); an
-    exception in koret (a bug: its traceback is returned); a collective's deadline; else the exit codes. Pure."""
+    ``failures`` maps global rank to (exit code, signal name, time the launcher saw it end) as torchrun reports
+    them; ``records`` are the processes' own failure records (:func:`record_failure`). torchrun stops the others
+    once one process ends badly (SIGTERM at once, SIGKILL to those still running 30 s later) and reports those
+    too: only the processes that ended within :data:`FIRST_WAVE_SECONDS` of the first one can be the cause. The
+    cause, in this order: koret's own error on a process (the earliest record); a process killed by a signal
+    other than SIGTERM (the kernel's OOM killer: it recorded nothing); an exception in koret (a bug: its
+    traceback is returned); a collective's deadline; the earliest exit code of a process that did not merely see
+    another end or get stopped; else a process stopped by SIGTERM from outside (preempted). Pure."""
     records = records or {}
+    first = min((t for _, _, t in failures.values()), default=0.0)
+    wave = {r for r, (_, _, t) in failures.items() if t <= first + FIRST_WAVE_SECONDS}
+    in_wave = {r: rec for r, rec in records.items() if r in wave or r not in failures}
 
     def earliest(kind: str) -> int | None:
-        found = sorted((r["time"], rank) for rank, r in records.items() if r.get("kind") == kind)
+        found = sorted((rec["time"], r) for r, rec in in_wave.items() if rec.get("kind") == kind)
         return found[0][1] if found else None
 
     resume = ("rerun the same command to resume: finished embedding shards are reused (koret train: add "
@@ -393,9 +424,9 @@ def failure_report(failures: dict[int, tuple[int, str]], world: int,
     rank = earliest("error")
     if rank is not None:
         return 2, f"process {rank} of {world}: {records[rank]['message']}", ""
-    killed = sorted((r, name) for r, (c, name) in failures.items() if c < 0 and name != "SIGTERM")
+    killed = sorted((t, r, name) for r, (c, name, t) in failures.items() if r in wave and c < 0 and name != "SIGTERM")
     if killed:
-        rank, name = killed[0]
+        _, rank, name = killed[0]
         why = " (out of memory?)" if name == "SIGKILL" else ""
         return 1, f"process {rank} of {world} was killed by {name}{why}, so the run stopped; {resume}", ""
     rank = earliest("crash")
@@ -404,12 +435,21 @@ def failure_report(failures: dict[int, tuple[int, str]], world: int,
     rank = earliest("timeout")
     if rank is not None:
         return 1, f"process {rank} of {world}: {records[rank]['message']}", ""
-    codes = sorted((r, c) for r, (c, _) in failures.items())
-    if not codes:
-        return 1, f"the run's {world} processes failed and none said why", ""
-    rank, code = codes[0]
-    how = f"with exit code {code}" if code >= 0 else f"by {failures[rank][1] or 'a signal'}"
-    return (code if code > 0 else 1), f"process {rank} of {world} ended {how} without a message; {resume}", ""
+    codes = sorted((t, r, c) for r, (c, name, t) in failures.items()
+                   if r in wave and name != "SIGTERM" and records.get(r, {}).get("kind") not in ("peer", "stopped"))
+    if codes:
+        _, rank, code = codes[0]
+        how = f"with exit code {code}" if code >= 0 else f"by {failures[rank][1] or 'a signal'}"
+        return (code if code > 0 else 1), f"process {rank} of {world} ended {how} without a message; {resume}", ""
+    stopped = sorted((t, r) for r, (c, name, t) in failures.items()
+                     if r in wave and (name == "SIGTERM" or records.get(r, {}).get("kind") == "stopped"))
+    if stopped:
+        return 1, (f"process {stopped[0][1]} of {world} was stopped by SIGTERM (preempted?), so the run stopped; "
+                   f"{resume}"), ""
+    return 1, f"the run's {world} processes failed and none said why; {resume}", ""
+
+
+FIRST_WAVE_SECONDS = 10.0  # torchrun's SIGKILL of the processes that outlived its SIGTERM comes 30 s later
 
 
 def _free_port() -> int:

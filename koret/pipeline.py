@@ -17,6 +17,7 @@ stage stops the chain with its one-line error; rerunning resumes from there. The
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,52 +113,63 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
     present = [s for s in CHAIN if s in stages]
     chosen = select(present, start, until, only)
     main = dist.is_main()
+    if main:
+        (root / "summary.json").unlink(missing_ok=True)  # a run in progress has no summary, a stale one lies
     dist.start_control()
     rows: list[dict[str, Any]] = []
-    for name in present:
-        if name not in chosen:
-            rows.append({"stage": name, "status": "not selected", "seconds": 0.0, "figure": ""})
-            continue
-        record_path = root / name / ".koret-stage.json"
-        key = hashes[name] + ":" + _inputs_fingerprint(name, stages[name])
-        skip_figure = _current(record_path, key, name, stages[name]) if main and not force else None
-        skip_figure = dist.agree(skip_figure)  # the main process's decision holds for every process
-        if skip_figure is not None:
-            info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config, inputs and models; "
-                 "--force redoes it)")
-            rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": skip_figure})
-            continue
-        if on_stage:
-            on_stage(name)
-        info(f"[bold cyan]== {name} ==[/bold cyan]")
-        if main:
-            record_path.unlink(missing_ok=True)  # a stage that starts is not done until it ends
-        started = time.perf_counter()
-        stage = REGISTRY[name]
-        try:
+    runs: list[str] = []  # the run ids of the stages above, as recorded: a stage that reran changes those below
+    name, started = present[0], time.perf_counter()
+    try:
+        for name in present:
+            started = time.perf_counter()
+            record_path = root / name / ".koret-stage.json"
+            if name not in chosen:
+                rows.append({"stage": name, "status": "not selected", "seconds": 0.0, "figure": ""})
+                runs.append(str((read_record(record_path) or {}).get("run_id", "")) if main else "")
+                continue
+            key = _key(name, stages[name], hashes[name], runs) if main else ""
+            skip = _current(record_path, key, name, stages[name]) if main and not force else None
+            skip = dist.agree(skip)  # the main process's decision holds for every process
+            if skip is not None:
+                info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config, inputs, models and "
+                     "upstream runs; --force redoes it)")
+                rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": skip["figure"]})
+                runs.append(skip["run_id"])
+                continue
+            if on_stage:
+                on_stage(name)
+            info(f"[bold cyan]== {name} ==[/bold cyan]")
+            if main:
+                record_path.unlink(missing_ok=True)  # a stage that starts is not done until it ends
+            stage = REGISTRY[name]
             if stage.multi_process:
                 result = stage.call(stages[name])
+                dist.wait_for_all()  # done on every process before it is recorded as done
             elif main:
                 with dist.single_process():
                     result = stage.call(stages[name])
             else:
                 result = None
+            seconds = time.perf_counter() - started
             figure, details = stage.figure(stages[name], result) if main else ("", {})
-        except BaseException as exc:  # koret's error, a peer that ended, the launcher's SIGTERM, a bug, Ctrl-C
-            dist.ignore_stop()
-            rows.append({"stage": name, "status": "failed", "seconds": time.perf_counter() - started,
-                         "figure": _failure_figure(exc)})
-            rows += [{"stage": n, "status": "not run" if n in chosen else "not selected", "seconds": 0.0,
-                      "figure": ""} for n in present[present.index(name) + 1:]]
+            run_id = uuid.uuid4().hex[:12]
             if main:
-                _finish(root, rows, ok=False)
-            raise
-        seconds = time.perf_counter() - started
+                write_json(record_path, {"hash": key, "status": "ran", "run_id": run_id, "figure": figure,
+                                         "seconds": seconds, "details": details})
+            rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": figure})
+            runs.append(run_id)
+        dist.wait_for_all()
+    except BaseException as exc:  # koret's error, a peer that ended, the launcher's SIGTERM, a bug, Ctrl-C
+        dist.ignore_stop()
+        rows = [r for r in rows if r["stage"] != name]
+        rows.append({"stage": name, "status": "failed", "seconds": time.perf_counter() - started,
+                     "figure": _failure_figure(exc)})
+        rows += [{"stage": n, "status": "not run" if n in chosen else "not selected", "seconds": 0.0,
+                  "figure": ""} for n in present[present.index(name) + 1:]]
         if main:
-            write_json(record_path, {"hash": key, "status": "ran", "figure": figure, "seconds": seconds,
-                                     "details": details})
-        rows.append({"stage": name, "status": "ran", "seconds": seconds, "figure": figure})
-    dist.wait_for_all()
+            (root / name / ".koret-stage.json").unlink(missing_ok=True)
+            _finish(root, rows, ok=False)
+        raise
     summary = {"run_dir": str(root), "stages": rows, "ok": True, "processes": dist.world_size()}
     if main:
         _finish(root, rows, ok=True)
@@ -182,23 +194,28 @@ def _failure_figure(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
 
 
-def _current(record_path: Path, key: str, name: str, cfg: Any) -> str | None:
-    """The recorded key figure when the stage's outputs exist with the same config and inputs, else None."""
+def _current(record_path: Path, key: str, name: str, cfg: Any) -> dict[str, str] | None:
+    """The recorded key figure and run id when the stage's outputs exist with the same key, else None."""
     record = read_record(record_path)
     if (record and record.get("hash") == key and record.get("status") == "ran"
             and all(p.exists() for p in REGISTRY[name].outputs(cfg))):
-        return str(record.get("figure", ""))
+        return {"figure": str(record.get("figure", "")), "run_id": str(record.get("run_id", ""))}
     return None
 
 
-def _inputs_fingerprint(name: str, cfg: Any) -> str:
-    """What a stage reads besides its config, so that a change reruns it: its data files (content up to 64 MB,
-    size and modification time of larger ones) and the models it loads (a local folder's files by size and
-    modification time: a model re-trained at the same path, such as the ``train/final/`` that eval reads after
-    ``koret run --force --only train``; a Hub id counts as its name)."""
+def _key(name: str, cfg: Any, config_key: str, upstream_runs: list[str]) -> str:
+    """What decides whether a stage is current: its resolved config (with the upstream configs), the data files
+    it reads (content up to 64 MB, size and modification time of larger ones), the models it loads
+    (:func:`koret.encode.model_identity`: a folder's weight and config files by size and modification time, a
+    Hub id with its cached revision) and the run ids of the stages above it. A stage that reran (``--force
+    --only train``) therefore reruns everything below it on the next ``koret run``, and a teacher re-trained at
+    the same path reruns mine."""
+    from koret.encode import model_identity
+
     stage = REGISTRY[name]
-    return (fingerprint_paths([p for p in stage.inputs(cfg) if p]) + "."
-            + fingerprint_paths([m for m in stage.models(cfg) if m], content_limit=-1))
+    models = "|".join(model_identity(m) for m in stage.models(cfg) if m and m not in ("teacher", "student"))
+    return ":".join([config_key, fingerprint_paths([p for p in stage.inputs(cfg) if p]),
+                     config_hash({"models": models}), *upstream_runs])
 
 
 def _show(rows: list[dict[str, Any]], root: Path) -> None:

@@ -28,13 +28,20 @@ from rich.table import Table
 _state = {"quiet": False}
 
 
+def _on_terminal() -> bool:
+    """stderr itself, not rich's guess: FORCE_COLOR / TTY_COMPATIBLE make rich treat a log file as a terminal
+    (80 columns, live bars); colors in logs are still honoured off a terminal."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def _make_console() -> Console:
     """stderr; off a terminal (a log file, nohup, SLURM, CI) lines are never wrapped, so a log line is one line
     for grep, and tables are as wide as their content (rich renders nothing full-width here) unless COLUMNS says
     otherwise."""
-    probe = Console(stderr=True)
-    if probe.is_terminal:
-        return probe
+    if _on_terminal():
+        return Console(stderr=True)
     width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 1000
     return Console(stderr=True, soft_wrap=True, width=width)
 
@@ -166,7 +173,7 @@ class PlainProgress:
 def progress() -> Iterator[Any]:
     """Progress with description, count, rate and ETA; disabled when quiet. A live rich bar on a terminal,
     plain lines at a steady pace otherwise (see :class:`PlainProgress`)."""
-    if not _console.is_terminal:
+    if not _on_terminal():
         with PlainProgress(_console, disabled=is_quiet()) as plain:
             yield plain
         return

@@ -188,7 +188,7 @@ REGISTRY: dict[str, Stage] = {
               models=lambda c: [m.name for m in c.models] + [r.name for r in c.rerankers],
               help="Evaluate models side by side with trec_eval's metrics."),
         Stage("push", PushConfig, "koret.push:push_stage", lambda c: [], lambda c: [], _push_figure,
-              chain=_chain_push,
+              chain=_chain_push, models=lambda c: [c.model],
               help="Upload a trained model to the Hugging Face Hub with an honest model card."),
     )
 }

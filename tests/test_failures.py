@@ -106,6 +106,28 @@ def test_a_process_killed_during_training_ends_the_run_naming_it(tmp_path, tiny_
     assert [ln for ln in lines if ln.startswith("error:")] == lines[-1:], "one error line"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "run" / "train" / "final").exists()
+    assert not (tmp_path / "run" / "train" / ".koret-stage.json").exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ok"] is False and summary["stages"][0]["status"] == "failed", summary
+
+
+@pytest.mark.slow
+def test_an_error_on_the_main_process_ends_the_processes_waiting_for_it(tmp_path, tiny_model, data_dir):
+    """eval runs on the main process while process 1 waits for it in koret run's control group: eval's error
+    ends both processes at once, and the last line is that error, from process 0."""
+    cfg = {"run": {"dir": str(tmp_path / "run")},
+           "mine": {"data": {"train": str(data_dir / "pairs.jsonl")}, "teacher": {"model": str(tiny_model)},
+                    "search": {"top_k": 10}, "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "c")},
+           "eval": {"data": {"path": str(tmp_path / "missing.jsonl")}, "models": [{"name": str(tiny_model)}],
+                    "k": [10], "cache_dir": str(tmp_path / "c")}}
+    r = run_subprocess("run", "-c", str(write_config(tmp_path / "run.yaml", cfg)), "--num-processes", "2",
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: process 0 of 2: data.path: file not found"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["ran", "failed"], summary
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -113,27 +135,40 @@ def test_a_process_killed_during_training_ends_the_run_naming_it(tmp_path, tiny_
 
 def test_failure_report_puts_the_cause_first():
     """koret's own error beats the peers that then failed in collectives or were stopped; a process killed by
-    a signal beats the crash its peer saw in a collective; a crash gives its traceback; exit codes alone still
-    give a line."""
+    a signal beats the crash its peer saw in a collective; a crash gives its traceback; the processes torchrun
+    SIGKILLs 30 s after its SIGTERM are not causes; exit codes alone still give a line."""
     from koret.dist import failure_report
 
-    rec = {0: {"rank": 0, "kind": "peer", "message": "another process stopped", "time": 1.0},
-           1: {"rank": 1, "kind": "error", "message": "data.train: bad", "time": 2.0}}
-    assert failure_report({0: (1, ""), 1: (2, "")}, 2, rec) == (2, "process 1 of 2: data.train: bad", "")
-    two = {0: {"rank": 0, "kind": "error", "message": "late", "time": 5.0},
-           3: {"rank": 3, "kind": "error", "message": "first", "time": 4.0}}
-    assert failure_report({0: (2, ""), 3: (2, "")}, 4, two)[1] == "process 3 of 4: first"
+    rec = {0: {"rank": 0, "kind": "peer", "message": "another process stopped", "time": 101.0},
+           1: {"rank": 1, "kind": "error", "message": "data.train: bad", "time": 100.5}}
+    assert failure_report({0: (1, "", 101), 1: (2, "", 101)}, 2, rec) == (2, "process 1 of 2: data.train: bad", "")
+    two = {0: {"rank": 0, "kind": "error", "message": "late", "time": 105.0},
+           3: {"rank": 3, "kind": "error", "message": "first", "time": 104.0}}
+    assert failure_report({0: (2, "", 105), 3: (2, "", 104)}, 4, two)[1] == "process 3 of 4: first"
 
-    crash = {0: {"rank": 0, "kind": "crash", "message": "RuntimeError: Connection closed by peer",
-                 "detail": "Traceback ...", "time": 1.0}}
-    code, line, detail = failure_report({0: (1, ""), 1: (-9, "SIGKILL")}, 2, crash)
+    crash = {0: {"rank": 0, "kind": "crash", "message": "ValueError: boom", "detail": "Traceback ...", "time": 1.0}}
+    code, line, detail = failure_report({0: (1, "", 1), 1: (-9, "SIGKILL", 1)}, 2, crash)
     assert (code, detail) == (1, "") and line.startswith("process 1 of 2 was killed by SIGKILL (out of memory?)")
-    assert failure_report({0: (1, "")}, 2, crash) == (1, "process 0 of 2 failed: RuntimeError: Connection closed "
-                                                         "by peer", "Traceback ...")
+    assert failure_report({0: (1, "", 1)}, 2, crash) == (1, "process 0 of 2 failed: ValueError: boom",
+                                                         "Traceback ...")
+    # rank 1 was OOM-killed first; rank 0, stuck in a collective, got torchrun's SIGKILL 30 s later
+    code, line, _ = failure_report({0: (-9, "SIGKILL", 131), 1: (-9, "SIGKILL", 100)}, 2)
+    assert line.startswith("process 1 of 2 was killed by SIGKILL")
+    # rank 1 crashed; rank 0 outlived the SIGTERM and was SIGKILLed: the crash is the cause, with its traceback
+    crash1 = {1: {"rank": 1, "kind": "crash", "message": "KeyError: 'x'", "detail": "Traceback 1", "time": 100.2}}
+    assert failure_report({0: (-9, "SIGKILL", 131), 1: (1, "", 100)}, 2, crash1) == (
+        1, "process 1 of 2 failed: KeyError: 'x'", "Traceback 1")
     # the launcher's SIGTERM of the survivors is not a cause
-    code, line, _ = failure_report({0: (-15, "SIGTERM"), 3: (-9, "SIGKILL")}, 4)
+    code, line, _ = failure_report({0: (-15, "SIGTERM", 100), 3: (-9, "SIGKILL", 100)}, 4)
     assert code == 1 and line.startswith("process 3 of 4 was killed by SIGKILL")
-    assert failure_report({1: (3, "")}, 2)[1].startswith("process 1 of 2 ended with exit code 3 without a message")
+    # one process preempted from outside (SIGTERM, koret's handler recorded it), its peer saw it go
+    pre = {1: {"rank": 1, "kind": "stopped", "message": "stopped", "time": 100.0},
+           0: {"rank": 0, "kind": "peer", "message": "another process stopped", "time": 100.1}}
+    assert failure_report({0: (1, "", 100), 1: (143, "", 100)}, 2, pre)[1].startswith(
+        "process 1 of 2 was stopped by SIGTERM (preempted?)")
+    assert failure_report({1: (3, "", 100)}, 2)[1].startswith("process 1 of 2 ended with exit code 3 without a message")
+    # the peer that saw rank 1 exit with 3 is not blamed
+    assert failure_report({0: (1, "", 100), 1: (3, "", 100)}, 2, {0: rec[0]})[1].startswith("process 1 of 2 ended")
 
 
 def test_records_say_what_kind_of_failure_each_process_had(tmp_path, monkeypatch):
@@ -152,3 +187,30 @@ def test_records_say_what_kind_of_failure_each_process_had(tmp_path, monkeypatch
     dist.record_failure(ValueError("boom"), "Traceback: ...")
     assert dist.read_failures()[0] | {"time": 0} == {"rank": 0, "kind": "crash", "message": "ValueError: boom",
                                                      "detail": "Traceback: ...", "time": 0}
+    # DDP's all-reduce failing because the peer went away is not a bug in koret
+    dist.record_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]"))
+    assert dist.read_failures()[0]["kind"] == "peer"
+
+
+def test_sigterm_unwinds_as_stopped_which_no_except_exception_swallows():
+    """The launcher's SIGTERM becomes Stopped, a BaseException: a reader's ``except Exception`` (one that would
+    take it for a corrupt file) lets it through; a second SIGTERM while unwinding is ignored."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, sys
+from koret import dist
+dist.stop_on_sigterm()
+try:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        import time; time.sleep(5)
+    except Exception:
+        print("swallowed"); sys.exit(0)
+except dist.Stopped:
+    os.kill(os.getpid(), signal.SIGTERM)  # ignored now
+    print("stopped"); sys.exit(0)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "stopped" and r.returncode == 0, (r.stdout, r.stderr)

@@ -312,8 +312,9 @@ def test_run_reruns_a_stage_whose_input_file_changed(tmp_path, tiny_model, data_
 
 
 def test_run_reruns_what_a_retrained_model_invalidates(tmp_path, tiny_model, data_dir):
-    """After ``--force --only train`` the next ``koret run`` evaluates the new model instead of skipping eval with
-    the old model's metrics; a teacher folder re-trained at the same path reruns mine."""
+    """After ``--force --only train`` the next ``koret run`` evaluates and pushes the new model instead of
+    skipping eval with the old model's metrics; after ``--force --only mine`` filter and everything below rerun;
+    a teacher folder re-trained at the same path reruns mine."""
     import shutil
 
     teacher = tmp_path / "teacher"
@@ -321,24 +322,28 @@ def test_run_reruns_what_a_retrained_model_invalidates(tmp_path, tiny_model, dat
     cfg = {"run": {"dir": str(tmp_path / "run")},
            "mine": {"data": {"train": str(data_dir / "pairs.jsonl")}, "teacher": {"model": str(teacher)},
                     "search": {"top_k": 10}, "filter": {"num_negatives": 2}, "cache_dir": str(tmp_path / "c")},
+           "filter": {"num_negatives": 2, "perc": 0.97},
            "train": {"model": {"name": str(tiny_model)}, "loss": {"name": "mnrl"},
                      "args": {"per_device_train_batch_size": 32, "num_train_epochs": 1, "save_steps": 1000,
                               "learning_rate": 1e-3}},
-           "eval": {"data": {"path": str(data_dir / "pairs.jsonl")}, "k": [10], "cache_dir": str(tmp_path / "c")}}
+           "eval": {"data": {"path": str(data_dir / "pairs.jsonl")}, "k": [10], "cache_dir": str(tmp_path / "c")},
+           "push": {"repo_id": "someone/x", "license": "apache-2.0", "dry_run": True}}
     path = write_config(tmp_path / "p.yaml", cfg)
 
     def statuses(*flags):
         r = run_cli("run", "-c", str(path), "--quiet", *flags)
         assert r.exit_code == 0, r.stderr
-        return {s["stage"]: s["status"] for s in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]}
+        return [s["status"] for s in json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]]
 
-    assert set(statuses().values()) == {"ran"}
-    assert set(statuses().values()) == {"skipped"}
-    assert statuses("--force", "--only", "train")["train"] == "ran"
-    assert statuses() == {"mine": "skipped", "train": "skipped", "eval": "ran"}
+    assert statuses() == ["ran"] * 5
+    assert statuses() == ["skipped"] * 5
+    assert statuses("--force", "--only", "train")[2] == "ran"
+    assert statuses() == ["skipped", "skipped", "skipped", "ran", "ran"]
+    assert statuses("--force", "--only", "mine")[0] == "ran"
+    assert statuses() == ["skipped", "ran", "ran", "ran", "ran"]
     weights = next(teacher.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes())  # re-trained at the same path: new file, same config
-    assert statuses()["mine"] == "ran"
+    assert statuses("--until", "mine")[0] == "ran"
 
 
 def test_push_config_dry_run_never_uploads(tiny_model, fake_hub, tmp_path):
