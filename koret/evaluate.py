@@ -4,8 +4,11 @@ Reads any IR layout of :mod:`koret.data` (pairs, SQuAD, BEIR with graded qrels, 
 through the same shard cache as ``koret mine`` (so evaluating several checkpoints re-encodes nothing for an
 unchanged model), searches exactly through :mod:`koret.search` and scores with :mod:`koret.metrics`, whose
 definitions are trec_eval's. The first model is the baseline; the table shows every other model's delta.
-Each reranker (``rerankers``, ``--reranker``) reorders the first model's top ``rerank_top_k`` with a
-CrossEncoder and is scored the same way, as one more row; retrieval runs once however many rerankers.
+Each reranker (``rerankers``, ``--reranker``) reorders the top ``rerank_top_k`` of one model's ranking
+(``rerank_model``, default the first) with a CrossEncoder; the rest of that ranking follows in the retriever's
+order, so a reranked row's recall@k for k past ``rerank_top_k`` is the retriever's, not a cut list's. A reranked
+row is one more row of the table, and its deltas (and their significance) are against the retriever it reranks,
+which ``compared_with`` names; retrieval runs once however many rerankers.
 
 Outputs in ``output.dir``: ``metrics.json`` (``{"models": [{"name", "metrics": {"ndcg@10": ...}}, ...]}``
 plus config, data fingerprint, seconds and passages/s), ``per_query.jsonl`` (rank of the first relevant passage
@@ -47,6 +50,13 @@ def _label(m: EvalModelConfig, taken: set[str]) -> str:
     return label
 
 
+def model_labels(models: list[EvalModelConfig], taken: set[str] | None = None) -> list[str]:
+    """Each model's name in the table, and what ``rerank_model`` names: its label, else its folder or Hub id
+    (``parent/final`` for a ``final`` or ``model`` folder); a repeated name gets ``#2``, ``#3``."""
+    taken = set() if taken is None else taken
+    return [_label(m, taken) for m in models]
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run ``koret eval``; returns what ``metrics.json`` holds."""
     started = time.perf_counter()
@@ -75,7 +85,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
          "relevant": {data.doc_ids[doc]: g for doc, g in data.qrels[q].items() if g > 0}, "models": {}}
         for q in qids
     ]
-    labels = [_label(m, taken) for m in cfg.models]
+    labels = model_labels(cfg.models, taken)
     target = cfg.rerank_model or labels[0]
     if cfg.rerankers and target not in labels:
         raise KoretError(f"rerank_model: {target!r} is not one of the models' labels ({', '.join(labels)})")
@@ -85,15 +95,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     for m, label in zip(cfg.models, labels, strict=True):
         depth = max(max(ks), cfg.rerank_top_k) if cfg.rerankers and label == target else max(ks)
         res = evaluate_model(m, data, qids, ks, cfg, depth=depth, doc_rank=doc_rank)
-        results.append({"name": label, "model": m.name, **res["summary"]})
+        results.append({"name": label, "model": m.name, **({"compared_with": labels[0]} if results else {}),
+                        **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
         rankings[label] = res["ranked"]
         scored[label] = res["per_query"]
     for r in cfg.rerankers:
         label = f"{target} + {_label(r, taken)}"
-        res = rerank(r, data, qids, rankings[target][:, : cfg.rerank_top_k], ks, doc_rank)
+        res = rerank(r, data, qids, rankings[target], cfg.rerank_top_k, ks, doc_rank)
         results.append({"name": label, "model": r.name, "reranks": target, "rerank_top_k": cfg.rerank_top_k,
-                        **res["summary"]})
+                        "compared_with": target, **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
         scored[label] = res["per_query"]
     add_significance(results, scored, cfg.significance)
@@ -124,25 +135,34 @@ def _add_per_query(per_query: list[dict[str, Any]], data: RetrievalData, qids: l
     for row, q, ids_row, scores_row in zip(per_query, qids, ranked, scores, strict=True):
         q_rel = {data.doc_ids[doc]: g for doc, g in data.qrels[q].items()}
         ids = [data.doc_ids[i] for i in ids_row if i >= 0]
+        # a reranked list's passages past rerank_top_k have no reranker score (NaN): null
         row["models"][label] = {"first_relevant_rank": first_relevant_rank(ids, q_rel),
-                                "top10": [[i, float(s)] for i, s in zip(ids[:10], scores_row[:10],
-                                                                                  strict=True)]}
+                                "top10": [[i, None if np.isnan(s) else float(s)]
+                                          for i, s in zip(ids[:10], scores_row[:10], strict=True)]}
 
 
-def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, ks: list[int],
+def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, top_k: int, ks: list[int],
            doc_rank: np.ndarray) -> dict[str, Any]:
-    """Reorder each query's retrieved passages (``ranked``, -1 padded) by a CrossEncoder's scores, ties in
-    trec_eval's order, and score the reranked lists with the same metrics."""
+    """Reorder the first ``top_k`` of each query's retrieved passages (``ranked``, best first, -1 padded) by a
+    CrossEncoder's scores, ties in trec_eval's order, and score the lists with the same metrics.
+
+    The passages past ``top_k`` follow in the retriever's order (their score: NaN, the reranker did not score
+    them): reranking reorders the retriever's list, it does not shorten it, so recall@k for k >= ``top_k`` is
+    the retriever's."""
     from koret.encode import load_cross_encoder, score_pairs
 
     t0 = time.perf_counter()
     ce = load_cross_encoder(r.name, key=f"rerankers[{r.name}]", max_length=r.max_length)
-    valid = ranked >= 0
-    pairs = [(data.queries[q], data.corpus[d]) for q, row in zip(qids, ranked, strict=True) for d in row if d >= 0]
+    head, tail = ranked[:, :top_k], ranked[:, top_k:]
+    valid = head >= 0
+    pairs = [(data.queries[q], data.corpus[d]) for q, row in zip(qids, head, strict=True) for d in row if d >= 0]
     flat = score_pairs(ce, pairs, r.batch_size, "rerank")
-    scores = np.full(ranked.shape, -np.inf, dtype=np.float32)
+    scores = np.full(head.shape, -np.inf, dtype=np.float32)
     scores[valid] = flat
-    ids, scores = trec_order(ranked, scores, doc_rank)
+    ids, scores = trec_order(head, scores, doc_rank)
+    # padding (-1) only ever ends a row: a short head means the retriever returned nothing after it
+    ids = np.concatenate([ids, tail], axis=1)
+    scores = np.concatenate([scores, np.full(tail.shape, np.nan, dtype=np.float32)], axis=1)
     per_q = [query_metrics(row[row >= 0].tolist(), data.qrels[q], ks) for q, row in zip(qids, ids, strict=True)]
     seconds = time.perf_counter() - t0
     del ce
@@ -250,29 +270,39 @@ def rank_like_trec_eval(queries: np.ndarray, corpus: Embeddings, k: int, doc_ran
     return ids[:, :k], scores[:, :k], result.backend
 
 
+def reference(r: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row ``r``'s deltas are against: the one ``compared_with`` names (a reranked row: the retriever it
+    reranks), else the first row (the baseline; also for records written before ``compared_with``)."""
+    ref = r.get("compared_with")
+    return next((x for x in results if x["name"] == ref), results[0])
+
+
 def add_significance(results: list[dict[str, Any]], scored: dict[str, list[dict[str, float]]],
                      cfg: SignificanceConfig) -> None:
     """Each result after the baseline gets ``significance``: for every table metric, the mean per-query gain
-    over the baseline, its paired-bootstrap confidence interval and the paired randomization test's p-value."""
+    over its reference (:func:`reference`: the baseline, or for a reranked row the retriever it reranks), its
+    paired-bootstrap confidence interval and the paired randomization test's p-value."""
     if cfg.resamples == 0 or len(results) < 2:
         return
     from koret.significance import compare_to_baseline
 
-    base = results[0]["name"]
     metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
     arrays = {label: {k: np.array([q[k] for q in rows]) for k in metrics} for label, rows in scored.items()}
-    compared = compare_to_baseline(arrays, base, metrics, resamples=cfg.resamples, confidence=cfg.confidence,
-                                   seed=cfg.seed)
     for r in results[1:]:
+        base = reference(r, results)["name"]
+        compared = compare_to_baseline({base: arrays[base], r["name"]: arrays[r["name"]]}, base, metrics,
+                                       resamples=cfg.resamples, confidence=cfg.confidence, seed=cfg.seed)
         r["significance"] = {"baseline": base, "test": "paired randomization (sign flip), two-sided",
                              "interval": f"paired bootstrap, percentile, {cfg.confidence:.0%}",
                              "resamples": cfg.resamples, "metrics": compared[r["name"]]}
 
 
-def _delta_text(r: dict[str, Any], k: str, base: float, sep: str = " ") -> str:
-    """``+0.0094 [+0.0025, +0.0164] p=0.007`` (interval and p only when computed)."""
-    delta = r["metrics"][k] - base
-    sig = r.get("significance", {}).get("metrics", {}).get(k)
+def _delta_text(r: dict[str, Any], k: str, ref: dict[str, Any], sep: str = " ") -> str:
+    """``+0.0094 [+0.0025, +0.0164] p=0.007``: ``r``'s gain over the row ``ref`` (interval and p only when
+    computed against that same row)."""
+    delta = r["metrics"][k] - ref["metrics"][k]
+    sig = r.get("significance", {})
+    sig = sig.get("metrics", {}).get(k) if sig.get("baseline", ref["name"]) == ref["name"] else None
     if not sig:
         return f"{delta:+.4f}"
     return f"{delta:+.4f}{sep}[{sig['ci_low']:+.4f}, {sig['ci_high']:+.4f}] p={format_p(sig['p_value'])}"
@@ -291,8 +321,11 @@ def show_table(results: list[dict[str, Any]], title: str) -> None:
 
     t = Table(title=f"koret eval: {title}", title_justify="left", header_style="bold")
     t.add_column("metric")
+    first = results[0]["name"]
     for i, r in enumerate(results):
-        t.add_column(r["name"] + (" (baseline)" if i == 0 else ""), justify="right")
+        ref = reference(r, results)["name"]
+        t.add_column(escape(r["name"] + (" (baseline)" if i == 0 else f"\n(vs {ref})" if ref != first else "")),
+                     justify="right")
     base = results[0]["metrics"]
     for k in [k for k in TABLE_METRICS if k in base]:
         cells = []
@@ -301,33 +334,44 @@ def show_table(results: list[dict[str, Any]], title: str) -> None:
             if i == 0:
                 cells.append(f"{v:.4f}")
             else:
-                delta = v - base[k]
+                ref = reference(r, results)
+                delta = v - ref["metrics"][k]
                 color = "green" if delta > 0 else "red" if delta < 0 else "dim"
                 sig = r.get("significance", {}).get("metrics", {}).get(k)
                 if sig and sig["ci_low"] <= 0 <= sig["ci_high"]:
                     color = "dim"  # the interval holds zero: not a measurable difference
-                text = escape(_delta_text(r, k, base[k], sep="\n"))
+                text = escape(_delta_text(r, k, ref, sep="\n"))
                 cells.append(f"{v:.4f} [{color}]{text}[/{color}]")
         t.add_row(k, *cells)
     console().print(t)
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """Metrics x models; every model after the baseline shows its delta, and where computed the delta's
-    confidence interval and p-value, with a line saying how they were computed."""
+    """Metrics x models; every model after the baseline shows its delta against its reference (the baseline, or
+    for a reranked row the retriever it reranks, named in the row), and where computed the delta's confidence
+    interval and p-value, with a line saying how they were computed."""
     metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
     lines = ["| model | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
-    base = results[0]["metrics"]
+    first = results[0]["name"]
     for i, r in enumerate(results):
-        cells = [f"{r['metrics'][k]:.4f}" + ("" if i == 0 else f" ({_delta_text(r, k, base[k])})")
+        ref = reference(r, results)
+        cells = [f"{r['metrics'][k]:.4f}" + ("" if i == 0 else f" ({_delta_text(r, k, ref)})")
                  for k in metrics]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    sig = next((r["significance"] for r in results[1:] if "significance" in r), None)
-    if sig:
-        n = next(iter(sig["metrics"].values()))["queries"] if sig["metrics"] else 0
+        name = r["name"] + (f" (vs {ref['name']})" if i > 0 and ref["name"] != first else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    others = [f"{r['name']} against {reference(r, results)['name']}, the retrieval it reranks"
+              for r in results[1:] if reference(r, results)["name"] != first]
+    sig = next((r["significance"] for r in results[1:]
+                if r.get("significance", {}).get("baseline") == reference(r, results)["name"]), None)
+    if len(results) > 1:
+        against = f"Deltas against {first}" + (f" ({'; '.join(others)})" if others else "")
         lines.append("")
-        lines.append(f"Deltas against {sig['baseline']} over {n:,} queries: [{sig['interval']} interval of the "
-                     f"mean gain], p = {sig['test']} ({sig['resamples']:,} resamples).")
+        if sig:
+            n = next(iter(sig["metrics"].values()))["queries"] if sig["metrics"] else 0
+            lines.append(f"{against} over {n:,} queries: [{sig['interval']} interval of the mean gain], "
+                         f"p = {sig['test']} ({sig['resamples']:,} resamples).")
+        else:
+            lines.append(f"{against}.")
     return "\n".join(lines) + "\n"
 
 

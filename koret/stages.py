@@ -120,6 +120,20 @@ def _chain_trainer(name: str) -> Callable[[Any, dict[str, Any], Path, str], Any]
     return chain
 
 
+def _trained_label(ev: EvalConfig, root: Path) -> str:
+    """The label (as ``koret eval`` names it, labelled or not) of the retriever the run's reranker reorders: the
+    model at ``<run.dir>/train/final`` when ``eval.models`` lists it, else the last model (base first, trained
+    last)."""
+    from koret.evaluate import model_labels
+
+    labels = model_labels(ev.models)
+    trained = (root / "train" / "final").expanduser().resolve()
+    for m, label in zip(ev.models, labels, strict=True):
+        if Path(m.name).expanduser().resolve() == trained:
+            return label
+    return labels[-1]
+
+
 def _chain_eval(section: EvalConfig, out: dict[str, Any], root: Path, source: str) -> EvalConfig:
     ev = section.model_copy(deep=True)
     if not ev.models:
@@ -137,7 +151,7 @@ def _chain_eval(section: EvalConfig, out: dict[str, Any], root: Path, source: st
         ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "rerankers": [
             {"name": str(root / "reranker" / "final"), "label": "reranker",
              "max_length": out["reranker"].model.max_length}],
-            "rerank_model": ev.rerank_model or ev.models[-1].label or None}, f"{source}: eval")
+            "rerank_model": ev.rerank_model or _trained_label(ev, root)}, f"{source}: eval")
     ev.output.dir = str(root / "eval")
     return ev
 

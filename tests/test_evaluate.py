@@ -290,3 +290,127 @@ def test_reranked_eval_equals_pytrec_eval_on_the_reranked_run(tmp_path, tiny_mod
             want = sum(v[f"{theirs}_{k}"] for v in ref.values()) / len(ref)
             assert m[f"{ours}@{k}"] == pytest.approx(want, abs=1e-6), (ours, k)
     assert m["ndcg@10"] != out["models"][0]["metrics"]["ndcg@10"]
+
+
+def _distinct_beir(root: Path, pairs: list[dict[str, str]], extra: list[str]) -> Path:
+    """A BEIR folder of the fixture pairs (graded qrels) with extra passages, every text distinct: more than 100
+    passages, so recall@100 is not clamped to the corpus."""
+    from koret.synth import generate
+
+    (root / "qrels").mkdir(parents=True)
+    docs: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    lines = ["query-id\tcorpus-id\tscore"]
+    for row in pairs:
+        d = docs.setdefault(row["positive"], f"doc{len(docs):03d}")
+        q = queries.setdefault(row["query"], f"qry{len(queries):03d}")
+        lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
+    for text in extra + [p["positive"] for p in generate(60, seed=8, paraphrase_rate=0.3).pairs]:
+        docs.setdefault(text, f"x{len(docs):03d}")
+    assert len(docs) > 100
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                               for t, i in docs.items()))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                                for t, i in queries.items()))
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_reranked_row_keeps_the_retrievers_tail_and_is_compared_with_it(tmp_path, tiny_model, tiny_cross_encoder,
+                                                                        pairs, extra_corpus):
+    """--rerank-top-k 20 with k up to 100: the reranked list is the reranked top 20 followed by the retriever's
+    ranks 21..100, so its recall@100 is the retriever's; its deltas, CIs and p-values are against the retriever
+    it reranks (here the second model), not the first model. Checked against pytrec_eval on runs built here
+    from the models directly (retriever embeddings, cross-encoder scores), not from koret's output."""
+    import pytrec_eval
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    beir = _distinct_beir(tmp_path / "beir", pairs, extra_corpus)
+    other = SentenceTransformer(str(tiny_model), device="cpu")  # a different first model (the baseline)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    other.save(str(tmp_path / "other"))
+    # the fixture cross-encoder's logits (4-9) put its sigmoid scores within float32 steps of 1 (ties that batching
+    # noise flips); a tenth of its head's weights keeps them apart
+    ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    with torch.no_grad():
+        ce.model.classifier.weight.mul_(0.1)
+        ce.model.classifier.bias.mul_(0.1)
+    ce.save(str(tmp_path / "tiny-ce"))
+    md = tmp_path / "table.md"
+    r = _eval(tmp_path, "--model", str(tmp_path / "other"), "--model", str(tiny_model), "--data", str(beir),
+              "--k", "10,100", "--reranker", str(tmp_path / "tiny-ce"), "--rerank-top-k", "20",
+              "--set", "rerank_model=tiny-st", "--markdown", str(md), "--set", f"cache_dir={tmp_path}/cache")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [m["name"] for m in out["models"]] == ["other", "tiny-st", "tiny-st + tiny-ce"]
+    retr, rr = out["models"][1], out["models"][2]
+
+    # independent runs: the retriever's exact scores over the whole corpus, the cross-encoder on its top 20
+    corpus = [json.loads(x) for x in (beir / "corpus.jsonl").read_text().splitlines()]
+    queries = [json.loads(x) for x in (beir / "queries.jsonl").read_text().splitlines()]
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (beir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, g = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(g)
+    st = SentenceTransformer(str(tiny_model), device="cpu")
+    c_emb = st.encode([c["text"] for c in corpus], prompt="passage: ", convert_to_numpy=True).astype(np.float64)
+    q_emb = st.encode([q["text"] for q in queries], prompt="query: ", convert_to_numpy=True).astype(np.float64)
+    scores = q_emb @ c_emb.T
+    orders = [sorted(range(len(corpus)), key=lambda i: (-row[i], [-ord(ch) for ch in corpus[i]["_id"]]))
+              for row in scores]
+    ce_scores = ce.predict([(q["text"], corpus[i]["text"]) for q, order in zip(queries, orders, strict=True)
+                            for i in order[:20]]).reshape(len(queries), 20)
+    assert np.all((ce_scores > 0) & (ce_scores < 1))  # sigmoid: 10 + score ranks the head above the tail
+    retriever_run, reranked_run = {}, {}
+    ambiguous = 0  # queries where float noise (~1e-7: koret and this test batch texts apart) could swap two
+    # passages that matter: scores within 1e-6 of a passage of another grade, or at the top-20 cut
+    for q, row, order, head_scores in zip(queries, scores, orders, ce_scores, strict=True):
+        grade = [qrels[q["_id"]].get(corpus[i]["_id"], 0) for i in order]
+        near = [j for j in range(101) if row[order[j]] - row[order[j + 1]] < 1e-6]
+        by_ce = np.argsort(-head_scores)
+        near_ce = [(a, b) for a, b in zip(by_ce[:-1], by_ce[1:], strict=True) if head_scores[a] - head_scores[b] < 1e-6]
+        ambiguous += any(j == 19 or grade[j] != grade[j + 1] for j in near) or \
+            any(grade[a] != grade[b] for a, b in near_ce)
+        retriever_run[q["_id"]] = {corpus[i]["_id"]: float(row[i]) for i in order[:100]}
+        reranked_run[q["_id"]] = {**{corpus[i]["_id"]: float(row[i]) for i in order[20:100]},
+                                  **{corpus[i]["_id"]: 10.0 + float(s) for i, s in zip(order[:20], head_scores,
+                                                                                       strict=True)}}
+    measures = {"ndcg_cut.10", "recall.10,20,100", "P.10"}
+    ref_retr = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(retriever_run)
+    ref_rr = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(reranked_run)
+
+    def mean(ref: dict, name: str) -> float:
+        return float(np.mean([v[name] for v in ref.values()]))
+
+    assert mean(ref_retr, "recall_20") < mean(ref_retr, "recall_100") - 0.3, "many positives sit at ranks 21-100"
+    tol = 1e-6 + ambiguous / len(queries)  # a metric of one query is within [0, 1]
+    assert ambiguous <= 5, ambiguous
+    for ours, theirs in (("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10"), ("recall@100", "recall_100"),
+                         ("precision@10", "P_10")):
+        assert retr["metrics"][ours] == pytest.approx(mean(ref_retr, theirs), abs=tol), ours
+        assert rr["metrics"][ours] == pytest.approx(mean(ref_rr, theirs), abs=tol), ours
+    assert rr["metrics"]["recall@100"] == retr["metrics"]["recall@100"]
+    assert rr["metrics"]["ndcg@10"] != retr["metrics"]["ndcg@10"]
+
+    # the reference: the retriever it reranks, named in metrics.json, the table and the markdown; the paired
+    # comparison is the one of the per-query NDCG@10 of the two rows (recomputed from per_query.jsonl's top 10)
+    assert rr["compared_with"] == "tiny-st" and retr["compared_with"] == "other"
+    sig = rr["significance"]
+    assert sig["baseline"] == "tiny-st"
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "per_query.jsonl").read_text().splitlines()]
+    per_q = {label: [query_metrics([d for d, _ in row["models"][label]["top10"]], row["relevant"], [10])["ndcg@10"]
+                     for row in rows] for label in ("other", "tiny-st", "tiny-st + tiny-ce")}
+    assert np.mean(per_q["tiny-st + tiny-ce"]) == pytest.approx(rr["metrics"]["ndcg@10"], abs=1e-9)
+    want = paired_comparison(per_q["tiny-st"], per_q["tiny-st + tiny-ce"]).as_dict()
+    assert sig["metrics"]["ndcg@10"] == pytest.approx(want, abs=1e-9)
+    assert want != pytest.approx(paired_comparison(per_q["other"], per_q["tiny-st + tiny-ce"]).as_dict())
+    assert sig["metrics"]["recall@100"]["delta"] == 0 == sig["metrics"]["recall@100"]["ci_low"] \
+        == sig["metrics"]["recall@100"]["ci_high"]
+    text = md.read_text()
+    a, b = retr["metrics"]["ndcg@10"], rr["metrics"]["ndcg@10"]
+    assert f"| tiny-st + tiny-ce (vs tiny-st) | {b:.4f} ({b - a:+.4f} [{want['ci_low']:+.4f}, " in text
+    assert "Deltas against other (tiny-st + tiny-ce against tiny-st, the retrieval it reranks) over " in text
