@@ -299,12 +299,30 @@ def unknown_training_args(args: dict[str, Any], class_name: str) -> None:
 class RerankerModelConfig(Section):
     name: str | None = Field(None, description="CrossEncoder (Hub id or folder, e.g. BAAI/bge-reranker-v2-m3), or a "
                                                "plain encoder that gets a new one-logit head.")
-    max_length: int | None = Field(None, ge=8, description="Max tokens of a (query, passage) pair.")
+    max_length: int | None = Field(None, ge=8, description="Max tokens of a (query, passage) pair; longer pairs "
+                                                            "are cut, the longer text first. null: 512, or the "
+                                                            "model's own maximum when smaller. Batches are padded "
+                                                            "to their longest pair: short pairs cost their length.")
+    attention_dropout: float | Literal["auto"] | None = Field(
+        "auto", description="Dropout of the attention probabilities while training. auto: 0 on CPU, where PyTorch's "
+                            "fused attention takes no dropout and would otherwise keep every head's L x L matrices "
+                            "for backward (all-MiniLM-L6-v2, 16 pairs of 512 tokens: 2.9 GB peak, not 9.8), the "
+                            "model's own on GPUs (whose fused kernels take dropout); null: the model's own (0.1 for "
+                            "BERT / XLM-R); or a number in [0, 1).")
+
+    @field_validator("attention_dropout")
+    @classmethod
+    def _dropout_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0 <= v < 1:
+            raise ValueError("a dropout is in [0, 1)")
+        return v
 
 
 class RerankerDataConfig(SourceFields):
-    eval: str | None = Field(None, description="A mined train.parquet of held-out queries: during training the "
-                                               "reranker reorders each one's positive and negatives (NDCG@10).")
+    eval: str | None = Field(None, description="koret mine's output folder for held-out queries (or its "
+                                               "train.parquet / candidates.parquet): during training the reranker "
+                                               "reorders each one's retrieved top-k (candidates.parquet); base_*: "
+                                               "the retriever's order (NDCG@10).")
     eval_max_queries: int | None = Field(None, ge=1)
     num_negatives: int | None = Field(None, ge=1, description="Hard negatives per query (default: every "
                                                               "negative_* column).")

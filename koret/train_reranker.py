@@ -38,6 +38,7 @@ from koret.training.crossencoder import (
     build_reranker_loss,
     load_reranker,
     load_reranker_data,
+    model_attention_dropout,
     reranking_evaluator,
 )
 
@@ -89,6 +90,10 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
         return {}
     metrics = {"kind": "reranker", "loss": cfg.loss.name, "num_negatives": data.num_negatives,
                "train_rows": data.rows, "base_model": cfg.model.name, "data": data.source,
+               # what a step's memory hangs on: the pair length cut, the attention kernel and its dropout
+               "max_length": model.max_seq_length,
+               "attn_implementation": getattr(model.model.config, "_attn_implementation", None),
+               "attention_dropout": model_attention_dropout(model.model.config),
                **run_metrics(output, args, callback, None, wall, str(model.device), resume_from)}  # pairs: no token count
     write_records(out_dir, metrics, cfg, callback)
     show(table(f"koret train-reranker: {out_dir}", ["", "value"], [

@@ -9,7 +9,9 @@ and the losses (sentence-transformers' own, from ``sentence_transformers.cross_e
 | ``margin_mse`` | (anchor, positive, negative_1..N) | the mined scores [positive, negative_1..N] (teacher, or ``rescore.model`` when mining rescored) |
 
 Plain (query, positive) pairs have no hard negatives: only ``mnrl`` / ``cached_mnrl`` (in-batch negatives) and
-``bce`` (positives only, which cannot learn to rank) apply; the others say so in one line.
+``bce`` (positives only, which cannot learn to rank) apply; the others say so in one line. Mine's
+``candidates.parquet`` (passage ids per query) is read with the ``corpus.parquet`` beside it into the same rows:
+each positive with the query's best-scored candidates that are not positives (see :func:`_candidate_tuples`).
 
 References: Burges et al., 2010 (LambdaMART, ``lambda``); Cao et al., 2007 (ListNet); Hofstätter et al., 2020,
 arXiv:2010.02666 (Margin-MSE); Xiao et al., 2023, arXiv:2309.07597 (FlagEmbedding's groups of 1 + N).
@@ -19,10 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 from koret.config import RerankerConfig
-from koret.data import detect_format, load_section, normalize_text, read_table, split_source
+from koret.data import (
+    CANDIDATE_COLUMNS,
+    detect_format,
+    is_candidates_table,
+    load_section,
+    normalize_text,
+    read_table,
+    split_source,
+)
 from koret.encode import default_device, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
 
@@ -39,13 +50,16 @@ class RerankerData:
 
 
 def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | None:
-    """anchor, positive, negative_1..N (and scores) from a mined file, or None for a pairs source."""
+    """anchor, positive, negative_1..N (and scores) from a mined file (train.parquet, or candidates.parquet), or
+    None for a pairs source."""
     d = cfg.data
     path, selection = split_source(d.train)
     fmt = detect_format(path, "data.train") if d.format == "auto" else d.format
     if selection is not None or fmt not in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
         return None
     df = read_table(path, fmt, "data.train", d.split)
+    if is_candidates_table(df.columns):
+        return _candidate_tuples(cfg, path, [str(c) for c in df.columns])
     negs = sorted((str(c) for c in df.columns if _NEGATIVE.match(str(c))),
                   key=lambda c: int(_NEGATIVE.match(c).group(1) or 0))
     if "anchor" not in df.columns or not negs:
@@ -71,6 +85,47 @@ def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | Non
     if "scores" in df.columns:
         cols["scores"] = [[float(x) for x in s][: 1 + len(negs)] for s in df["scores"].tolist()]
     return cols, len(negs)
+
+
+def _candidate_tuples(cfg: RerankerConfig, path: str, columns: list[str]) -> tuple[dict[str, list[Any]], int]:
+    """anchor, positive, negative_1..N and scores from koret mine's ``candidates.parquet`` and the
+    ``corpus.parquet`` beside it (the texts its passage ids name).
+
+    Per (query, positive): the ``data.num_negatives`` (default 7, mine's own default) best-scored candidates that
+    are not a known positive of the query nor a passage with a positive's text: the rows mine writes with
+    ``filter.strategy: naive`` (no false-negative filter: train.parquet's perc_pos is safer), by mine's own
+    filter code. Rows with fewer such candidates are left out and counted. ``scores`` are the positive's and
+    the negatives', the rescore model's when mining rescored, else the teacher's (as in train.parquet)."""
+    from pathlib import Path
+
+    from koret.candidates import read_candidates
+    from koret.filter import FilterSettings, apply_filter
+    from koret.report import info
+
+    d = cfg.data
+    missing = [c for c in CANDIDATE_COLUMNS if c not in columns]
+    if missing:
+        raise KoretError(f"data.train: {path}: a candidates file needs columns {', '.join(CANDIDATE_COLUMNS)}; "
+                         f"missing {', '.join(missing)}", "train on the train.parquet koret mine wrote beside it")
+    corpus = Path(path).parent / "corpus.parquet"
+    if not corpus.exists():
+        raise KoretError(f"data.train: {path} names passages by id and the corpus.parquet beside it is missing",
+                         "keep koret mine's output folder together, or train on its train.parquet")
+    n = d.num_negatives or FilterSettings().num_negatives
+    cands, texts, groups = read_candidates(Path(path))
+    outcome = apply_filter(cands, texts, groups, FilterSettings(strategy="naive", num_negatives=n))
+    rows_in, rows_out = outcome.stats["rows_in"], outcome.stats["rows_out"]
+    if not rows_out:
+        raise KoretError(f"data.train: {path}: no (query, positive) row has {n} candidates that are not positives",
+                         "lower data.num_negatives")
+    if rows_out < rows_in:
+        info(f"data.train: {rows_in - rows_out:,} of {rows_in:,} (query, positive) rows have fewer than {n} "
+             "candidates that are not positives and are left out")
+    end = d.limit if d.limit is not None else rows_out
+    cols: dict[str, list[Any]] = {name: [normalize_text(t, d.normalize) for t in values[:end]]
+                                  for name, values in outcome.rows.items() if name != "scores"}
+    cols["scores"] = outcome.rows["scores"][:end]
+    return cols, n
 
 
 def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
@@ -123,36 +178,186 @@ def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
     return RerankerData(Dataset.from_dict(rows), len(negs), n_rows, d.train)
 
 
-def reranking_evaluator(cfg: RerankerConfig) -> Any:
-    """sentence-transformers' CrossEncoderRerankingEvaluator over ``data.eval`` (a mined file of held-out
-    queries): each query's positive and hard negatives are reordered and scored (NDCG@10, MRR@10, MAP); the
-    evaluator's "base" figures are the teacher's order of the same passages (1.0 after positive-aware filtering,
-    which keeps only negatives the teacher scores below the positive)."""
-    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+HELD_OUT_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10")
+
+
+@dataclasses.dataclass
+class HeldOutCandidates:
+    """The retriever's top-k candidates of held-out queries, as ``koret mine`` wrote them (candidates.parquet).
+
+    ``candidates[q]`` holds indices into ``texts`` (-1 padded), ``retriever_scores[q]`` the retriever's (mine's
+    teacher's) scores aligned with them; ``passage_ids`` maps an index to the passage's corpus id, which
+    ``qrels[q]`` (the query's positives, whether the retriever found them or not) is keyed by."""
+
+    queries: list[str]
+    candidates: Any  # np.ndarray (Q, K) int64
+    retriever_scores: Any  # np.ndarray (Q, K) float32, -inf padded
+    texts: list[str]
+    doc_ids: list[str]  # per index: the corpus doc id (trec_eval breaks ties by it, descending)
+    passage_ids: Any  # np.ndarray (len(texts),) int64
+    qrels: list[dict[int, int]]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(query, passage) for every candidate, row by row: the order of ``scores[candidates >= 0]``."""
+        return [(self.queries[q], self.texts[i]) for q, row in enumerate(self.candidates) for i in row if i >= 0]
+
+    def metrics(self, scores: Any) -> dict[str, float]:
+        """``HELD_OUT_METRICS`` (trec_eval's definitions, :mod:`koret.metrics`) of each query's candidates
+        ordered by ``scores`` (aligned with ``candidates``), ties as trec_eval breaks them, as ``koret eval``."""
+        from koret.evaluate import doc_rank_desc, trec_order
+        from koret.metrics import mean_metrics, query_metrics
+
+        ids, _ = trec_order(self.candidates, scores, doc_rank_desc(self.doc_ids))
+        mean = mean_metrics([query_metrics(self.passage_ids[row[row >= 0]].tolist(), qrels, [10])
+                             for row, qrels in zip(ids, self.qrels, strict=True)])
+        return {k: mean[k] for k in HELD_OUT_METRICS}
+
+    def rerank_scores(self, model: Any, batch_size: int) -> Any:
+        """The CrossEncoder's score of every candidate, aligned with ``candidates`` (-inf padded)."""
+        import numpy as np
+
+        valid = self.candidates >= 0
+        scores = np.full(self.candidates.shape, -np.inf, dtype=np.float32)
+        flat = model.predict(self.pairs(), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+        scores[valid] = np.asarray(flat, dtype=np.float32).reshape(-1)
+        return scores
+
+
+def read_held_out(cfg: RerankerConfig) -> HeldOutCandidates:
+    """``data.eval`` (a ``koret mine`` output folder of held-out queries, or its train.parquet / candidates.parquet):
+    the first ``data.eval_max_queries`` queries of its candidates.parquet, with the texts from corpus.parquet."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from koret.data import CANDIDATE_COLUMNS
 
     d = cfg.data
     path, _ = split_source(d.eval)
-    fmt = detect_format(path, "data.eval")
-    df = read_table(path, fmt, "data.eval", d.split)
-    negs = [str(c) for c in df.columns if _NEGATIVE.match(str(c))]
-    if "anchor" not in df.columns or "positive" not in df.columns or not negs:
-        raise KoretError(f"data.eval: {path}: expected a mined file (anchor, positive, negative_1..N); columns: "
-                         f"{', '.join(map(str, df.columns))}", "mine the held-out queries with koret mine")
+    given = Path(path).expanduser()
+    folder = given if given.is_dir() else given.parent
+    cands_path, corpus_path = folder / "candidates.parquet", folder / "corpus.parquet"
+    if not cands_path.exists() or not corpus_path.exists():
+        raise KoretError(f"data.eval: {d.eval}: no candidates.parquet and corpus.parquet in {folder} (the "
+                         "retriever's top-k candidates of the held-out queries, which koret mine writes)",
+                         "mine the held-out queries with the retriever as teacher (koret mine --set "
+                         "data.train=HELD_OUT --set output.dir=DIR) and set data.eval to DIR")
+    try:
+        table = pq.read_table(cands_path)
+        corpus = pq.read_table(corpus_path, columns=["doc_id", "text"])
+    except Exception as exc:
+        raise KoretError(f"data.eval: {folder}: unreadable candidates.parquet / corpus.parquet "
+                         f"({str(exc).splitlines()[0][:200]})", "mine the held-out queries again") from exc
+    missing = [c for c in CANDIDATE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise KoretError(f"data.eval: {cands_path}: missing columns {', '.join(missing)}",
+                         "was it written by koret mine? mine the held-out queries again")
     if d.eval_max_queries:
-        df = df.iloc[: d.eval_max_queries]
-    samples = []
-    for _, row in df.iterrows():
-        docs = [normalize_text(row[c], d.normalize) for c in ["positive", *negs] if isinstance(row[c], str)]
-        scores = list(row["scores"])[: len(docs)] if "scores" in df.columns else None
-        if scores is not None and len(scores) == len(docs):  # the mined (teacher) order is the "base" ranking
-            docs = [doc for _, doc in sorted(zip(scores, docs, strict=True), key=lambda x: -x[0])]
-        samples.append({"query": normalize_text(row["anchor"], d.normalize),
-                        "positive": [normalize_text(row["positive"], d.normalize)], "documents": docs})
-    return CrossEncoderRerankingEvaluator(samples, at_k=10, name="eval", write_csv=False)
+        table = table.slice(0, d.eval_max_queries)
+    # the teacher's scores, also when mining rescored: the retriever's order is the baseline
+    rows = table.select(["query", "positive_ids", "candidate_ids", "teacher_candidate_scores"]).to_pylist()
+    if not rows:
+        raise KoretError(f"data.eval: {cands_path}: no queries")
+    width = max(len(r["candidate_ids"]) for r in rows)
+    ids = np.full((len(rows), width), -1, dtype=np.int64)
+    scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["candidate_ids"])] = r["candidate_ids"]
+        scores[i, : len(r["candidate_ids"])] = r["teacher_candidate_scores"]
+    used = np.unique(ids[ids >= 0])
+    if len(used) and used[-1] >= corpus.num_rows:
+        raise KoretError(f"data.eval: {cands_path}: passage id {int(used[-1])} is not one of the "
+                         f"{corpus.num_rows:,} passages of {corpus_path}", "mine the held-out queries again")
+    picked = corpus.take(pa.array(used))
+    return HeldOutCandidates(
+        queries=[normalize_text(r["query"], d.normalize) for r in rows],
+        candidates=np.where(ids >= 0, used.searchsorted(np.maximum(ids, 0)), -1),
+        retriever_scores=scores,
+        texts=[normalize_text(t, d.normalize) for t in picked.column("text").to_pylist()],
+        doc_ids=[str(x) for x in picked.column("doc_id").to_pylist()],
+        passage_ids=used,
+        qrels=[{int(p): 1 for p in r["positive_ids"]} for r in rows])
+
+
+def reranking_evaluator(cfg: RerankerConfig) -> Any:
+    """The held-out reranking evaluated during training (``data.eval``, see :func:`read_held_out`): the
+    retriever's top-k candidates of held-out queries reordered by the reranker being trained, scored with
+    ``koret eval``'s metrics and tie order; ``base_*`` are the retriever's own order of the same candidates.
+
+    These are the candidates ``koret eval --reranker`` reorders when the mine's teacher is the retriever: its top
+    ``search.top_k`` per query, a positive only where the retriever found it. train.parquet's negatives are not
+    used: filtering keeps only negatives the teacher scores below the positive, so their teacher order ranks
+    the positive first and that baseline is 1.0 by construction. Metrics (``eval_ndcg@10``,
+    ``eval_base_ndcg@10``, ...): NDCG, MRR, MAP and recall at 10."""
+    from sentence_transformers.base.evaluation import BaseEvaluator
+
+    held = read_held_out(cfg)
+    batch_size = int(cfg.args.get("per_device_eval_batch_size", 32))
+    base = held.metrics(held.retriever_scores)  # fixed: computed once
+
+    class HeldOutReranking(BaseEvaluator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = "eval"
+            self.primary_metric = "ndcg@10"
+
+        def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1,
+                     steps: int = -1) -> dict[str, float]:
+            reranked = held.metrics(held.rerank_scores(model, batch_size))
+            metrics = self.prefix_name_to_metrics({**reranked, **{f"base_{k}": v for k, v in base.items()}},
+                                                  self.name)
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+            return metrics
+
+        def get_config_dict(self) -> dict[str, Any]:
+            return {"queries": len(held.queries), "candidates": int((held.candidates >= 0).sum())}
+
+    return HeldOutReranking()
+
+
+DEFAULT_MAX_LENGTH = 512  # tokens of a (query, passage) pair when model.max_length is None
+_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT family; ModernBERT, LLMs
+
+
+def resolve_attention_dropout(setting: float | str | None, on_gpu: bool) -> float | None:
+    """``model.attention_dropout`` as a number, or None for the model's own. ``auto``: 0 on CPU, where
+    ``torch.nn.functional.scaled_dot_product_attention`` runs its fused kernel only without dropout (with BERT's
+    0.1 it falls back to the math kernel, which keeps every head's (L x L) scores, probabilities and dropout mask
+    of every layer for the backward pass: all-MiniLM-L6-v2, 16 pairs of 512 tokens, mnrl: 9.8 GB peak with 0.1,
+    2.9 GB with 0); the model's own on GPUs, whose fused kernels take dropout. Pure."""
+    if setting == "auto":
+        return None if on_gpu else 0.0
+    return None if setting is None else float(setting)
+
+
+def model_attention_dropout(config: Any) -> float | None:
+    """The attention-probability dropout a transformers config sets (None if it names none)."""
+    return next((float(getattr(config, k)) for k in _ATTENTION_DROPOUT_KEYS
+                 if isinstance(getattr(config, k, None), (int, float))), None)
+
+
+def attention_dropout_overrides(ref: str, dropout: float | None) -> dict[str, float]:
+    """The model-config keys that set the attention-probability dropout to ``dropout`` (empty when None, or when
+    the config names no such key)."""
+    if dropout is None:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError):
+        return {}  # the CrossEncoder load reports what is wrong with ref
+    return {key: dropout for key in _ATTENTION_DROPOUT_KEYS
+            if isinstance(getattr(config, key, None), (int, float))}
 
 
 def load_reranker(cfg: RerankerConfig) -> Any:
-    """A CrossEncoder from a CrossEncoder folder / Hub id, or a plain encoder with a new one-logit head."""
+    """A CrossEncoder from a CrossEncoder folder / Hub id, or a plain encoder with a new one-logit head.
+
+    Memory of training: attention through PyTorch's scaled_dot_product_attention (``sdpa``; an architecture
+    without it keeps its own), ``model.attention_dropout`` (see :func:`attention_dropout_overrides`), and pairs
+    cut at ``model.max_length`` (default :data:`DEFAULT_MAX_LENGTH`, or the model's own maximum when smaller); the
+    losses tokenize each batch padded to its longest pair."""
     from sentence_transformers import CrossEncoder
 
     name = cfg.model.name
@@ -161,14 +366,28 @@ def load_reranker(cfg: RerankerConfig) -> Any:
                                                                   "or an encoder Hub id / folder")
     ref = resolve_model_path(name, "model.name")
     quiet_transformers()
+    import torch
+
+    overrides = attention_dropout_overrides(ref, resolve_attention_dropout(cfg.model.attention_dropout,
+                                                                           torch.cuda.is_available()))
+    kwargs = {"num_labels": 1, "max_length": cfg.model.max_length, "device": default_device()}
     try:
-        model = CrossEncoder(ref, num_labels=1, max_length=cfg.model.max_length, device=default_device())
+        try:
+            model = CrossEncoder(ref, model_kwargs={"attn_implementation": "sdpa"}, config_kwargs=dict(overrides),
+                                 **kwargs)
+        except ValueError as exc:  # an architecture without SDPA: its own attention
+            if "scaled_dot_product_attention" not in str(exc):
+                raise
+            model = CrossEncoder(ref, config_kwargs=dict(overrides), **kwargs)
     except (OSError, ValueError) as exc:
         raise KoretError(f"model.name: could not load {name!r} as a cross-encoder "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if model.num_labels != 1:
         raise KoretError(f"model.name: {name!r} has {model.num_labels} output labels; a reranker has one",
                          "use a one-logit reranker, or a plain encoder (koret adds a one-logit head)")
+    if cfg.model.max_length is None:
+        positions = getattr(model.model.config, "max_position_embeddings", None)
+        model.max_seq_length = min(x for x in (DEFAULT_MAX_LENGTH, model.max_seq_length, positions) if x)
     return model
 
 
