@@ -65,12 +65,19 @@ def _train_figure(cfg: Any, m: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """NDCG@10 of the first model -> the last retriever, and of each reranker over the retriever it reorders."""
     models = res["models"]
     # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
     key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
-    a, b = models[0]["metrics"][key], models[-1]["metrics"][key]
     label = key.upper()
-    figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(models) > 1 else f"{label} {a:.4f}"
+    retrievers = [m for m in models if "reranks" not in m]
+    a, b = retrievers[0]["metrics"][key], retrievers[-1]["metrics"][key]
+    figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(retrievers) > 1 else f"{label} {a:.4f}"
+    by_name = {m["name"]: m for m in models}
+    for m in models:
+        if "reranks" in m:
+            base = by_name[m["reranks"]]["metrics"][key]
+            figure += f"; {m['name']} {m['metrics'][key]:.4f} ({m['metrics'][key] - base:+.4f} over {m['reranks']})"
     return figure, {key: [m["metrics"][key] for m in models]}
 
 

@@ -404,3 +404,17 @@ def test_push_retries_only_transient_failures(tiny_model, fake_hub, monkeypatch)
     with pytest.raises(TypeError):
         run_cli(*base)
     assert len(attempts) == 1, "a programming error is raised at once, never retried"
+
+
+def test_eval_figure_puts_the_reranker_beside_the_retriever_it_reorders():
+    """The run summary's eval figure is base -> trained retriever, and the reranker over the retriever it
+    reranks (it read base -> the last row, which is the reranked one)."""
+    from koret.stages import _eval_figure
+
+    res = {"k": [10], "models": [
+        {"name": "base", "metrics": {"ndcg@10": 0.50}},
+        {"name": "trained", "compared_with": "base", "metrics": {"ndcg@10": 0.60}},
+        {"name": "reranker", "reranks": "trained", "compared_with": "trained", "metrics": {"ndcg@10": 0.65}}]}
+    figure, details = _eval_figure(None, res)
+    assert figure == "NDCG@10 0.5000 -> 0.6000 (+0.1000); reranker 0.6500 (+0.0500 over trained)"
+    assert details == {"ndcg@10": [0.50, 0.60, 0.65]}
