@@ -3,7 +3,7 @@
 The stages are importable as plain functions::
 
     from koret.mine import mine
-    from koret.refilter import refilter
+    from koret.filter import refilter
 """
 
 __version__ = "0.1.0"

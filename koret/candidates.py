@@ -1,7 +1,7 @@
 """The files of a mine folder: ``candidates.parquet``, ``corpus.parquet``, ``train.parquet``, ``stats.json``,
 ``scores.png``, ``config.yaml``, and the teacher scores behind ``embeddings.json``.
 
-``koret mine`` writes them, ``koret filter`` (:mod:`koret.refilter`) reads the candidates and writes a new
+``koret mine`` writes them, ``koret filter`` (:mod:`koret.filter`) reads the candidates and writes a new
 ``train.parquet``, ``koret train`` and ``koret push`` read the records. Every file is written atomically.
 """
 
@@ -17,7 +17,7 @@ from koret.config import MineConfig, dump_yaml
 from koret.data import RetrievalData
 from koret.encode import Embeddings
 from koret.errors import KoretError
-from koret.filter import SOURCES, Candidates, FilterOutcome
+from koret.filter_rules import SOURCES, Candidates, FilterOutcome
 from koret.io import write_json, write_parquet, write_text
 from koret.report import plot_score_distributions, show, table
 from koret.search import exact_scores

@@ -154,8 +154,8 @@ class FilterConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> FilterConfig:
-        """The cross-key rules of :meth:`koret.filter.FilterSettings.check` (abs needs max_score, ...)."""
-        from koret.filter import FilterSettings
+        """The cross-key rules of :meth:`koret.filter_rules.FilterSettings.check` (abs needs max_score, ...)."""
+        from koret.filter_rules import FilterSettings
 
         try:
             FilterSettings.from_config(self).check()

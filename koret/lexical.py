@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from koret.errors import KoretError
-from koret.filter import DENSE, LEXICAL
+from koret.filter_rules import DENSE, LEXICAL
 from koret.report import progress
 
 KIWI_CONTENT_TAGS = ("NNG", "NNP", "NR", "VV", "VA", "XR", "SL", "SH", "SN")

@@ -11,7 +11,7 @@ Phases:
    the BM25 top ``search.lexical.top_k`` over Korean morphemes, each scored by the teacher (:mod:`koret.lexical`);
 4. optionally rescore candidates and positives with a CrossEncoder (``rescore.model``), each process taking a
    range of queries;
-5. filter and sample negatives (:mod:`koret.filter`), each process taking a range of queries, and write the
+5. filter and sample negatives (:mod:`koret.filter_rules`), each process taking a range of queries, and write the
    outputs from the main process.
 
 Outputs in ``output.dir`` (each written atomically): ``candidates.parquet``, ``corpus.parquet``,
@@ -56,7 +56,7 @@ from koret.encode import (
     score_pairs,
 )
 from koret.errors import KoretError
-from koret.filter import Candidates, Choice, FilterSettings, apply_filter, choose, join_choices
+from koret.filter_rules import Candidates, Choice, FilterSettings, apply_filter, choose, join_choices
 from koret.io import write_json
 from koret.lexical import LexicalSettings, check_lexical_available, lexical_candidates, union_candidates
 from koret.prompts import resolve_prompts

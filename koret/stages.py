@@ -1,9 +1,12 @@
 """The registry of stages: what ``koret run``, the CLI and ``koret config`` know about each stage, in one place.
 
-A stage is its own module (``koret/mine.py``, ``koret/refilter.py``, ...) with a run function taking its
-config; the entry here names its config schema, how to run it, the outputs that mark it as done, the input
-files whose change reruns it, its key figure for the summary table, and whether it uses every process of a
-launched run. Adding a stage is one entry here plus its module. Run functions are imported when called, so
+A stage is its own module, named after its command (``koret train-reranker`` is ``koret/train_reranker.py``;
+``koret eval`` is ``koret/evaluate.py``), with a run function taking its config; its config class is named after
+its ``koret run`` section (``reranker:`` is :class:`~koret.config.RerankerConfig`); the model-kind helpers it
+uses live in ``koret/training/`` (``biencoder.py``, ``crossencoder.py``: the reranker is a cross-encoder), and
+pure rules in leaf modules (``filter_rules.py``, ``metrics.py``). The entry here names its config schema, how
+to run it, the outputs that mark it as done, the input files and models whose change reruns it, its key figure
+for the summary table, and whether it uses every process of a launched run. Adding a stage is one entry here plus its module. Run functions are imported when called, so
 reading the registry loads no model library.
 """
 
@@ -189,7 +192,7 @@ REGISTRY: dict[str, Stage] = {
               lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True, chain=_chain_mine,
               models=lambda c: [c.teacher.model, c.rescore.model],
               help="Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."),
-        Stage("filter", MineConfig, "koret.refilter:refilter", _mine_outputs,
+        Stage("filter", MineConfig, "koret.filter:refilter", _mine_outputs,
               lambda c: [], _rows_figure, section=FilterConfig, chain=_chain_filter,
               help="Re-filter an existing candidates.parquet with new settings (no model; seconds)."),
         Stage("train", TrainConfig, "koret.train:train",

@@ -73,7 +73,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     card = model.model_card_data
     card.language = ["ko"]
     card.tags = sorted(set((card.tags or []) + ["koret", "korean", "reranker"]))
-    loss = build_reranker_loss(cfg, model, data.num_negatives)
+    loss = build_reranker_loss(cfg, model)
     callback = callback_class()()
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data.dataset, loss=loss,
                                   evaluator=evaluator, callbacks=[callback])

@@ -27,7 +27,7 @@ WINDOW = (N_NEG * 10 + 1) + 1  # the library's candidate window for single-posit
 KORET = """
 def side(a):
     from koret.config import MineConfig, validate
-    from koret.refilter import refilter
+    from koret.filter import refilter
     from koret.mine import mine
     from koret.report import set_quiet
     set_quiet(True)

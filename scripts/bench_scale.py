@@ -24,7 +24,7 @@ SHARD = 500_000
 SIDE = """
 def side(a):
     import numpy as np
-    from koret.filter import Candidates, FilterSettings, apply_filter
+    from koret.filter_rules import Candidates, FilterSettings, apply_filter
     from koret.report import set_quiet
     from koret.search import search
     set_quiet(True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from koret.errors import KoretError
-from koret.filter import FilterSettings, filter_candidates, sample_negatives, score_summary, upper_threshold
+from koret.filter_rules import FilterSettings, filter_candidates, sample_negatives, score_summary, upper_threshold
 
 # one row: positive 0.80; candidates in rank order; the second is a known positive
 POS = np.array([0.80], dtype=np.float32)
@@ -110,7 +110,7 @@ def test_sample_random_is_seeded_uniform_among_survivors_and_rank_ordered():
 
 
 def test_row_uniforms_are_uniform_and_independent_of_the_split():
-    from koret.filter import row_uniforms
+    from koret.filter_rules import row_uniforms
 
     u = row_uniforms(7, np.arange(20_000), 50)
     assert u.shape == (20_000, 50) and u.min() >= 0 and u.max() < 1
@@ -138,7 +138,7 @@ def test_candidates_take_slices_every_per_query_field():
     """A range of queries keeps the teacher's scores of rescored candidates and the candidates' sources."""
     from dataclasses import fields
 
-    from koret.filter import Candidates
+    from koret.filter_rules import Candidates
 
     q = 5
     c = Candidates([f"q{i}" for i in range(q)], [f"질문 {i}" for i in range(q)],

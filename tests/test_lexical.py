@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import mine_config, run_cli, write_config
 
-from koret.filter import DENSE, LEXICAL
+from koret.filter_rules import DENSE, LEXICAL
 from koret.lexical import LexicalSettings, bm25_scores, build_index, tokenize, top_k, union_candidates
 
 pytest.importorskip("kiwipiepy")

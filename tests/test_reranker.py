@@ -457,3 +457,18 @@ def test_run_reranks_the_trained_retriever_when_eval_models_have_no_labels(tmp_p
     assert target([{"name": trained}, {"name": "org/base-model"}]) == "train/final"
     assert target([{"name": "org/base", "label": "b"}, {"name": trained, "label": "t"}]) == "t"
     assert target([{"name": "org/base"}, {"name": "runs/elsewhere"}]) == "elsewhere"  # else the last model
+
+
+def test_negative_columns_in_any_file_order_are_read_in_rank_order(tmp_path, mined):
+    """Both trainers read negative_1..N by their number, whatever the file's column order (the listwise reranker
+    rows took them in file order: negative_10 before negative_2 in a file written that way)."""
+    from koret.training.common import negative_columns
+    from koret.training.crossencoder import load_reranker_data
+
+    assert negative_columns(["anchor", "negative_10", "positive", "negative_2", "negative", "negative_1", "x"]) == [
+        "negative", "negative_1", "negative_2", "negative_10"]
+    df = pd.read_parquet(mined)
+    shuffled = tmp_path / "shuffled.parquet"
+    df[["negative_3", "anchor", "negative_1", "positive", "negative_2", "scores"]].to_parquet(shuffled)
+    lst = load_reranker_data(_cfg(shuffled, "lambda")).dataset
+    assert lst["docs"][0] == [df["positive"][0], *[df[f"negative_{i}"][0] for i in (1, 2, 3)]]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,8 @@ from koret.encode import load_sentence_transformer, quiet_transformers, resolve_
 from koret.errors import KoretError
 from koret.io import read_record
 from koret.prompts import resolve_prompts
+from koret.training.common import negative_columns
 
-_NEGATIVE = re.compile(r"^negative(?:_(\d+))?$")
 GIST_LOSSES = ("gist", "cached_gist")
 
 
@@ -69,7 +68,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     scores = None
     if selection is None and fmt in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
         df = read_table(path, fmt, "data.train", d.split)
-        if "anchor" in df.columns or any(_NEGATIVE.match(str(c)) for c in df.columns):
+        if "anchor" in df.columns or negative_columns(df.columns):
             columns = _tuple_columns(df, path)
             scores = df["scores"].tolist() if "scores" in df.columns else None
     if columns is None:
@@ -108,13 +107,13 @@ def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
     if missing:
         raise KoretError(f"data.train: {path}: column {missing[0]!r} not found; available columns: {', '.join(cols)}",
                          "a mined file has anchor, positive, negative_1..N")
-    negs = sorted((c for c in cols if _NEGATIVE.match(c)), key=lambda c: int(_NEGATIVE.match(c).group(1) or 0))
+    negs = negative_columns(cols)
     out: dict[str, list[str]] = {}
     for name in ["anchor", "positive", *negs]:
         values = df[name].tolist()
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
-            if _NEGATIVE.match(name):
+            if name in negs:
                 raise KoretError(f"data.train: {path}: rows have varying negative counts ({len(bad):,} rows, e.g. row "
                                  f"{bad[0]}, have no {name!r})",
                                  "every row needs the same number of negatives: mine with on_shortage drop")

@@ -8,6 +8,7 @@ sentence-transformers' CrossEncoderTrainer reuses SentenceTransformerTrainer.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -35,6 +36,16 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------------------------- arguments
+
+
+_NEGATIVE = re.compile(r"^negative(?:_(\d+))?$")
+
+
+def negative_columns(columns: Any) -> list[str]:
+    """The hard-negative columns of a mined table (``negative`` or ``negative_1`` .. ``negative_N``), in rank
+    order (``negative_10`` after ``negative_9``), for both trainers."""
+    found = [str(c) for c in columns if _NEGATIVE.match(str(c))]
+    return sorted(found, key=lambda c: int(_NEGATIVE.match(c).group(1) or 0))  # type: ignore[union-attr]
 
 
 def training_arguments(args_class: type, user_args: dict[str, Any], has_eval: bool,

@@ -20,7 +20,6 @@ arXiv:2010.02666 (Margin-MSE); Xiao et al., 2023, arXiv:2309.07597 (FlagEmbeddin
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from koret.data import (
 )
 from koret.encode import default_device, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
+from koret.training.common import negative_columns
 
-_NEGATIVE = re.compile(r"^negative(?:_(\d+))?$")
 LISTWISE = ("lambda", "listnet")
 
 
@@ -60,8 +59,7 @@ def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | Non
     df = read_table(path, fmt, "data.train", d.split)
     if is_candidates_table(df.columns):
         return _candidate_tuples(cfg, path, [str(c) for c in df.columns])
-    negs = sorted((str(c) for c in df.columns if _NEGATIVE.match(str(c))),
-                  key=lambda c: int(_NEGATIVE.match(c).group(1) or 0))
+    negs = negative_columns(df.columns)
     if "anchor" not in df.columns or not negs:
         return None
     if "positive" not in df.columns:
@@ -99,7 +97,7 @@ def _candidate_tuples(cfg: RerankerConfig, path: str, columns: list[str]) -> tup
     from pathlib import Path
 
     from koret.candidates import read_candidates
-    from koret.filter import FilterSettings, apply_filter
+    from koret.filter_rules import FilterSettings, apply_filter
     from koret.report import info
 
     d = cfg.data
@@ -144,7 +142,7 @@ def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
         n_neg = 0
     else:
         cols, n_neg = mined
-    negs = [c for c in cols if _NEGATIVE.match(c)]
+    negs = negative_columns(cols)
     if not cols["anchor"]:
         raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
     if name in ("lambda", "listnet", "margin_mse") and not negs:
@@ -391,7 +389,7 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     return model
 
 
-def build_reranker_loss(cfg: RerankerConfig, model: Any, num_negatives: int) -> Any:
+def build_reranker_loss(cfg: RerankerConfig, model: Any) -> Any:
     """The configured sentence-transformers cross-encoder loss."""
     import torch
     from sentence_transformers.cross_encoder import losses
