@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from koret.errors import KoretError
-from koret.filter_rules import FilterSettings, filter_candidates, sample_negatives, score_summary, upper_threshold
+from koret.filter_rules import (
+    FilterSettings,
+    filter_candidates,
+    sample_negatives,
+    score_summary,
+    upper_threshold,
+)
 
 # one row: positive 0.80; candidates in rank order; the second is a known positive
 POS = np.array([0.80], dtype=np.float32)
