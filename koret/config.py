@@ -221,7 +221,8 @@ class DistillConfig(Section):
         None, gt=0, allow_inf_nan=False,
         description="The teacher's scores are divided by it. Default by the kind of scores the mined data records: "
                     "teacher cosines: temperature (above); cross-encoder logits, or their sigmoid (read back as "
-                    "logits): 1.0; another kind, or a file with an unknown kind: required.")
+                    "logits): 1.0 for kl, required for margin_mse; another kind, or a file that records none and "
+                    "whose scores leave [-1, 1]: required.")
 
 
 class LossConfig(Section):
@@ -325,7 +326,8 @@ class RerankerDataConfig(SourceFields):
                                                "the retriever's order (NDCG@10).")
     eval_max_queries: int | None = Field(None, ge=1)
     num_negatives: int | None = Field(None, ge=1, description="Hard negatives per query (default: every "
-                                                              "negative_* column).")
+                                                              "negative_* column of a mined train.parquet; 7 "
+                                                              "from a candidates.parquet).")
 
 
 class RerankerLossConfig(Section):

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if final is None:
         return {}
     metrics = {"loss": cfg.loss.name, "guide": guide_desc,
-               "distill": cfg.loss.distill.model_dump() if cfg.loss.distill else None,
+               "distill": _distill_record(cfg),
                "num_negatives": data.num_negatives,
                "train_rows": len(dataset), "base_model": cfg.model.name, "data": data.source,
                **run_metrics(output, args, callback, tokens_per_row, wall, str(student.device), resume_from)}
@@ -124,3 +124,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     rows += [["wall seconds", wall], ["model", str(final)]]
     show(table(f"koret train: {out_dir}", ["", "value"], rows))
     return metrics
+
+
+def _distill_record(cfg: TrainConfig) -> dict[str, Any] | None:
+    """loss.distill as configured, with what it resolved to: the kind of teacher scores read and both
+    temperatures (the defaults depend on the kind, so the config alone does not say)."""
+    if cfg.loss.distill is None:
+        return None
+    from koret.training.biencoder import loss_temperature
+    from koret.training.distill import score_kind_of, teacher_scale
+
+    scale = teacher_scale(cfg.loss.distill, score_kind_of(cfg.data.train), loss_temperature(cfg.loss),
+                          cfg.data.train)
+    return {**cfg.loss.distill.model_dump(), "score_kind": scale.kind,
+            "resolved_temperature": scale.student_temperature,
+            "resolved_teacher_temperature": scale.teacher_temperature}

@@ -13,6 +13,8 @@ import torch
 from helpers import mine_config, run_cli, write_config
 from test_train import mined, train_config  # noqa: F401  (the module-scoped mined fixture)
 
+from koret.errors import KoretError
+
 COLS = ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
 
 
@@ -108,7 +110,10 @@ def test_train_with_distillation_logs_both_parts(tmp_path, tiny_model, mined):  
     result = run_cli("train", "-c", str(write_config(tmp_path / "t.yaml", cfg)), "--quiet")
     assert result.exit_code == 0, result.stderr
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
-    assert metrics["distill"] == {"name": "kl", "weight": 0.5, "temperature": None, "teacher_temperature": None}
+    assert metrics["distill"] == {"name": "kl", "weight": 0.5, "temperature": None, "teacher_temperature": None,
+                                  # what the defaults resolved to: GIST's 0.01 for the student and the cosine teacher
+                                  "score_kind": "teacher_cosine", "resolved_temperature": 0.01,
+                                  "resolved_teacher_temperature": 0.01}
     first = metrics["loss_curve"][0]
     assert {"contrastive", "distill"} <= set(first), first
     assert first["loss"] == pytest.approx(first["contrastive"] + first["distill"], rel=1e-3)
@@ -199,14 +204,17 @@ def test_margin_mse_on_logits_compares_scaled_margins(tmp_path, tiny_model, mine
     model = SentenceTransformer(str(tiny_model), device="cpu")
     model.eval()
     features, labels = _batch(model, train.parent)
-    parts = _distill_loss(model, train, {"name": "margin_mse", "weight": 0.5})(features(), labels)
+    with pytest.raises(KoretError, match="teacher_temperature: required with margin_mse"):
+        _distill_loss(model, train, {"name": "margin_mse", "weight": 0.5})  # no default scale for logit margins
+    parts = _distill_loss(model, train, {"name": "margin_mse", "weight": 0.5, "teacher_temperature": 4.0})(
+        features(), labels)
     student = _student_scores(model, features, 0.05)
     margins_s = student[:, :1] - student[:, 1:]
-    margins_t = labels[:, :1] - labels[:, 1:]  # / teacher_temperature 1
+    margins_t = (labels[:, :1] - labels[:, 1:]) / 4.0
     expected = 0.5 * ((margins_s - margins_t) ** 2).mean()
     assert parts["distill"].item() == pytest.approx(expected.item(), rel=1e-4)
-    # about 9x the contrastive term at weight 1 (a mean squared logit margin of ~40); x 1 / 0.05^2 it was ~4,500x
-    assert parts["distill"].item() / 0.5 < 20 * parts["contrastive"].item(), parts
+    # within 10x of the contrastive term at weight 1 with the scale set; x 1 / 0.05^2 it was ~4,500x
+    assert parts["distill"].item() / 0.5 < 10 * parts["contrastive"].item(), parts
 
 
 def test_kinds_without_a_scale_need_a_teacher_temperature(tmp_path, tiny_model, mined):  # noqa: F811
@@ -230,6 +238,12 @@ def test_files_without_a_kind_are_teacher_cosines(tmp_path, mined):  # noqa: F81
     assert score_kind_of(str(bare)) == "teacher_cosine"
     pd.read_parquet(bare).to_json(tmp_path / "bare.jsonl", orient="records", lines=True, force_ascii=False)
     assert score_kind_of(str(tmp_path / "bare.jsonl")) == "teacher_cosine"
+    # a rescored file that lost its metadata (converted, copied): the stats.json beside it still says
+    (bare.parent / "stats.json").write_text('{"score_kind": "cross_encoder_sigmoid"}')
+    assert score_kind_of(str(bare)) == "cross_encoder_sigmoid"
+    # logits with no record anywhere: not cosines, so no guess
+    logits = _with_scores(mined / "train.parquet", tmp_path / "nokind", _logits(len(pd.read_parquet(bare))), None)
+    assert score_kind_of(str(logits)) == "unrecorded"
 
 
 def test_cross_encoder_score_kind_follows_its_activation(tiny_cross_encoder):

@@ -35,23 +35,27 @@ records that (``score_kind`` in stats.json and in train.parquet's metadata, :dat
 | cross_encoder_other   | another activation's output                | none: ``teacher_temperature`` needed |
 +-----------------------+--------------------------------------------+--------------------------------------+
 
-A file with no recorded kind (mined before koret recorded it, or written by hand) is read as teacher cosines,
-koret's behaviour before the kind was recorded. Cosines of 0.80-0.95 are near-uniform at temperature 1, so a
+A file with no recorded kind in its metadata takes the ``score_kind`` of the ``stats.json`` beside it (koret mine
+or filter wrote it); with neither (mined before koret recorded it, written by hand, converted) its scores are read
+as teacher cosines when all lie in [-1, 1], koret's behaviour before the kind was recorded, and otherwise need
+``teacher_temperature`` (a one-line error). Cosines of 0.80-0.95 are near-uniform at temperature 1, so a
 cosine teacher shares the student's temperature; a cross-encoder's logits (spread over ~10 units) are its
 softmax's own input: divided by 0.01 they would make one-hot targets (the "how much" lost, float32 underflow),
 and their margins / 0.01 (500-1,000) would face student margins of at most 2 / 0.01 = 200: a term that cannot be
 fitted and drowns the contrastive loss.
 
 ``margin_mse`` compares the same scaled scores as ``kl``: ``student margin / temperature`` with ``teacher margin
-/ teacher_temperature`` (a logit margin of 10 asks for a cosine margin of 10 x 0.05 = 0.5 under MNRL). With a
-cosine teacher and the defaults this is the squared error of the raw margins / ``temperature^2``, as before.
+/ teacher_temperature`` (a logit margin of 10 at teacher_temperature 1 asks for a cosine margin of 10 x 0.05 =
+0.5 under MNRL). With a cosine teacher and the defaults this is the squared error of the raw margins /
+``temperature^2``, as before. On cross-encoder scores koret sets no default ``teacher_temperature`` for
+margin_mse: the term grows with the square of the logits' spread (9x the MNRL term at weight 1 on logits spread
+over ~11 units, tens of times on a strong reranker's), so the user chooses the scale, or uses ``kl``.
 
 sentence-transformers' losses carry Hinton's ``T^2`` factor (the student temperature's, for the KL); koret
 divides their value by ``temperature^2``, which gives exactly the KL, and the margin MSE, of the scaled scores:
 ``weight`` 1 then weighs a term of a few units at the start of training: a KL of at most about log(1 + N) while
 the student is near uniform (0.2x the MNRL term in a test on logits spread over ~10 units); for margin_mse the
-teacher's mean squared scaled margin, about 40 on those logits (9x the MNRL term: a lower ``weight``, or a
-larger ``teacher_temperature``, balances it).
+teacher's mean squared scaled margin.
 
 :class:`ContrastivePlusDistillation` returns ``{"contrastive": c, "distill": weight x d}``; the trainer sums the
 parts and logs each. With MultipleNegativesRankingLoss the student encodes the batch once for both terms
@@ -71,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from koret.candidates import (
@@ -86,16 +91,40 @@ from koret.errors import KoretError
 DEFAULT_TEACHER_TEMPERATURE = {CROSS_ENCODER_LOGITS: 1.0, CROSS_ENCODER_SIGMOID: 1.0}
 
 
+UNRECORDED = "unrecorded"  # no kind recorded and the scores leave [-1, 1]: not cosines, scale unknown
+
+
 def score_kind_of(train: str | None) -> str:
-    """What ``data.train``'s ``scores`` are: the kind recorded in its parquet metadata; teacher cosines when it
-    records none (a file mined before koret recorded the kind, a hand-made or non-parquet file): koret's reading
-    of every file before the kind was recorded."""
+    """What ``data.train``'s ``scores`` are: the kind recorded in its parquet metadata, else in the
+    ``stats.json`` koret mine / filter wrote beside it; with neither (a file mined before koret recorded the kind,
+    a hand-made or converted file) teacher cosines when every score lies in [-1, 1] (koret's reading of every
+    file before the kind was recorded), else :data:`UNRECORDED`, which needs ``teacher_temperature``."""
     from koret.data import split_source
+    from koret.io import read_record
 
     if not train:
         return TEACHER_COSINE
     path, selection = split_source(train)
-    return (read_score_kind(path) if selection is None else None) or TEACHER_COSINE
+    if selection is None:
+        recorded = read_score_kind(path) or (read_record(Path(path).parent / "stats.json") or {}).get("score_kind")
+        if recorded:
+            return str(recorded)
+    return UNRECORDED if _scores_leave_cosine_range(path) else TEACHER_COSINE
+
+
+def _scores_leave_cosine_range(path: str) -> bool:
+    import numpy as np
+
+    from koret.data import detect_format, read_table
+
+    try:
+        df = read_table(path, detect_format(path), "data.train", None)
+    except KoretError:
+        return False  # the data reader reports what is wrong with the file
+    if "scores" not in df.columns:
+        return False
+    values = [v for row in df["scores"] if row is not None for v in np.ravel(np.asarray(row, dtype=float))]
+    return bool(values) and float(np.nanmax(np.abs(values))) > 1.0 + 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,20 +143,31 @@ class TeacherScale:
 
 def teacher_scale(dc: Any, kind: str, contrastive_temperature: float, source: str | None) -> TeacherScale:
     """``loss.distill``'s temperatures for teacher scores of ``kind`` (module table); one clear error when the
-    kind has no default and ``teacher_temperature`` is not set."""
+    kind has no default and ``teacher_temperature`` is not set, and for ``margin_mse`` on cross-encoder scores
+    without it (their margins span several units: against cosine margins of at most 2 / temperature the term
+    would be tens of times the contrastive one, so koret refuses to guess their scale)."""
     student = float(dc.temperature if dc.temperature is not None else contrastive_temperature)
     if dc.teacher_temperature is not None:
-        teacher = float(dc.teacher_temperature)
-    elif kind == TEACHER_COSINE:
-        teacher = student
-    elif kind in DEFAULT_TEACHER_TEMPERATURE:
-        teacher = DEFAULT_TEACHER_TEMPERATURE[kind]
+        return TeacherScale(kind, student, float(dc.teacher_temperature))
+    if kind == TEACHER_COSINE:
+        return TeacherScale(kind, student, student)
+    if dc.name == "margin_mse":
+        raise KoretError(f"loss.distill.teacher_temperature: required with margin_mse on data.train {source}'s "
+                         f"{kind} scores: their margins span several units, student cosine margins at most 2 / "
+                         f"{student:g}",
+                         "set teacher_temperature to about (the teacher's typical margin) x temperature / 0.5, or "
+                         "use loss.distill.name: kl, whose default scale fits cross-encoder scores")
+    if kind in DEFAULT_TEACHER_TEMPERATURE:
+        return TeacherScale(kind, student, DEFAULT_TEACHER_TEMPERATURE[kind])
+    if kind == UNRECORDED:
+        what = "records no score kind and its scores leave [-1, 1], so they are not cosines"
+    elif kind in SCORE_KINDS:
+        what = f"scores are {kind!r} (another activation's output), which has no default scale"
     else:
-        what = "another activation's output" if kind in SCORE_KINDS else "of a kind koret does not know"
-        raise KoretError(f"loss.distill.teacher_temperature: required: data.train {source}'s scores are {kind!r} "
-                         f"({what}), which has no default scale",
-                         "set loss.distill.teacher_temperature so that score differences / it are a few units")
-    return TeacherScale(kind, student, teacher)
+        what = f"scores are {kind!r}, a kind koret does not know"
+    raise KoretError(f"loss.distill.teacher_temperature: required: data.train {source} {what}",
+                     "set loss.distill.teacher_temperature so that score differences / it are a few units "
+                     "(1.0 for cross-encoder logits), or re-mine with koret, which records the kind")
 
 
 def teacher_logits(scores: Any, kind: str) -> Any:
