@@ -186,9 +186,18 @@ def load_cross_encoder(name: str, *, key: str = "rescore.model", device: str | N
     return model
 
 
-def score_pairs(model: Any, pairs: Sequence[tuple[str, str]], batch_size: int, description: str) -> np.ndarray:
-    """A CrossEncoder's float32 scores of (query, passage) pairs, in chunks with progress (pairs/s, ETA)."""
+def score_pairs(model: Any, pairs: Sequence[tuple[str, str]], batch_size: int, description: str,
+                logits: bool = False) -> np.ndarray:
+    """A CrossEncoder's float32 scores of (query, passage) pairs, in chunks with progress (pairs/s, ETA): through
+    the model's own activation, or with ``logits`` its raw outputs, which is what ranking needs (a sigmoid in
+    float32 makes every logit above ~16.6 exactly 1.0 and confident rerankers' top passages false ties)."""
     from koret.report import progress
+
+    extra: dict[str, Any] = {}
+    if logits:
+        import torch
+
+        extra["activation_fn"] = torch.nn.Identity()
 
     scores = np.empty(len(pairs), dtype=np.float32)
     step = batch_size * 16
@@ -197,7 +206,8 @@ def score_pairs(model: Any, pairs: Sequence[tuple[str, str]], batch_size: int, d
         for start in range(0, len(pairs), step):
             chunk = list(pairs[start:start + step])
             scores[start:start + len(chunk)] = np.asarray(
-                model.predict(chunk, batch_size=batch_size, show_progress_bar=False), dtype=np.float32).reshape(-1)
+                model.predict(chunk, batch_size=batch_size, show_progress_bar=False, **extra),
+                dtype=np.float32).reshape(-1)
             bar.update(task, advance=len(chunk))
     return scores
 

@@ -156,7 +156,7 @@ def rerank(r: Any, data: RetrievalData, qids: list[int], ranked: np.ndarray, top
     head, tail = ranked[:, :top_k], ranked[:, top_k:]
     valid = head >= 0
     pairs = [(data.queries[q], data.corpus[d]) for q, row in zip(qids, head, strict=True) for d in row if d >= 0]
-    flat = score_pairs(ce, pairs, r.batch_size, "rerank")
+    flat = score_pairs(ce, pairs, r.batch_size, "rerank", logits=True)  # no float32 sigmoid ties
     scores = np.full(head.shape, -np.inf, dtype=np.float32)
     scores[valid] = flat
     ids, scores = trec_order(head, scores, doc_rank)

@@ -40,6 +40,7 @@ from koret.training.crossencoder import (
     load_reranker_data,
     model_attention_dropout,
     reranking_evaluator,
+    restore_own_dropout,
 )
 
 RERANKER_DEFAULTS: dict[str, Any] = {"output_dir": "runs/reranker", "learning_rate": 2e-5,
@@ -85,6 +86,8 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     # save (every process takes part) and records (the main one)
+    trained_dropout = model_attention_dropout(model.model.config)
+    restore_own_dropout(model)
     final = save_final(trainer, out_dir, cfg)
     if final is None:
         return {}
@@ -93,7 +96,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
                # what a step's memory hangs on: the pair length cut, the attention kernel and its dropout
                "max_length": model.max_seq_length,
                "attn_implementation": getattr(model.model.config, "_attn_implementation", None),
-               "attention_dropout": model_attention_dropout(model.model.config),
+               "attention_dropout": trained_dropout,
                **run_metrics(output, args, callback, None, wall, str(model.device), resume_from)}  # pairs: no token count
     write_records(out_dir, metrics, cfg, callback)
     show(table(f"koret train-reranker: {out_dir}", ["", "value"], [

@@ -366,14 +366,16 @@ def test_pairs_are_cut_at_512_and_batches_padded_to_their_longest_pair(tmp_path,
         assert width == min(512, longest), (width, longest)
     assert 512 in widths and min(widths) < 100  # the long hard negatives are cut; short batches stay short
     assert metrics["max_length"] == 512 and metrics["attn_implementation"] == "sdpa"  # what metrics.json records
-    assert metrics["attention_dropout"] == 0.0
+    assert metrics["attention_dropout"] == 0.0  # trained without it (CPU) ...
+    saved = json.loads((tmp_path / "rr" / "final" / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == pytest.approx(0.1)  # ... saved with the model's own
 
 
 def test_in_training_eval_reranks_the_retrievers_candidates_aligned(tmp_path, held_out, tiny_cross_encoder):
     """The evaluator of train-reranker reorders each held-out query's retrieved candidates (candidates.parquet),
-    with every score on its own passage also where a query has fewer candidates and a train.parquet row misses a
-    negative; its base_* figures are the retriever's order. Checked against pytrec_eval on runs built here from
-    the files and the cross-encoder."""
+    with every score on its own passage also where a query has fewer candidates (the old evaluator sliced scores
+    by position and paired them with the wrong texts there); its base_* figures are the retriever's order.
+    Checked against pytrec_eval on runs built here from the files and the cross-encoder."""
     import shutil
 
     import pytrec_eval
@@ -388,9 +390,6 @@ def test_in_training_eval_reranks_the_retrievers_candidates_aligned(tmp_path, he
     cands.at[1, "candidate_ids"] = cands.at[1, "candidate_ids"][:14]  # the retriever returned 14, not 20
     cands.at[1, "teacher_candidate_scores"] = cands.at[1, "teacher_candidate_scores"][:14]
     cands.to_parquet(folder / "candidates.parquet")
-    train = pd.read_parquet(folder / "train.parquet")
-    train.at[0, "negative_2"] = None  # a missing negative (the old evaluator paired scores with the wrong texts)
-    train.to_parquet(folder / "train.parquet")
 
     ce = CrossEncoder(str(tiny_cross_encoder), device="cpu")
     with torch.no_grad():  # logits of 0.4-0.9: sigmoid scores apart by more than float32 steps (see test_evaluate)
@@ -434,7 +433,7 @@ def test_in_training_eval_reranks_the_retrievers_candidates_aligned(tmp_path, he
     from koret.errors import KoretError
 
     cfg.data.eval = str(tmp_path / "plain.parquet")  # a train.parquet alone: no retrieved candidates to rerank
-    train.to_parquet(tmp_path / "plain.parquet")
+    pd.read_parquet(folder / "train.parquet").to_parquet(tmp_path / "plain.parquet")
     with pytest.raises(KoretError, match="no candidates.parquet and corpus.parquet"):
         reranking_evaluator(cfg)
 
@@ -472,3 +471,45 @@ def test_negative_columns_in_any_file_order_are_read_in_rank_order(tmp_path, min
     df[["negative_3", "anchor", "negative_1", "positive", "negative_2", "scores"]].to_parquet(shuffled)
     lst = load_reranker_data(_cfg(shuffled, "lambda")).dataset
     assert lst["docs"][0] == [df["positive"][0], *[df[f"negative_{i}"][0] for i in (1, 2, 3)]]
+
+
+def test_margin_mse_labels_are_logits(tmp_path, mined):
+    """The reranker's margin_mse fits logit margins: a cross-encoder's sigmoid scores are read back as logits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from koret.training.crossencoder import load_reranker_data
+
+    df = pd.read_parquet(mined)
+    probs = [np.array([0.9, 0.5, 0.2, 0.1][: 1 + 3], np.float32) for _ in range(len(df))]
+    df["scores"] = probs
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(
+        {b"koret.score_kind": b"cross_encoder_sigmoid"})
+    pq.write_table(table, tmp_path / "train.parquet")
+    labels = load_reranker_data(_cfg(tmp_path / "train.parquet", "margin_mse")).dataset["label"][0]
+    np.testing.assert_allclose(labels, np.log(probs[0] / (1 - probs[0])), rtol=1e-5)
+
+
+def test_in_training_eval_reranks_only_what_the_retriever_retrieved(tmp_path, held_out):
+    """With search.lexical the mined candidates are dense + BM25: the in-training eval keeps only the dense ones
+    (the retriever's top-k, as koret eval --reranker sees it), not the passages BM25 alone added."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from koret.training.crossencoder import read_held_out
+
+    folder = tmp_path / "lex"
+    shutil.copytree(held_out, folder)
+    table = pq.read_table(folder / "candidates.parquet")
+    ids = table.column("candidate_ids").to_pylist()
+    sources = [["lexical" if j % 3 == 2 else ("both" if j % 3 == 1 else "dense") for j in range(len(row))]
+               for row in ids]
+    pq.write_table(table.append_column("candidate_sources", pa.array(sources, type=pa.list_(pa.string()))),
+                   folder / "candidates.parquet")
+    cfg = RerankerConfig.model_validate({"model": {"name": "x"}, "data": {"train": "t", "eval": str(folder)}})
+    held = read_held_out(cfg)
+    got = [sorted(held.passage_ids[row[row >= 0]].tolist()) for row in held.candidates]
+    want = [sorted(c for j, c in enumerate(row) if j % 3 != 2) for row in ids]
+    assert got == want

@@ -171,9 +171,31 @@ def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
             raise KoretError(f"loss.name margin_mse: row {short[0]} of {d.train} has {len(cols['scores'][short[0]])} "
                              f"scores for {1 + len(negs)} passages", "re-mine: every row needs a score per passage")
         rows = {k: cols[k] for k in ["anchor", "positive", *negs]}
-        rows["label"] = cols["scores"]
+        rows["label"] = margin_labels(cols["scores"], d.train)
     n_rows = len(next(iter(rows.values())))
     return RerankerData(Dataset.from_dict(rows), len(negs), n_rows, d.train)
+
+
+def margin_labels(scores: list[Any], source: str) -> list[list[float]]:
+    """margin_mse's labels: the student's logit margins are fitted to these margins, so they must be logits too.
+    Scores recorded as a cross-encoder's sigmoid are read back as logits (as distillation reads them); teacher
+    cosines stay as they are, with a warning: their margins (a few hundredths) ask for near-equal logits."""
+    import numpy as np
+
+    from koret.candidates import CROSS_ENCODER_SIGMOID, TEACHER_COSINE
+    from koret.report import warn
+    from koret.training.distill import score_kind_of
+
+    kind = score_kind_of(source)
+    if kind == CROSS_ENCODER_SIGMOID:
+        eps = 2.0**-24
+        return [(np.log(np.clip(p, eps, 1 - eps)) - np.log1p(-np.clip(p, eps, 1 - eps))).tolist()
+                for p in (np.asarray(row, dtype=np.float64) for row in scores)]
+    if kind == TEACHER_COSINE:
+        warn(f"loss.name margin_mse: {source}'s scores are the mining teacher's cosines: the reranker's logit "
+             "margins are fitted to cosine margins of a few hundredths; mine with rescore.model (a cross-encoder) "
+             "for logit targets")
+    return [list(map(float, row)) for row in scores]
 
 
 HELD_OUT_METRICS = ("ndcg@10", "mrr@10", "map@10", "recall@10")
@@ -216,14 +238,19 @@ class HeldOutCandidates:
 
         valid = self.candidates >= 0
         scores = np.full(self.candidates.shape, -np.inf, dtype=np.float32)
-        flat = model.predict(self.pairs(), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+        import torch
+
+        # raw logits: a float32 sigmoid makes a confident reranker's top candidates exact ties at 1.0
+        flat = model.predict(self.pairs(), batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                             activation_fn=torch.nn.Identity())
         scores[valid] = np.asarray(flat, dtype=np.float32).reshape(-1)
         return scores
 
 
 def read_held_out(cfg: RerankerConfig) -> HeldOutCandidates:
     """``data.eval`` (a ``koret mine`` output folder of held-out queries, or its train.parquet / candidates.parquet):
-    the first ``data.eval_max_queries`` queries of its candidates.parquet, with the texts from corpus.parquet."""
+    the first ``data.eval_max_queries`` queries of its candidates.parquet, with the texts from corpus.parquet. Only
+    the dense (retrieved) candidates: those BM25 alone added (``search.lexical``) are not the retriever's."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -253,10 +280,19 @@ def read_held_out(cfg: RerankerConfig) -> HeldOutCandidates:
     if d.eval_max_queries:
         table = table.slice(0, d.eval_max_queries)
     # the teacher's scores, also when mining rescored: the retriever's order is the baseline
-    rows = table.select(["query", "positive_ids", "candidate_ids", "teacher_candidate_scores"]).to_pylist()
+    # (with search.lexical the candidates are the union of the dense and BM25 ones: the retriever's are the dense)
+    lexical = "candidate_sources" in table.column_names
+    rows = table.select(["query", "positive_ids", "candidate_ids", "teacher_candidate_scores",
+                         *(["candidate_sources"] if lexical else [])]).to_pylist()
     if not rows:
         raise KoretError(f"data.eval: {cands_path}: no queries")
-    width = max(len(r["candidate_ids"]) for r in rows)
+    for r in rows:
+        if lexical:
+            dense = [s != "lexical" for s in r["candidate_sources"]]
+            r["candidate_ids"] = [c for c, keep in zip(r["candidate_ids"], dense, strict=True) if keep]
+            r["teacher_candidate_scores"] = [c for c, keep in zip(r["teacher_candidate_scores"], dense, strict=True)
+                                             if keep]
+    width = max(1, max(len(r["candidate_ids"]) for r in rows))
     ids = np.full((len(rows), width), -1, dtype=np.int64)
     scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
     for i, r in enumerate(rows):
@@ -334,18 +370,16 @@ def model_attention_dropout(config: Any) -> float | None:
                  if isinstance(getattr(config, k, None), (int, float))), None)
 
 
-def attention_dropout_overrides(ref: str, dropout: float | None) -> dict[str, float]:
-    """The model-config keys that set the attention-probability dropout to ``dropout`` (empty when None, or when
-    the config names no such key)."""
-    if dropout is None:
-        return {}
+def own_attention_dropout(ref: str) -> dict[str, float]:
+    """The attention-probability dropout keys of a model's config and their values ({} when it names none, or
+    when the config cannot be read: the CrossEncoder load then reports what is wrong with ``ref``)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(ref)
     except (OSError, ValueError):
-        return {}  # the CrossEncoder load reports what is wrong with ref
-    return {key: dropout for key in _ATTENTION_DROPOUT_KEYS
+        return {}
+    return {key: float(getattr(config, key)) for key in _ATTENTION_DROPOUT_KEYS
             if isinstance(getattr(config, key, None), (int, float))}
 
 
@@ -353,7 +387,7 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     """A CrossEncoder from a CrossEncoder folder / Hub id, or a plain encoder with a new one-logit head.
 
     Memory of training: attention through PyTorch's scaled_dot_product_attention (``sdpa``; an architecture
-    without it keeps its own), ``model.attention_dropout`` (see :func:`attention_dropout_overrides`), and pairs
+    without it keeps its own), ``model.attention_dropout`` (see :func:`resolve_attention_dropout`), and pairs
     cut at ``model.max_length`` (default :data:`DEFAULT_MAX_LENGTH`, or the model's own maximum when smaller); the
     losses tokenize each batch padded to its longest pair."""
     from sentence_transformers import CrossEncoder
@@ -366,8 +400,9 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     quiet_transformers()
     import torch
 
-    overrides = attention_dropout_overrides(ref, resolve_attention_dropout(cfg.model.attention_dropout,
-                                                                           torch.cuda.is_available()))
+    own = own_attention_dropout(ref)
+    setting = resolve_attention_dropout(cfg.model.attention_dropout, torch.cuda.is_available())
+    overrides = {} if setting is None else dict.fromkeys(own, setting)
     kwargs = {"num_labels": 1, "max_length": cfg.model.max_length, "device": default_device()}
     try:
         try:
@@ -386,7 +421,17 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     if cfg.model.max_length is None:
         positions = getattr(model.model.config, "max_position_embeddings", None)
         model.max_seq_length = min(x for x in (DEFAULT_MAX_LENGTH, model.max_seq_length, positions) if x)
+    if overrides:  # the model's own values, which the saved config keeps (see restore_own_dropout)
+        model.koret_own_dropout = own
     return model
+
+
+def restore_own_dropout(model: Any) -> None:
+    """Put the model's own attention dropout back into its config before it is saved: ``attention_dropout: auto``
+    is a training-time setting (0 on CPU for memory), not a property of the trained model, which a later
+    fine-tuning on a GPU should not inherit. The training's value is in metrics.json."""
+    for key, value in getattr(model, "koret_own_dropout", {}).items():
+        setattr(model.model.config, key, value)
 
 
 def build_reranker_loss(cfg: RerankerConfig, model: Any) -> Any:
