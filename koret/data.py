@@ -673,7 +673,14 @@ def iter_passages(path: str, fmt: str = "auto", column: str | None = None, key: 
     else:
         df = read_table(path, fmt, key)
     if column is None:
-        column = next((c for c in _TEXT_COLUMNS if c in df.columns), None) or str(df.columns[0])
+        column = next((c for c in _TEXT_COLUMNS if c in df.columns), None)
+        if column is None:  # the first column, but never a column of ids
+            column = str(df.columns[0])
+            why = _id_column(column, df[column].head(1000).tolist())
+            if why:
+                raise KoretError(f"{key}: column {column!r} (the first, taken when none is named) {why}, not passage "
+                                 f"text; columns found: {', '.join(map(str, df.columns))}",
+                                 "set data.corpus_column to the column that holds the passages")
     if column not in df.columns:
         raise KoretError(f"{key}: column {column!r} (data.corpus_column) not found; available columns: "
                          f"{', '.join(map(str, df.columns))}")

@@ -117,7 +117,8 @@ def _trained_eval_entry(ev: dict[str, Any], model_dir: Path) -> tuple[dict[str, 
     target = str(model_dir.resolve())
     trained = next((m for m in models if m.get("model") and Path(m["model"]).resolve().as_posix() == target), None)
     base = models[0] if models[0] is not trained else None
-    return base, trained or (models[-1] if len(models) > 1 else None)
+    # not found by path: the last retriever row (a reranked row is matched by its own path, never a fallback)
+    return base, trained or next((m for m in reversed(models[1:]) if "reranks" not in m), None)
 
 
 def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:

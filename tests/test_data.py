@@ -277,3 +277,18 @@ def test_cli_refuses_an_id_first_pairs_file_in_one_line(tmp_path, tiny_cross_enc
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "column 'id' (column 1, the default query column) is named like an id" in r.stderr
     assert "set data.query_column" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_extra_corpus_never_takes_a_column_of_ids(tmp_path):
+    """An extra corpus file whose first column is ids is refused in one line (it was read as the passages: the ids
+    became passages, or integer ids were dropped and the corpus silently stayed empty)."""
+    import pandas as pd
+
+    from koret.data import iter_passages
+
+    for name, ids in (("doc_id", ["d001", "d002"]), ("pid", [1, 2])):
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame({name: ids, "body": ["첫 번째 문단이다.", "두 번째 문단이다."]}).to_parquet(path)
+        with pytest.raises(KoretError, match=rf"column '{name}' \(the first, taken when none is named\)"):
+            iter_passages(str(path), "parquet")
+        assert iter_passages(str(path), "parquet", "body") == ["첫 번째 문단이다.", "두 번째 문단이다."]

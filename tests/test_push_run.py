@@ -418,3 +418,15 @@ def test_eval_figure_puts_the_reranker_beside_the_retriever_it_reorders():
     figure, details = _eval_figure(None, res)
     assert figure == "NDCG@10 0.5000 -> 0.6000 (+0.1000); reranker 0.6500 (+0.0500 over trained)"
     assert details == {"ndcg@10": [0.50, 0.60, 0.65]}
+
+
+def test_card_takes_the_retriever_row_not_the_reranked_one(tmp_path):
+    """When the pushed folder is not named in eval's rows, the card's trained row is the last retriever, never
+    the reranked row after it (whose metrics are the reranker's)."""
+    from koret.push import _trained_eval_entry
+
+    ev = {"models": [{"name": "base", "model": "b"}, {"name": "trained", "model": "elsewhere/final"},
+                     {"name": "trained + rr", "model": "rr/final", "reranks": "trained"}]}
+    base, trained = _trained_eval_entry(ev, tmp_path / "final")
+    assert base["name"] == "base" and trained["name"] == "trained"
+    assert _trained_eval_entry({"models": [{"name": "base", "model": "b"}]}, tmp_path)[1] is None
