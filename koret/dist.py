@@ -39,6 +39,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; the world size when unset)."""
+    return 1 if _solo["on"] else int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+
+
 def local_rank() -> int:
     """This process's index among the processes of its machine (``LOCAL_RANK``): which of its GPUs it uses."""
     return int(os.environ.get("LOCAL_RANK", "0"))

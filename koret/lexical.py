@@ -76,7 +76,7 @@ def _kiwi() -> Any:
     check_lexical_available()
     from kiwipiepy import Kiwi
 
-    return Kiwi()
+    return Kiwi(num_workers=_search_threads())  # this process's share of the CPUs, not every core per process
 
 
 def tokenize(texts: Sequence[str], kiwi: Any | None = None) -> list[list[str]]:
@@ -182,7 +182,7 @@ def bm25_top_k(index: Any, query_tokens: Sequence[Sequence[str]], k: int,
     arrays = index.scores["data"], index.scores["indices"], index.scores["indptr"]
 
     def run(rows: range) -> None:
-        neg = np.empty(n_docs, dtype=np.float32)
+        neg = np.zeros(n_docs, dtype=np.float32)
         for q in rows:
             best, best_scores = _query_top_k(*arrays, token_ids[q], k, neg)
             ids[q, : len(best)], scores[q, : len(best)] = best, best_scores
@@ -207,14 +207,18 @@ def _query_top_k(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, term
     The scores are summed negated, term by term in query order, as bm25s sums them ((-a) - b == -(a + b) exactly
     in IEEE arithmetic); the passages scoring above 0 are partitioned for the ``k``-th best score, every one
     scoring at least that (a tie group may straddle the cut) is sorted by (score descending, index) and the list
-    cut to ``k``. Two passes over every passage (clear, find the nonzero), the rest over those that match.
+    cut to ``k``. Only the query's postings are touched: ``neg`` is all zeros on entry and on return.
     """
-    neg.fill(0)
+    if not terms:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    touched = np.concatenate([indices[indptr[t]:indptr[t + 1]] for t in terms])
     for t in terms:
         s, e = indptr[t], indptr[t + 1]
         np.subtract.at(neg, indices[s:e], data[s:e])
-    cand = np.flatnonzero(neg < 0)  # the passages that share a term with the query
+    cand = np.unique(touched)  # the passages that share a term with the query, in index order
     got = neg[cand]
+    neg[touched] = 0  # clean for the next query
+    cand, got = cand[got < 0], got[got < 0]
     if len(cand) > k:  # keep those scoring at least the k-th best score (a tie group may straddle the cut)
         keep = got <= np.partition(got, k - 1)[k - 1]
         cand, got = cand[keep], got[keep]
@@ -223,11 +227,11 @@ def _query_top_k(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, term
 
 
 def _search_threads() -> int:
-    """Threads for :func:`bm25_top_k`: this process's share of the CPUs it may run on."""
+    """Threads for :func:`bm25_top_k` and Kiwi: this process's share of the CPUs of its machine."""
     from koret import dist
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, dist.world_size()))
+    return max(1, cpus // max(1, dist.local_world_size()))
 
 
 def _shared_index(index: Any, stats: dict[str, Any] | None) -> Any:
@@ -244,7 +248,7 @@ def _shared_index(index: Any, stats: dict[str, Any] | None) -> Any:
         return index
     import bm25s
 
-    return bm25s.BM25.load(folder, show_progress=False)
+    return bm25s.BM25.load(folder, show_progress=False, mmap=True)  # one copy in the page cache, not one a process
 
 
 def lexical_candidates(corpus: Sequence[str], queries: Sequence[str], settings: LexicalSettings,

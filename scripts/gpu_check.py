@@ -7,7 +7,7 @@ Measures, on one GPU (models built from configs with random weights; nothing is 
    card's dense bf16 peak;
 2. koret's torch exact search (the path used where FAISS has no GPU) of one process's slice as ``koret mine``
    holds it: 1M x 1024 passages stored in float16, 10k queries, top-100, and the slice's upload rate (the inputs
-   of the README's scale-out projection, ``scripts/projection.py``);
+   of the scale-out projection in docs/scale-out.md, ``scripts/projection.py``);
 3. the sharded search as ``koret mine --num-processes 2`` runs it (``koret.sharded_search``, two processes under
    torchrun, each holding half of a 400k x 1024 corpus): ``search.backend: auto`` (FAISS on the process's own GPU
    where faiss-gpu is installed, else torch on CUDA in float16) and torch with bfloat16 selection, each equal to a
@@ -246,8 +246,9 @@ def check_sharded_search(size: dict, workdir: Path) -> dict:
         exact[name] = (bool(np.array_equal(got["ids"][:m], ref_ids)),
                        bool(np.array_equal(got["scores"][:m], exact_scores(queries, Embeddings(corpus),
                                                                              got["ids"][:m]))))
+    # with one GPU both processes share it by design: the placement is untested there (None), not "own"
     own = [p["torch_gpus_used"] == [p["local_rank"] % p["gpus"]] for r in report.values() if "torch" in r["backend"]
-           for p in r["processes"]] if torch.cuda.is_available() else []
+           for p in r["processes"]] if torch.cuda.is_available() and torch.cuda.device_count() > 1 else []
     auto, bf16 = report["auto"], report["bfloat16"]
     return {"check": f"2-process search {n:,} x {dim} top-{k}: auto ({auto['backend']}) and torch bfloat16",
             "queries_per_s": len(queries) / auto["seconds"], "bf16_queries_per_s": len(queries) / bf16["seconds"],
