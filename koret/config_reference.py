@@ -7,8 +7,9 @@ given another default in ``koret/config.py`` fails the tests until the page is r
 
 Each key's description is its pydantic ``Field(description=...)``; :data:`NOTES` describes the fields that have
 none (an entry for a field that does not exist, or that has its own description now, is an error, so the notes
-cannot outlive their fields). :func:`key_exists` answers whether a dotted key is part of a schema (the docs tests
-check every ``--set`` and every key named in the docs with it).
+cannot outlive their fields). :func:`key_exists` answers whether a dotted key is part of a schema, and
+:func:`key_annotation` gives its type (the docs tests check every ``--set`` and every key named in the docs
+with them).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ NOTES: dict[str, str] = {  # "Model.field": description, for fields without Fiel
     "EvalConfig.k": "Cut-offs of every metric (sorted and deduplicated; clamped to the corpus size).",
     "EvalSearchConfig.backend": "auto: FAISS on GPU, else torch on CUDA, else FAISS on CPU, else torch on CPU.",
     "EvalSearchConfig.query_chunk_size": "Queries searched at a time.",
-    "EvalOutputConfig.dir": "Output folder: metrics.json, per_query.jsonl.",
+    "EvalOutputConfig.dir": "Output folder: metrics.json, metrics.csv, per_query.jsonl.",
     "SignificanceConfig.seed": "Seed of the bootstrap and the randomization test.",
     "EvalConfig.cache_dir": "Embedding shard cache (the same cache as koret mine's).",
     "PushConfig.private": "Create the repository as private.",
@@ -136,8 +137,16 @@ def _constraints(field: FieldInfo) -> str:
 
 
 def _type_name(annotation: Any) -> str:
+    """What the type column says: ``int``, ``str or null``, ``one of `a`, `b```, ``float, `auto` or null``."""
     inner, optional = _unwrap(annotation)
     origin = typing.get_origin(inner)
+    if origin in (typing.Union, types.UnionType):  # several types (one optional type is unwrapped above)
+        args = typing.get_args(inner)
+        parts = [", ".join(f"`{v}`" for v in typing.get_args(a)) if typing.get_origin(a) is Literal
+                 else _type_name(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            parts.append("null")
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
     if origin is Literal:
         name = "one of " + ", ".join(f"`{v}`" for v in typing.get_args(inner))
     elif origin is list:
@@ -150,7 +159,7 @@ def _type_name(annotation: Any) -> str:
     elif isinstance(inner, type):
         name = inner.__name__
     else:
-        name = str(inner)
+        name = str(inner).replace("typing.", "")
     return f"{name} or null" if optional else name
 
 
@@ -283,6 +292,33 @@ def key_exists(model: type[BaseModel], key: str) -> bool:
     return True
 
 
+def key_annotation(model: type[BaseModel], key: str) -> Any:
+    """The type annotation of the dotted ``key`` of ``model`` (``filter.strategy``, ``models.0.dtype``), or None
+    when the key is not a field of a config model (``args.*`` and mapping keys, unknown keys)."""
+    current: Any = model
+    parts = _split_key(key)
+    for i, part in enumerate(parts):
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields or (current.__name__, part) in TRAINING_ARGS:
+            return None
+        field = fields[part]
+        rest = parts[i + 1:]
+        if not rest:
+            return field.annotation
+        inner, _ = _unwrap(field.annotation)
+        if typing.get_origin(inner) is list:
+            (inner,) = typing.get_args(inner)
+            if rest[0].isdigit():
+                rest = rest[1:]
+            if not rest:
+                return inner
+            return key_annotation(inner, ".".join(rest)) if _is_section(inner) else None
+        if not _is_section(inner):
+            return None
+        current = inner
+    return None
+
+
 def _table(model: type[BaseModel], prefix: str = "") -> list[str]:
     lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
     for r in rows(model, prefix):
@@ -304,7 +340,8 @@ suggestion; `koret config validate -c FILE` checks a file without running anythi
 [troubleshooting](troubleshooting.md)). The commented example files in `configs/` hold the same keys.
 
 Types: `int (>= 1)` is a constraint checked on load; `X or null` may be `null` (YAML's `~` or `null`); a
-`section or null` is off when null; `models[].name` is the key `name` of each entry of the list `models`.
+`section or null` is off when null; float, `auto` or null takes a number, the word `auto` or `null`;
+`models[].name` is the key `name` of each entry of the list `models`.
 """
 
 SECTIONS = {  # command: (heading text, what the file is)

@@ -2,27 +2,35 @@
 
 What is checked (the rules a doc writer follows are in docs/development.md, "Writing docs"):
 
-- every ``koret ...`` command line in a ``bash`` / ``sh`` / ``shell`` / ``console`` code block, and every inline
-  code span that starts with ``koret ``, names a real command and only that command's options (read from the
-  click objects of the Typer app, nothing is run); each ``--set key=value`` names a key of that command's schema,
-  a ``-c`` file under configs/ or samples/ exists, and ``--from`` / ``--until`` / ``--only`` name a stage;
+- every ``koret ...`` command line in a ``bash`` / ``sh`` / ``shell`` / ``console`` code block, every line of a
+  ``text`` or unlabelled block that starts with ``koret `` or ``$ koret ``, and every inline code span that
+  starts with ``koret ``, names a real command and only that command's options (read from the click objects of
+  the Typer app, nothing is run); each ``--set key=value`` names a key of that command's schema, and a value of
+  a key with fixed choices (a ``Literal``) is one of them; a ``-c`` file exists (unless it is a placeholder or
+  under runs/, an earlier command's output) and is a config of that command's stage (a run file only with
+  ``koret run``); ``--from`` / ``--until`` / ``--only`` name a stage;
+- every ``python`` code block parses, and each ``from koret... import X`` names a module and an attribute that
+  exist (read from the module's source: nothing is imported or run);
 - every ``yaml`` code block is a whole config that ``koret config validate`` accepts, unless its first line is
   ``# fragment: STAGE``: then it is part of a STAGE config, validated against that schema alone;
 - every inline code span that names a dotted config key (``filter.perc``, ``search.lexical.top_k: 50``) names a
   key of some command's schema, and every span naming a repository path (``koret/mine.py``) names one that exists;
 - every relative link and anchor resolves (GitHub's heading slugs);
-- no issue numbers; docs/configuration.md is what ``koret config reference`` prints; the tables that scripts
+- no issue numbers (``#12``, ``(#12)``, ``issue 12``, ``.../issues/12``); docs/configuration.md is what ``koret config reference`` prints; the tables that scripts
   rewrite between markers hold what bench/results/ holds; README.md fits on a screen.
 
-``test_checkers_report_what_a_rename_breaks`` feeds snippets with a renamed command, option, key, file, link and
-anchor into the checker functions and asserts each one is reported.
+``test_checkers_report_what_a_rename_breaks`` feeds snippets with a renamed command, option, key, file, link,
+anchor, import and choice into the checker functions and asserts each one is reported.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import re
 import shlex
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +41,14 @@ from typer.testing import CliRunner
 
 from koret.cli import EXAMPLES, app
 from koret.config import load_yaml_text, validate
-from koret.config_reference import key_exists, reference, schemas
+from koret.config_reference import key_annotation, key_exists, reference, schemas
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = ["mining", "scale-out", "training", "reranker", "evaluation", "pipeline", "configuration", "benchmarks",
          "quality", "troubleshooting", "development"]
 COMMAND_BLOCKS = {"bash", "sh", "shell", "console"}
+OUTPUT_BLOCKS = {"text", ""}  # output, tables, logs: only its lines that start with `koret ` / `$ koret ` run koret
 SHELL_STOP = {">", ">>", "|", "||", "&&", ";", "&", "2>&1"}
 FILE_SUFFIXES = {"parquet", "json", "jsonl", "yaml", "yml", "png", "py", "md", "tsv", "csv", "txt", "npy", "sh",
                  "safetensors", "bin", "toml"}
@@ -106,15 +115,21 @@ def inline_spans(text: str) -> list[tuple[int, str]]:
 
 
 def command_lines(text: str) -> list[tuple[int, str]]:
-    """Shell lines of the command blocks (continuations joined) and inline spans that start with ``koret ``."""
+    """Shell lines of the command blocks (continuations joined), the lines of text / unlabelled blocks that start
+    with ``koret `` or ``$ koret `` (a diagram's indented ``koret mine ───`` and a printed title ``koret run: DIR``
+    are not commands), and inline spans that start with ``koret ``."""
     out = []
     for block in code_blocks(text):
-        if block.info.split(" ")[0].lower() not in COMMAND_BLOCKS:
+        kind = block.info.split(" ")[0].lower()
+        if kind not in COMMAND_BLOCKS and kind not in OUTPUT_BLOCKS:
             continue
         pending, start = "", block.line
         for i, line in enumerate(block.text.splitlines()):
             if not pending:
                 start = block.line + i
+                if kind in OUTPUT_BLOCKS and (not line.startswith(("koret ", "$ koret "))
+                                              or re.match(r"^koret [\w-]+:(\s|$)", line)):
+                    continue  # not a command, or a title koret prints ("koret run: runs/quickstart")
             if line.rstrip().endswith("\\"):
                 pending += line.rstrip()[:-1] + " "
                 continue
@@ -154,7 +169,72 @@ def koret_args(line: str) -> list[str] | None:
 
 
 def _placeholder(value: str) -> bool:
-    return value.isupper() or value in ("...", "…") or value.startswith("<")
+    return value.isupper() or value in ("...", "…") or value.startswith("<") or "$" in value
+
+
+def _stage_commands() -> dict[str, set[str]]:
+    """command -> the stages whose config files it reads (``koret filter`` reads a mine config, or a filter one)."""
+    from koret.stages import REGISTRY
+
+    out = {stage.command: {stage.name} for stage in REGISTRY.values()}
+    out["filter"] |= {"mine"}
+    out["run"] = {"run"}
+    return out
+
+
+def _config_problems(where: str, command: str, config: str) -> list[str]:
+    """A ``-c`` file: it exists, unless a placeholder or under runs/ (an earlier documented command writes it),
+    and is a config of the command's stage."""
+    from koret.cli import _stage_of
+    from koret.errors import KoretError
+
+    if _placeholder(config) or config.startswith(("runs/", "./runs/")):
+        return []
+    path = REPO / config
+    if not path.is_file():
+        return [f"{where}: -c {config}: no such file"]
+    accepted = _stage_commands().get(command)
+    if accepted is None:  # koret config ...: any stage
+        return []
+    try:
+        stage = _stage_of(path, None)
+    except KoretError as exc:
+        return [f"{where}: -c {config}: {exc}"]
+    if stage not in accepted:
+        reads = "`koret run`" if stage == "run" else f"`koret {_command_of(stage)}`"
+        return [f"{where}: -c {config} is a {stage} config, which {reads} reads, not `koret {command}`"]
+    return []
+
+
+def _command_of(stage: str) -> str:
+    from koret.stages import get
+
+    return get(stage).command
+
+
+def _choices(annotation) -> list:
+    """The values of the Literal types in ``annotation`` (``float | Literal['auto'] | None``: ['auto'])."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return [v for a in typing.get_args(annotation) for v in _choices(a)]
+
+
+def _value_problem(schema, key: str, raw: str) -> str | None:
+    """``--set key=value`` for a key with fixed choices: the value (read as YAML, as koret reads it) must be valid."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from koret.config import parse_override
+
+    annotation = key_annotation(schema, key)
+    choices = _choices(annotation) if annotation is not None else []
+    if not choices or _placeholder(raw):
+        return None
+    _, value = parse_override(f"{key}={raw}")
+    try:
+        TypeAdapter(annotation).validate_python(value)
+    except ValidationError:
+        return f"--set {key}={raw}: not a valid value (choices: {', '.join(map(str, choices))})"
+    return None
 
 
 def _schema_for(path: list[str], values: dict[str, list[str]]):
@@ -217,8 +297,7 @@ def check_command(line: str) -> list[str]:
             problems.append(f"{where}: unexpected argument {tok!r}")
         i += 1
     for config in values.get("config", []):
-        if config.startswith(("configs/", "samples/")) and not (REPO / config).exists():
-            problems.append(f"{where}: -c {config}: no such file")
+        problems += _config_problems(where, " ".join(path), config)
     for flag in ("from_", "until", "only"):
         from koret.pipeline import CHAIN
 
@@ -227,13 +306,17 @@ def check_command(line: str) -> list[str]:
                 problems.append(f"{where}: --{flag.rstrip('_')} {stage}: no such stage ({', '.join(CHAIN)})")
     schema = _schema_for(path, values)
     for item in values.get("set_", []):
-        key = item.partition("=")[0]
+        key, _, raw = item.partition("=")
         if _placeholder(key):
             continue
         known = key_exists(schema, key) if schema is not None else any(
             key_exists(s, key) for s in schemas().values())
         if not known:
             problems.append(f"{where}: --set {key}: no such config key")
+        elif schema is not None:
+            problem = _value_problem(schema, key, raw)
+            if problem:
+                problems.append(f"{where}: {problem}")
     return problems
 
 
@@ -264,6 +347,54 @@ def check_yaml(block_text: str, tmp: Path) -> list[str]:
     if result.exit_code != 0:
         return [(result.stderr or result.output).strip().replace(str(path), "block") or f"exit {result.exit_code}"]
     return []
+
+
+@functools.cache
+def _module_names(module: str) -> frozenset[str] | None:
+    """The names a koret module defines or imports at its top level (its source read with ``ast``, not imported),
+    plus its submodules; None when there is no such module."""
+    base = REPO / Path(*module.split("."))
+    source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    if not source.is_file():
+        return None
+    names: set[str] = set()
+    body = list(ast.parse(source.read_text(encoding="utf-8")).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            body += node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", [])
+            body += [s for h in getattr(node, "handlers", []) for s in h.body]
+    if base.is_dir():
+        names |= {p.stem for p in base.glob("*.py")} | {p.name for p in base.iterdir() if (p / "__init__.py").exists()}
+    return frozenset(names)
+
+
+def check_python(block_text: str) -> list[str]:
+    """A python block parses, and its koret imports resolve: the modules exist and define what is imported."""
+    try:
+        tree = ast.parse(block_text)
+    except SyntaxError as exc:
+        return [f"python block: line {exc.lineno}: {exc.msg}"]
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "koret":
+            names = _module_names(node.module)
+            if names is None:
+                problems.append(f"python block: from {node.module} import ...: no module {node.module}")
+                continue
+            problems += [f"python block: from {node.module} import {a.name}: cannot import {a.name!r}"
+                         for a in node.names if a.name != "*" and a.name not in names]
+        elif isinstance(node, ast.Import):
+            problems += [f"python block: import {a.name}: no module {a.name}" for a in node.names
+                         if a.name.split(".")[0] == "koret" and _module_names(a.name) is None]
+    return problems
 
 
 def _has_keys(annotation) -> bool:
@@ -336,7 +467,8 @@ def check_links(doc: Path, text: str) -> list[str]:
     return problems
 
 
-ISSUE_REF = re.compile(r"(?i)\bissues?\s*#?\d+|(?<![\w&/#(\[])#\d+\b")
+# "#12", "(#12)", "issue 12", ".../issues/12", ".../pull/12"; not a link's anchor "](#12-...)" or "&#12;"
+ISSUE_REF = re.compile(r"(?i)\bissues?\s*[#/]?\d+|/pull/\d+|(?<![\w&/#\[])(?<!\]\()#\d+\b")
 
 
 def check_issue_refs(text: str) -> list[str]:
@@ -349,6 +481,8 @@ def check_doc(doc: Path, text: str, tmp: Path) -> list[str]:
     for block in code_blocks(text):
         if block.info.split(" ")[0].lower() in ("yaml", "yml"):
             problems += [f"line {block.line}: yaml block: {p}" for p in check_yaml(block.text, tmp)]
+        if block.info.split(" ")[0].lower() in ("python", "py"):
+            problems += [f"line {block.line}: {p}" for p in check_python(block.text)]
     return problems + check_spans(text) + check_links(doc, text) + check_issue_refs(text)
 
 
@@ -476,6 +610,26 @@ BROKEN = {
     "broken anchor on the same page": ("# Top\n\nSee [below](#nowhere) and [top](#top).", "no heading #nowhere"),
     "issue number": ("Fixed in issue #12.", "no issue numbers"),
     "bare issue reference": ("See #12 for why.", "no issue numbers"),
+    "issue reference in parentheses": ("Fixed the cache key (#12).", "no issue numbers"),
+    "issue link": ("See [the bug](https://github.com/o/koret/issues/12).", "no issue numbers"),
+    "-c file outside configs/": ("```bash\nkoret train -c data/my-train.yaml\n```\n", "-c data/my-train.yaml: no such file"),
+    "run file given to a stage command": ("```bash\nkoret train -c configs/arctic-ko.yaml\n```\n",
+                                          "is a run config, which `koret run` reads, not `koret train`"),
+    "stage file given to another stage": ("`koret train -c configs/reranker.yaml`",
+                                          "is a reranker config, which `koret train-reranker` reads"),
+    "command in a text block": ("```text\nkoret mien -c configs/mine.yaml\n```\n", "no such command"),
+    "prompted command in an unlabelled block": ("```\n$ koret mine -c configs/mine.yaml --num-procs 2\n```\n",
+                                                "no option --num-procs"),
+    "python import of a renamed function": ("```python\nfrom koret.filter import refiltr\n```\n",
+                                            "cannot import 'refiltr'"),
+    "python import of a renamed module": ("```python\nfrom koret.refilter import refilter\n```\n",
+                                          "no module koret.refilter"),
+    "python block that does not parse": ("```python\nfrom koret.mine import (mine\n```\n", "python block: line"),
+    "--set value outside a key's choices": ("```bash\nkoret mine -c configs/mine.yaml --set filter.strategy=perc\n```\n",
+                                            "--set filter.strategy=perc: not a valid value"),
+    "--set value outside a union's choices": (
+        "`koret train-reranker -c configs/reranker.yaml --set model.attention_dropout=always`",
+        "--set model.attention_dropout=always: not a valid value"),
 }
 
 
@@ -489,7 +643,18 @@ def test_checkers_report_what_a_rename_breaks(case, tmp_path):
 def test_checkers_accept_what_is_right(tmp_path):
     snippet = ("```bash\nkoret mine -c configs/mine.yaml --set filter.perc=0.9 --num-processes 2 [--quiet]\n"
                "torchrun --nproc_per_node 8 -m koret train -c configs/train.yaml --set args.learning_rate=1e-5\n"
-               "koret config reference > docs/configuration.md\n```\n"
+               "koret config reference > docs/configuration.md\n"
+               "koret filter -c runs/mine/config.yaml --set filter.strategy=margin_pos\n"
+               "koret filter -c configs/mine.yaml --set filter.sampling=random\n"
+               "koret train-reranker -c configs/reranker.yaml --set model.attention_dropout=auto "
+               "--set model.attention_dropout=0.1 --set loss.name=LOSS\n"
+               "koret run -c $RUN_FILE\n"
+               "koret config validate -c configs/quickstart.yaml\n```\n"
+               "```text\n$ koret run -c configs/quickstart.yaml\nkoret run: runs/quickstart\n"
+               " koret mine ─── teacher embeddings\nerror: ...\n```\n"
+               "```python\nfrom koret.config import MineConfig, load_config\nfrom koret.pipeline import PipelineConfig\n"
+               "from koret.training.distill import score_kind_of\nfrom koret import config\nimport koret.mine\n```\n"
+               "A [heading](mining.md#exact-scores) (see mining); the mean (0.5) and the list of 12.\n"
                "```yaml\n# fragment: mine\nsearch:\n  lexical: {top_k: 50}\n```\n"
                "Keys: `filter.perc`, `search.lexical.top_k: 50`, `args.learning_rate`, `train.parquet`; "
                "[exact scores](mining.md#exact-scores); `koret eval --model A --reranker B --rerank-top-k 100`.\n")
