@@ -364,6 +364,10 @@ class EvalModelConfig(PromptFields):
 
 
 class EvalDataConfig(Section):
+    """One test set: ``data:`` (a single set) or an entry of ``sets:`` (a suite)."""
+
+    name: str | None = Field(None, description="The set's name in tables, metrics.json and metrics.csv (default: "
+                                               "its folder or file stem).")
     path: str | None = Field(None, description="IR set: pairs, SQuAD (file.json#A:B), BEIR folder, AutoRAG.")
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     split: str = Field("test", description="qrels/<split>.tsv of a BEIR folder, or a Hub split.")
@@ -405,9 +409,13 @@ class SignificanceConfig(Section):
 
 class EvalConfig(Section):
     """Config of ``koret eval``: the first model is the baseline the others are compared with; each reranker
-    reorders the first model's top ``rerank_top_k``."""
+    reorders the first model's top ``rerank_top_k``; with ``sets``, on every set, then on their macro average."""
 
-    data: EvalDataConfig = Field(default_factory=EvalDataConfig)
+    data: EvalDataConfig = Field(default_factory=EvalDataConfig)  # one set; several: sets
+    sets: list[EvalDataConfig] = Field(
+        default_factory=list, description="A suite of test sets instead of data (each entry has data's keys; "
+        "names must differ): every model on every set, then the macro average over the sets, each delta with "
+        "its interval and p-value.")
     models: list[EvalModelConfig] = Field(default_factory=list)
     rerankers: list[EvalRerankerConfig] = Field(default_factory=list)
     rerank_top_k: int = Field(100, ge=1, description="Passages of the reranked model's ranking each reranker reorders.")
@@ -428,12 +436,19 @@ class EvalConfig(Section):
             raise ValueError("must be a non-empty list of positive integers")
         return sorted(set(value))
 
+    @model_validator(mode="after")
+    def _data_or_sets(self) -> EvalConfig:
+        if self.sets and self.data.path:
+            raise ValueError("data.path and sets are both set: give one set as data, or several as sets")
+        return self
+
 
 class PushConfig(Section):
     """Config of ``koret push`` (the token is never part of it: HF_TOKEN or huggingface-cli login)."""
 
     repo_id: str | None = Field(None, description="owner/name on the Hugging Face Hub.")
-    model: str = Field("runs/train/final", description="The trained SentenceTransformer folder.")
+    model: str = Field("runs/train/final", description="The trained folder: a SentenceTransformer (retriever) or a "
+                                                     "CrossEncoder (reranker, pushed with a reranker card).")
     private: bool = False
     revision: str | None = Field(None, description="Branch to push to (created if missing).")
     commit_message: str = "Upload Korean retriever trained with koret"
@@ -584,7 +599,7 @@ def load_config(model: type[C], path: str | Path | None, overrides: list[str] | 
 STAGE_KEYS = {  # top-level keys that tell one stage's config from the others'
     "mine": {"teacher", "rescore"},
     "train": {"loss", "args"},
-    "eval": {"models", "k", "mteb"},
+    "eval": {"models", "k", "mteb", "sets"},
     "push": {"repo_id", "private", "revision", "commit_message", "create_repo", "train_dir", "mine_dir", "eval_dir"},
 }
 

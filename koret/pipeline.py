@@ -102,8 +102,9 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
     that use many processes (mine, train, reranker) run on all of them; filter, eval and push run on the main
     process while the others wait for its decision on the next stage (:func:`koret.dist.agree`, one deadline:
     ``KORET_COLLECTIVE_TIMEOUT``). A process whose stage fails raises at once: its peers' collectives fail when
-    it exits, or the launcher stops them, so one failure ends the run within seconds; the main process then
-    writes the summary with the stage marked failed (and its record removed: nothing half-done counts as done).
+    it exits, or the launcher stops them, so one failure ends the run within a minute (seconds on gloo); the main
+    process then writes the summary with the stage marked failed (and its record removed: nothing half-done counts
+    as done).
     """
     root = Path(cfg.run.dir)
     stages = resolve(cfg, source)
