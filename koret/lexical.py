@@ -207,18 +207,22 @@ def _query_top_k(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, term
     The scores are summed negated, term by term in query order, as bm25s sums them ((-a) - b == -(a + b) exactly
     in IEEE arithmetic); the passages scoring above 0 are partitioned for the ``k``-th best score, every one
     scoring at least that (a tie group may straddle the cut) is sorted by (score descending, index) and the list
-    cut to ``k``. Only the query's postings are touched: ``neg`` is all zeros on entry and on return.
+    cut to ``k``. ``neg`` is all zeros on entry and on return; a query with few postings touches only those, one
+    with many scans the vector once (sorting many postings was measured 8x slower than the scan).
     """
     if not terms:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    touched = np.concatenate([indices[indptr[t]:indptr[t + 1]] for t in terms])
+    postings = sum(int(indptr[t + 1] - indptr[t]) for t in terms)
     for t in terms:
         s, e = indptr[t], indptr[t + 1]
         np.subtract.at(neg, indices[s:e], data[s:e])
-    cand = np.unique(touched)  # the passages that share a term with the query, in index order
+    if postings * 16 < len(neg):  # few postings: sort the touched passages instead of scanning all
+        cand = np.unique(np.concatenate([indices[indptr[t]:indptr[t + 1]] for t in terms]))
+        cand = cand[neg[cand] < 0]
+    else:  # one linear scan is cheaper than sorting that many postings (measured: 8x)
+        cand = np.flatnonzero(neg < 0)  # the passages that share a term with the query, in index order
     got = neg[cand]
-    neg[touched] = 0  # clean for the next query
-    cand, got = cand[got < 0], got[got < 0]
+    neg[cand] = 0  # every touched passage is in cand (postings are > 0): clean for the next query
     if len(cand) > k:  # keep those scoring at least the k-th best score (a tie group may straddle the cut)
         keep = got <= np.partition(got, k - 1)[k - 1]
         cand, got = cand[keep], got[keep]
