@@ -35,7 +35,7 @@ def side(a):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from koret.data import load_retrieval_data
-    data = load_retrieval_data(a["data"])
+    data = load_retrieval_data(a["data"], dedupe=False)  # the set as published, as koret eval scores it
     queries = {str(q): t for q, t in enumerate(data.queries)}
     corpus = {str(i): t for i, t in enumerate(data.corpus)}
     rel = {str(q): {str(d) for d, g in r.items() if g > 0} for q, r in enumerate(data.qrels)}
