@@ -159,6 +159,20 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return cand[scores[cand] > 0]
 
 
+def reference_top_k(index: Any, query_tokens: Sequence[Sequence[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The definition :func:`bm25_top_k` must equal, bit for bit: one query at a time, a full score vector
+    (:func:`bm25_scores`) and its :func:`top_k` (the search koret ran before; the tests and
+    ``scripts/bench_lexical.py`` compare against it)."""
+    k = min(k, int(index.scores["num_docs"]))
+    ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
+    scores = np.zeros((len(query_tokens), k), dtype=np.float32)
+    for q, toks in enumerate(query_tokens):
+        full = bm25_scores(index, toks)
+        best = top_k(full, k)
+        ids[q, : len(best)], scores[q, : len(best)] = best, full[best]
+    return ids, scores
+
+
 def bm25_top_k(index: Any, query_tokens: Sequence[Sequence[str]], k: int,
                n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per tokenized query, the ``k`` best passages by BM25 and their scores, best first, ties by passage index,

@@ -72,18 +72,10 @@ def texts(passages: int, queries: int) -> Path:
 
 
 def reference(index, query_tokens, k: int):
-    """The per-query search koret ran before bm25_top_k (koret.lexical's bm25_scores + top_k, one query at a time)."""
-    import numpy as np
+    """The per-query search koret ran before bm25_top_k (koret.lexical.reference_top_k)."""
+    from koret.lexical import reference_top_k
 
-    from koret.lexical import bm25_scores, top_k
-
-    ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
-    scores = np.zeros((len(query_tokens), k), dtype=np.float32)
-    for q, toks in enumerate(query_tokens):
-        full = bm25_scores(index, toks)
-        best = top_k(full, k)
-        ids[q, : len(best)], scores[q, : len(best)] = best, full[best]
-    return ids, scores
+    return reference_top_k(index, query_tokens, k)
 
 
 def same_above_cut(ids, scores, ref_ids, ref_scores) -> bool:

@@ -14,7 +14,15 @@ import yaml
 from helpers import mine_config, run_cli, write_config
 
 from koret.filter_rules import DENSE, LEXICAL
-from koret.lexical import LexicalSettings, bm25_scores, build_index, tokenize, top_k, union_candidates
+from koret.lexical import (
+    LexicalSettings,
+    bm25_scores,
+    build_index,
+    reference_top_k,
+    tokenize,
+    top_k,
+    union_candidates,
+)
 
 pytest.importorskip("kiwipiepy")
 pytest.importorskip("bm25s")
@@ -147,26 +155,13 @@ def _tie_corpus() -> tuple[list[str], list[str]]:
     return corpus, queries
 
 
-def _reference(index, query_tokens, k):
-    """The per-query search koret ran before bm25_top_k: a full score vector, then top_k."""
-    k = min(k, index.scores["num_docs"])
-    ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
-    scores = np.zeros((len(query_tokens), k), dtype=np.float32)
-    for q, toks in enumerate(query_tokens):
-        full = bm25_scores(index, toks)
-        best = top_k(full, k)
-        ids[q, : len(best)], scores[q, : len(best)] = best, full[best]
-    return ids, scores
-
-
-@pytest.mark.parametrize("k", [4, 7, 200])
 def test_batched_search_equals_the_per_query_search_ties_included(k):
     from koret.lexical import bm25_top_k
 
     corpus, queries = _tie_corpus()
     index, _ = build_index(corpus, LexicalSettings(), None)
     toks = tokenize(queries)
-    ref_ids, ref_scores = _reference(index, toks, k)
+    ref_ids, ref_scores = reference_top_k(index, toks, k)
     if k < len(corpus):
         full = [np.sort(bm25_scores(index, t))[::-1] for t in toks]
         assert any(f[k - 1] > 0 and f[k - 1] == f[k] for f in full), "a tie group straddles the cut"
