@@ -155,6 +155,7 @@ def _tie_corpus() -> tuple[list[str], list[str]]:
     return corpus, queries
 
 
+@pytest.mark.parametrize("k", [4, 7, 200])
 def test_batched_search_equals_the_per_query_search_ties_included(k):
     from koret.lexical import bm25_top_k
 
