@@ -204,14 +204,27 @@ for _name in ("mine", "filter", "train", "reranker"):
     _stage_command(_name)
 
 
+def named_path(value: str) -> tuple[str | None, str]:
+    """``--data NAME=PATH`` -> (NAME, PATH); ``--data PATH`` -> (None, PATH). A value that is an existing path, or
+    whose part before ``=`` holds a path separator, is a path (``runs/x=1/eval.jsonl``)."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or "/" in name or "\\" in name or Path(value).exists():
+        return None, value
+    if not path:
+        raise KoretError(f"--data {value!r}: no path after {name}=", "give --data NAME=PATH")
+    return name, path
+
+
 @app.command("eval", epilog=_example("eval"))
 def eval_(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: SetOpt = None,
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to evaluate (repeatable); "
                                                     "the first is the baseline.")] = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="IR set (pairs, SQuAD, BEIR, AutoRAG).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="Data layout (default: auto).")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", "-d", help="IR set (pairs, SQuAD, BEIR, AutoRAG); "
+                                                   "repeat it for a suite of sets (their macro average too), each "
+                                                   "PATH (named after its folder or file stem) or NAME=PATH.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Data layout of every --data (default: auto).")] = None,
     k: Annotated[str | None, typer.Option("--k", help="Cut-offs, e.g. 1,3,5,10,20,100.")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Output folder (default runs/eval).")] = None,
     markdown: Annotated[str | None, typer.Option("--markdown", help="Also write a Markdown table here.")] = None,
@@ -238,9 +251,11 @@ def eval_(
 
         raw = read_yaml(config) if config is not None else {}
         flags: list[str] = []
-        if data is not None:
-            flags.append(f"data.path={data}")
-        if fmt is not None:
+        named = [named_path(d) for d in data or []]
+        if len(named) == 1:  # one set: data (the config's other data keys stay), not the config's sets
+            raw.pop("sets", None)
+            flags.append(f"data.path={named[0][1]}")
+        if fmt is not None and len(named) <= 1:
             flags.append(f"data.format={fmt}")
         if k is not None:
             flags.append(f"k=[{k}]")
@@ -259,6 +274,12 @@ def eval_(
                                  "max_seq_length": max_seq_length} for m in model]
         if reranker:
             merged["rerankers"] = [{"name": r} for r in reranker]
+        if len(named) == 1 and named[0][0]:
+            merged["data"]["name"] = named[0][0]
+        if len(named) > 1:  # a suite: these sets, in place of the config's data and sets
+            merged.pop("data", None)
+            merged["sets"] = [{"name": n, "path": p, **({"format": fmt} if fmt is not None else {})}
+                              for n, p in named]
         evaluate(validate(EvalConfig, merged, str(config) if config else "command line"))
 
     _run(go, debug, quiet)

@@ -10,9 +10,20 @@ order, so a reranked row's recall@k for k past ``rerank_top_k`` is the retriever
 row is one more row of the table, and its deltas (and their significance) are against the retriever it reranks,
 which ``compared_with`` names; retrieval runs once however many rerankers.
 
+A suite of test sets (``sets``, or ``--data`` given more than once) is a loop over the sets, each evaluated as
+above (rerankers included), then the macro average over the sets: each metric's mean over the sets, every set
+counting alike; the average's deltas have intervals and p-values that resample queries within each set
+(:func:`koret.significance.macro_paired_comparison`). Every set is read and checked before any model loads.
+
 Outputs in ``output.dir``: ``metrics.json`` (``{"models": [{"name", "metrics": {"ndcg@10": ...}}, ...]}``
-plus config, data fingerprint, seconds and passages/s), ``per_query.jsonl`` (rank of the first relevant passage
-and the top 10 per model), and optionally a Markdown table (``output.markdown``).
+plus config, data fingerprint, seconds and passages/s), ``metrics.csv`` (a row per set, model and metric: value,
+delta against the row's reference, interval, p-value), ``per_query.jsonl`` (rank of the first relevant passage
+and the top 10 per model), and optionally a Markdown table (``output.markdown``). A suite's ``metrics.json``
+keeps those top-level keys and fills them with the macro average (``data``: the sets' totals), so a reader of a
+single set's record reads the average; ``sets`` holds each set's record as a single-set run writes it
+(``{name: {"models", "baseline", "k", "data", "seconds"}}``) and ``average`` says how the average was formed.
+Its ``metrics.csv`` has the rows of every set, then the average's (set ``average``), ``per_query.jsonl`` rows
+name their ``set``, and the Markdown file has a table per set, then the average's.
 """
 
 from __future__ import annotations
@@ -21,12 +32,13 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from koret.config import EvalConfig, EvalModelConfig, SignificanceConfig, config_dict
+from koret.config import EvalConfig, EvalDataConfig, EvalModelConfig, SignificanceConfig, config_dict
 from koret.data import RetrievalData, load_section
 from koret.encode import Embeddings, EncodeSettings, encode_texts, load_sentence_transformer, resolve_dtype
 from koret.errors import KoretError
@@ -57,6 +69,70 @@ def model_labels(models: list[EvalModelConfig], taken: set[str] | None = None) -
     return [_label(m, taken) for m in models]
 
 
+AVERAGE = "average"  # the macro average's name in metrics.csv (no set may take it)
+
+
+@dataclass
+class EvalSet:
+    """A test set, read and checked: its judged queries (the first ``max_queries``) and its cut-offs."""
+
+    name: str
+    section: EvalDataConfig
+    data: RetrievalData
+    qids: list[int]
+    no_relevant: int
+    ks: list[int]
+
+
+def set_name(d: EvalDataConfig) -> str:
+    """A set's name: its ``name``, else its folder or file stem (``beir/scifact`` -> ``scifact``,
+    ``ko/eval.jsonl`` -> ``eval``, ``squad.json#0:10`` -> ``squad``, a Hub id ``org/set`` -> ``set``)."""
+    if d.name:
+        return d.name
+    p = Path((d.path or "").split("#")[0].rstrip("/"))
+    return (p.name if p.is_dir() else p.stem) or p.name or str(d.path)
+
+
+def eval_sets(cfg: EvalConfig) -> list[tuple[str, EvalDataConfig]]:
+    """The sets to evaluate, named: ``sets``, else ``data``; every one with a path and a name of its own."""
+    if not cfg.sets:
+        if not cfg.data.path:
+            raise KoretError("data.path: required key is missing", "give --data PATH")
+        return [(set_name(cfg.data), cfg.data)]
+    named: list[tuple[str, EvalDataConfig]] = []
+    for i, d in enumerate(cfg.sets):
+        if not d.path:
+            raise KoretError(f"sets[{i}].path: required key is missing", "give every set a path")
+        name = set_name(d)
+        if name == AVERAGE and len(cfg.sets) > 1:
+            raise KoretError(f"sets[{i}]: the name {AVERAGE!r} is the macro average's", "give the set another name")
+        if name in (n for n, _ in named):
+            raise KoretError(f"sets[{i}]: two sets are named {name!r}",
+                             "name them: --data NAME=PATH, or name: in each entry of sets")
+        named.append((name, d))
+    return named
+
+
+def load_set(name: str, d: EvalDataConfig, k: list[int], where: str = "") -> EvalSet:
+    """Read a set and check it (judged queries, a corpus); errors name the set (``where``) in a suite."""
+    try:
+        data = load_section(d, "path", dedupe=False)
+        qids, no_relevant = judged_queries(data)
+    except KoretError as exc:
+        if not where:
+            raise
+        raise KoretError(f"{where}{exc.message}", exc.hint) from exc
+    if d.max_queries:
+        qids = qids[: d.max_queries]
+    ks = list(k)
+    if max(ks) > len(data.corpus):
+        clamped = sorted({min(x, len(data.corpus)) for x in ks})
+        warn(f"{where}k {max(ks)} is larger than the corpus ({len(data.corpus)} passages); clamped to {clamped}")
+        ks = clamped
+    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages")
+    return EvalSet(name, d, data, qids, no_relevant, ks)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run ``koret eval``; returns what ``metrics.json`` holds."""
     started = time.perf_counter()
@@ -64,20 +140,44 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise KoretError("models: no model to evaluate", "give --model PATH (repeatable) or a models: list")
     if cfg.mteb:
         check_mteb_reachable()
-    d = cfg.data
-    if not d.path:
-        raise KoretError("data.path: required key is missing", "give --data PATH")
-    data = load_section(d, "path", dedupe=False)
-    qids, no_relevant = judged_queries(data)
-    if d.max_queries:
-        qids = qids[: d.max_queries]
-    ks = list(cfg.k)
-    if max(ks) > len(data.corpus):
-        clamped = sorted({min(k, len(data.corpus)) for k in ks})
-        warn(f"k {max(ks)} is larger than the corpus ({len(data.corpus)} passages); clamped to {clamped}")
-        ks = clamped
-    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages")
+    named = eval_sets(cfg)
+    suite = len(named) > 1
+    sets = [load_set(name, d, cfg.k, f"set {name}: " if suite else "") for name, d in named]
 
+    blocks: dict[str, dict[str, Any]] = {}
+    scored: dict[str, dict[str, list[dict[str, float]]]] = {}
+    per_query: list[dict[str, Any]] = []
+    for s in sets:
+        t0 = time.perf_counter()
+        block, rows, scored[s.name] = evaluate_set(cfg, s)
+        blocks[s.name] = {**block, "seconds": time.perf_counter() - t0} if suite else block
+        per_query += [{"set": s.name, **row} for row in rows] if suite else rows
+    out = suite_record(blocks, scored, cfg.significance) if suite else blocks[sets[0].name]
+    out = {**out, "config": config_dict(cfg), "seconds": time.perf_counter() - started}
+    if cfg.mteb:
+        out["mteb"] = run_mteb(cfg)
+    out_dir = Path(cfg.output.dir)
+    write_json(out_dir / "metrics.json", out)
+    write_text(out_dir / "per_query.jsonl",
+               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_query))
+    tables = [(name, b["models"]) for name, b in blocks.items()] + ([(AVERAGE, out["models"])] if suite else [])
+    write_text(out_dir / "metrics.csv", csv_table(tables))
+    if cfg.output.markdown:
+        write_text(cfg.output.markdown, suite_markdown(out) if suite else markdown_table(out["models"]))
+    for name, b in blocks.items():
+        show_table(b["models"], f"{name} ({b['data']['source']})" if suite else b["data"]["source"])
+    if suite:
+        show_table(out["models"], f"{AVERAGE} of {len(blocks)} sets")
+    return out
+
+
+def evaluate_set(cfg: EvalConfig, s: EvalSet) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                         dict[str, list[dict[str, float]]]]:
+    """Every model (and reranker) on one set: its record (``models``, ``baseline``, ``k``, ``data``), its
+    per-query rows and each row's per-query metrics (label -> one dict per query, in query order)."""
+    data, qids, ks = s.data, s.qids, s.ks
+    if s.section is not cfg.data:  # an entry of sets: its own data options (normalize) for the encoder
+        cfg = cfg.model_copy(update={"data": s.section})
     taken: set[str] = set()
     results: list[dict[str, Any]] = []
     per_query: list[dict[str, Any]] = [
@@ -107,27 +207,46 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                         "compared_with": target, **res["summary"]})
         _add_per_query(per_query, data, qids, label, res["ranked"], res["scores"])
         scored[label] = res["per_query"]
-    add_significance(results, scored, cfg.significance)
-    out = {
+    add_significance(results, {label: [rows] for label, rows in scored.items()}, cfg.significance)
+    block = {
         "models": results,
         "baseline": results[0]["name"],
         "k": ks,
         "data": {"source": data.source, "format": data.format, "fingerprint": data.fingerprint(),
-                 "queries": len(qids), "queries_without_relevant": no_relevant, "passages": len(data.corpus),
+                 "queries": len(qids), "queries_without_relevant": s.no_relevant, "passages": len(data.corpus),
                  "skipped": data.counts},
-        "config": config_dict(cfg),
-        "seconds": time.perf_counter() - started,
     }
-    if cfg.mteb:
-        out["mteb"] = run_mteb(cfg)
-    out_dir = Path(cfg.output.dir)
-    write_json(out_dir / "metrics.json", out)
-    write_text(out_dir / "per_query.jsonl",
-               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_query))
-    if cfg.output.markdown:
-        write_text(cfg.output.markdown, markdown_table(results))
-    show_table(results, data.source)
-    return out
+    return block, per_query, scored
+
+
+def suite_record(blocks: dict[str, dict[str, Any]], scored: dict[str, dict[str, list[dict[str, float]]]],
+                 cfg: SignificanceConfig) -> dict[str, Any]:
+    """A suite's ``metrics.json`` (without config and seconds): the macro average in a single set's top-level
+    keys, ``average`` (how it was formed) and ``sets`` (each set's record).
+
+    Each row's average metric is its mean over the sets (the metrics every set has: cut-offs clamped to a small
+    corpus drop out); its deltas' significance comes from every set's per-query scores, queries resampled within
+    each set (:func:`add_significance` with one list per set)."""
+    names = list(blocks)
+    first = blocks[names[0]]
+    rows_by_set = {n: {r["name"]: r for r in b["models"]} for n, b in blocks.items()}
+    keys = [k for k in first["models"][0]["metrics"] if all(k in b["models"][0]["metrics"] for b in blocks.values())]
+    rows = [{**{f: r[f] for f in ("name", "model", "compared_with", "reranks", "rerank_top_k") if f in r},
+             "metrics": {k: float(np.mean([rows_by_set[n][r["name"]]["metrics"][k] for n in names])) for k in keys}}
+            for r in first["models"]]
+    add_significance(rows, {r["name"]: [scored[n][r["name"]] for n in names] for r in rows}, cfg)
+    data = [b["data"] for b in blocks.values()]
+    return {
+        "models": rows,
+        "baseline": rows[0]["name"],
+        "k": sorted(set.intersection(*(set(b["k"]) for b in blocks.values()))),
+        "data": {"source": ", ".join(names), "format": "suite", "sets": names,
+                 **{f: sum(d[f] for d in data) for f in ("queries", "queries_without_relevant", "passages")}},
+        "average": {"sets": names, "queries": {n: d["queries"] for n, d in zip(names, data, strict=True)},
+                    "method": "macro average: each metric's mean over the sets, every set counting alike; the "
+                              "deltas' intervals and p-values resample (and sign-flip) queries within each set"},
+        "sets": blocks,
+    }
 
 
 def _add_per_query(per_query: list[dict[str, Any]], data: RetrievalData, qids: list[int], label: str,
@@ -277,24 +396,32 @@ def reference(r: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any
     return next((x for x in results if x["name"] == ref), results[0])
 
 
-def add_significance(results: list[dict[str, Any]], scored: dict[str, list[dict[str, float]]],
+def add_significance(results: list[dict[str, Any]], scored: dict[str, list[list[dict[str, float]]]],
                      cfg: SignificanceConfig) -> None:
-    """Each result after the baseline gets ``significance``: for every table metric, the mean per-query gain
-    over its reference (:func:`reference`: the baseline, or for a reranked row the retriever it reranks), its
-    paired-bootstrap confidence interval and the paired randomization test's p-value."""
+    """Each result after the baseline gets ``significance``: for every table metric, the gain over its reference
+    (:func:`reference`: the baseline, or for a reranked row the retriever it reranks), its paired-bootstrap
+    confidence interval and the paired randomization test's p-value.
+
+    ``scored[label]`` holds one list of per-query metrics per set: one set, the plain paired comparison; several,
+    the comparison of the macro average over the sets (:func:`koret.significance.macro_paired_comparison`, which
+    for one set is exactly :func:`koret.significance.paired_comparison`)."""
     if cfg.resamples == 0 or len(results) < 2:
         return
-    from koret.significance import compare_to_baseline
+    from koret.significance import macro_paired_comparison
 
     metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
-    arrays = {label: {k: np.array([q[k] for q in rows]) for k in metrics} for label, rows in scored.items()}
+    arrays = {label: {k: [np.array([q[k] for q in rows]) for rows in sets] for k in metrics}
+              for label, sets in scored.items()}
+    n_sets = len(next(iter(scored.values())))
+    within = "" if n_sets == 1 else f" within each of the {n_sets} sets (macro average)"
     for r in results[1:]:
         base = reference(r, results)["name"]
-        compared = compare_to_baseline({base: arrays[base], r["name"]: arrays[r["name"]]}, base, metrics,
-                                       resamples=cfg.resamples, confidence=cfg.confidence, seed=cfg.seed)
-        r["significance"] = {"baseline": base, "test": "paired randomization (sign flip), two-sided",
-                             "interval": f"paired bootstrap, percentile, {cfg.confidence:.0%}",
-                             "resamples": cfg.resamples, "metrics": compared[r["name"]]}
+        compared = {k: macro_paired_comparison(arrays[base][k], arrays[r["name"]][k], resamples=cfg.resamples,
+                                               confidence=cfg.confidence, seed=cfg.seed).as_dict()
+                    for k in metrics}
+        r["significance"] = {"baseline": base, "test": f"paired randomization (sign flip{within}), two-sided",
+                             "interval": f"paired bootstrap{within}, percentile, {cfg.confidence:.0%}",
+                             "resamples": cfg.resamples, "metrics": compared}
 
 
 def _delta_text(r: dict[str, Any], k: str, ref: dict[str, Any], sep: str = " ") -> str:
@@ -373,6 +500,44 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         else:
             lines.append(f"{against}.")
     return "\n".join(lines) + "\n"
+
+
+def suite_markdown(record: dict[str, Any], level: str = "##") -> str:
+    """A suite's tables: one per set (:func:`markdown_table`), then the macro average's."""
+    parts = []
+    for name, block in record["sets"].items():
+        d = block["data"]
+        parts += [f"{level} {name}", "", f"`{d['source']}`: {d['queries']:,} queries, {d['passages']:,} passages.",
+                  "", markdown_table(block["models"])]
+    parts += [f"{level} {AVERAGE}", "", f"Macro average over the {len(record['sets'])} sets (each counts alike); "
+              "intervals and p-values resample queries within each set.", "", markdown_table(record["models"])]
+    return "\n".join(parts)
+
+
+CSV_COLUMNS = ("set", "model", "compared_with", "metric", "value", "delta", "ci_low", "ci_high", "p_value")
+
+
+def csv_table(tables: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """``metrics.csv``: a row per set, model and metric (``tables``: each set's name and rows, the average last),
+    with the delta against the row's reference (:func:`reference`) and, where computed against that same row,
+    the interval and p-value; the baseline's delta cells are empty."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for set_label, results in tables:
+        for i, r in enumerate(results):
+            ref = reference(r, results) if i else None
+            sig = r.get("significance", {})
+            sig_metrics = sig.get("metrics", {}) if ref and sig.get("baseline") == ref["name"] else {}
+            for k, v in r["metrics"].items():
+                c = sig_metrics.get(k, {})
+                writer.writerow([set_label, r["name"], ref["name"] if ref else "", k, v,
+                                 v - ref["metrics"][k] if ref else "", c.get("ci_low", ""), c.get("ci_high", ""),
+                                 c.get("p_value", "")])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- MTEB

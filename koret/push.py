@@ -121,6 +121,15 @@ def _trained_eval_entry(ev: dict[str, Any], model_dir: Path) -> tuple[dict[str, 
     return base, trained or next((m for m in reversed(models[1:]) if "reranks" not in m), None)
 
 
+def _per_set_rows(ev: dict[str, Any], entry: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(dataset name, source, the row of ``entry``'s model) of each test set of an eval record: its one set, or
+    each set of a suite (a suite's top-level rows are the macro average, not a data set of the model-index)."""
+    if not ev.get("sets"):
+        return [(ev["data"]["source"], ev["data"]["source"], entry)]
+    return [(set_name, block["data"]["source"], row) for set_name, block in ev["sets"].items()
+            for row in block["models"] if row["name"] == entry["name"]]
+
+
 def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     """The model card (README.md): YAML front matter + body, from recorded facts only."""
     model_dir = Path(cfg.model)
@@ -144,12 +153,12 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
         base_eval = next((m for m in ev["models"] if m.get("name") == trained_eval["reranks"]), base_eval)
     eval_results = None
     if trained_eval:
-        source = ev["data"]["source"]
         task = ("text-ranking", "Reranking") if reranker else ("retrieval", "Retrieval")
         eval_results = [EvalResult(task_type=task[0], task_name=task[1], dataset_type=source,
-                                   dataset_name=source, dataset_split="test", metric_type=t, metric_name=n,
-                                   metric_value=round(float(trained_eval["metrics"][k]), 6))
-                        for k, t, n in _EVAL_METRICS if k in trained_eval["metrics"]]
+                                   dataset_name=name, dataset_split="test", metric_type=t, metric_name=n,
+                                   metric_value=round(float(row["metrics"][k]), 6))
+                        for name, source, row in _per_set_rows(ev, trained_eval)
+                        for k, t, n in _EVAL_METRICS if k in row["metrics"]]
     datasets = sorted({d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d}) or None
     tags = (["sentence-transformers", "cross-encoder", "reranker", "text-ranking", "korean", "koret"] if reranker
             else ["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"])
@@ -248,14 +257,23 @@ def _evaluation_section(ev: dict[str, Any] | None, base_eval: dict[str, Any] | N
                         trained_eval: dict[str, Any] | None, reranker: bool) -> list[str]:
     body = ["## Evaluation", ""]
     if ev and trained_eval:
-        from koret.evaluate import markdown_table
+        from koret.evaluate import markdown_table, suite_markdown
 
         entries = [e for e in (base_eval, trained_eval) if e]
         what = (f"the reranker reorders the top {trained_eval.get('rerank_top_k')} of the first row's retrieval"
                 if reranker and trained_eval.get("reranks") else "exact search")
-        body += [f"Data: `{ev['data']['source']}`, {ev['data']['queries']:,} queries, {ev['data']['passages']:,} "
-                 f"passages; {what}; metrics as defined by trec_eval. The first row is the baseline.", "",
-                 markdown_table(entries)]
+        if ev.get("sets"):  # a suite: the two rows on each set, then on the macro average
+            names = [e["name"] for e in entries]
+            shown = {"models": entries, "sets": {
+                n: {**b, "models": [m for name in names for m in b["models"] if m["name"] == name]}
+                for n, b in ev["sets"].items()}}
+            body += [f"Data: {len(ev['sets'])} test sets, {ev['data']['queries']:,} queries in all; {what}; metrics "
+                     "as defined by trec_eval. In each table the first row is the baseline.", "",
+                     suite_markdown(shown, level="###")]
+        else:
+            body += [f"Data: `{ev['data']['source']}`, {ev['data']['queries']:,} queries, "
+                     f"{ev['data']['passages']:,} passages; {what}; metrics as defined by trec_eval. The first row "
+                     "is the baseline.", "", markdown_table(entries)]
     else:
         body += ["No evaluation record was found (run `koret eval` with the base and the trained model"
                  + (", and --reranker for a reranker)." if reranker else ")."), ""]

@@ -68,7 +68,8 @@ def _train_figure(cfg: Any, m: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """NDCG@10 of the first model -> the last retriever, and of each reranker over the retriever it reorders."""
+    """NDCG@10 of the first model -> the last retriever, and of each reranker over the retriever it reorders (a
+    suite of sets: of their macro average, the top-level models of its metrics.json)."""
     models = res["models"]
     # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
     key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
@@ -81,6 +82,8 @@ def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if "reranks" in m:
             base = by_name[m["reranks"]]["metrics"][key]
             figure += f"; {m['name']} {m['metrics'][key]:.4f} ({m['metrics'][key] - base:+.4f} over {m['reranks']})"
+    if "sets" in res:
+        figure += f" (average of {len(res['sets'])} sets)"
     return figure, {key: [m["metrics"][key] for m in models]}
 
 
@@ -208,7 +211,7 @@ REGISTRY: dict[str, Stage] = {
               help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "
                    "margin_mse)."),
         Stage("eval", EvalConfig, "koret.evaluate:evaluate", lambda c: [Path(c.output.dir) / "metrics.json"],
-              lambda c: [c.data.path, c.data.corpus], _eval_figure, chain=_chain_eval,
+              lambda c: [x for d in [c.data, *c.sets] for x in (d.path, d.corpus)], _eval_figure, chain=_chain_eval,
               models=lambda c: [m.name for m in c.models] + [r.name for r in c.rerankers],
               help="Evaluate models side by side with trec_eval's metrics."),
         Stage("push", PushConfig, "koret.push:push_stage", lambda c: [], lambda c: [], _push_figure,

@@ -1,4 +1,4 @@
-"""koret eval: metrics equal pytrec_eval's, readers, two models with deltas, the cache, bad inputs."""
+"""koret eval: metrics equal pytrec_eval's, readers, two models with deltas, the cache, bad inputs, a suite of sets."""
 
 from __future__ import annotations
 
@@ -414,3 +414,161 @@ def test_reranked_row_keeps_the_retrievers_tail_and_is_compared_with_it(tmp_path
     a, b = retr["metrics"]["ndcg@10"], rr["metrics"]["ndcg@10"]
     assert f"| tiny-st + tiny-ce (vs tiny-st) | {b:.4f} ({b - a:+.4f} [{want['ci_low']:+.4f}, " in text
     assert "Deltas against other (tiny-st + tiny-ce against tiny-st, the retrieval it reranks) over " in text
+
+
+# --------------------------------------------------------------------------------------------- a suite of sets
+
+
+def _small_beir(root: Path, pairs: list[dict[str, str]]) -> Path:
+    """A BEIR folder of a few fixture pairs, graded qrels."""
+    (root / "qrels").mkdir(parents=True)
+    docs: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    lines = ["query-id\tcorpus-id\tscore"]
+    for row in pairs:
+        d = docs.setdefault(row["positive"], f"doc{len(docs):03d}")
+        q = queries.setdefault(row["query"], f"qry{len(queries):03d}")
+        lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                               for t, i in docs.items()))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
+                                                for t, i in queries.items()))
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _perturbed(tiny_model: Path, dest: Path, seed: int = 0) -> Path:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    other = SentenceTransformer(str(tiny_model), device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    other.save(str(dest))
+    return dest
+
+
+def _ndcg10_per_query(path: Path, label: str) -> list[float]:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [query_metrics([d for d, _ in r["models"][label]["top10"]], r["relevant"], [10])["ndcg@10"] for r in rows]
+
+
+def test_suite_of_sets_equals_single_set_runs_and_averages_them(tmp_path, tiny_model, tiny_cross_encoder, pairs):
+    """koret eval --data A=... --data b --model M1 --model M2 (and a reranker): each set's record equals a
+    single-set run's, the average is their mean, and every delta (per set, and on the average) has its interval
+    and p-value; the average's are the macro comparison of the per-query scores of both sets."""
+    import csv
+
+    from koret.push import _evaluation_section
+    from koret.significance import macro_paired_comparison
+    from koret.stages import _eval_figure
+
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs[:24]), encoding="utf-8")
+    b = _small_beir(tmp_path / "b", pairs[30:60])
+    m2 = _perturbed(tiny_model, tmp_path / "m2")
+    common = ["--model", str(tiny_model), "--model", str(m2), "--reranker", str(tiny_cross_encoder),
+              "--rerank-top-k", "10", "--k", "1,5,10", "--set", f"cache_dir={tmp_path}/cache", "--quiet"]
+    md = tmp_path / "suite.md"
+    suite = run_cli("eval", "--data", f"A={a}", "--data", str(b), "--output", str(tmp_path / "suite"),
+                    "--markdown", str(md), *common)
+    assert suite.exit_code == 0, suite.stderr
+    single = {}
+    for name, data in (("A", f"A={a}"), ("b", str(b))):
+        r = run_cli("eval", "--data", data, "--output", str(tmp_path / name), *common)
+        assert r.exit_code == 0, r.stderr
+        single[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert "sets" not in single[name] and "average" not in single[name], "one set: today's layout"
+    out = json.loads((tmp_path / "suite" / "metrics.json").read_text())
+    labels = ["tiny-st", "m2", "tiny-st + tiny-ce"]
+    assert list(out["sets"]) == ["A", "b"] and out["average"]["sets"] == ["A", "b"]
+
+    for name in ("A", "b"):  # each set: exactly the single-set run
+        got, want = out["sets"][name], single[name]
+        assert [m["name"] for m in got["models"]] == labels == [m["name"] for m in want["models"]]
+        assert got["k"] == want["k"] and got["data"]["fingerprint"] == want["data"]["fingerprint"]
+        for g, w in zip(got["models"], want["models"], strict=True):
+            assert g["metrics"] == pytest.approx(w["metrics"], abs=1e-9, rel=0)
+            assert g.get("compared_with") == w.get("compared_with")
+        for i in (1, 2):
+            sig, want_sig = (x["models"][i]["significance"]["metrics"] for x in (got, want))
+            assert set(sig) == set(want_sig) >= {"ndcg@10", "recall@10"}
+            for k, s in sig.items():
+                assert s == pytest.approx(want_sig[k], abs=1e-9, rel=0), (name, i, k)
+                assert 0 <= s["p_value"] <= 1 and s["ci_low"] <= s["delta"] <= s["ci_high"]
+
+    # the macro average: top-level models (what readers of a single set's record read) are each set's mean
+    assert [m["name"] for m in out["models"]] == labels and out["baseline"] == "tiny-st"
+    assert out["k"] == [1, 5, 10] and out["data"]["queries"] == sum(s["data"]["queries"] for s in single.values())
+    for i, row in enumerate(out["models"]):
+        for k, v in row["metrics"].items():
+            assert v == pytest.approx((single["A"]["models"][i]["metrics"][k] + single["b"]["models"][i]["metrics"][k])
+                                      / 2, abs=1e-9, rel=0), (row["name"], k)
+    assert out["models"][2]["compared_with"] == "tiny-st" and out["models"][2]["reranks"] == "tiny-st"
+    for row in out["models"][1:]:
+        sig = row["significance"]
+        assert sig["baseline"] == "tiny-st" and "within each of the 2 sets" in sig["interval"]
+        for k, s in sig["metrics"].items():
+            assert s["delta"] == pytest.approx(row["metrics"][k] - out["models"][0]["metrics"][k], abs=1e-9)
+            assert s["ci_low"] <= s["delta"] <= s["ci_high"] and 0 <= s["p_value"] <= 1
+            assert s["queries"] == out["data"]["queries"]
+    # ... whose interval and p-value are the macro comparison of both sets' per-query NDCG@10
+    base = [_ndcg10_per_query(tmp_path / n / "per_query.jsonl", "tiny-st") for n in ("A", "b")]
+    other = [_ndcg10_per_query(tmp_path / n / "per_query.jsonl", "m2") for n in ("A", "b")]
+    want = macro_paired_comparison(base, other).as_dict()
+    assert out["models"][1]["significance"]["metrics"]["ndcg@10"] == pytest.approx(want, abs=1e-9)
+
+    rows = [json.loads(x) for x in (tmp_path / "suite" / "per_query.jsonl").read_text().splitlines()]
+    assert [r["set"] for r in rows] == ["A"] * single["A"]["data"]["queries"] + ["b"] * single["b"]["data"]["queries"]
+    with open(tmp_path / "suite" / "metrics.csv", newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert {r["set"] for r in table} == {"A", "b", "average"}
+    cell = next(r for r in table if (r["set"], r["model"], r["metric"]) == ("average", "m2", "ndcg@10"))
+    avg_sig = out["models"][1]["significance"]["metrics"]["ndcg@10"]
+    assert float(cell["value"]) == out["models"][1]["metrics"]["ndcg@10"] and cell["compared_with"] == "tiny-st"
+    assert float(cell["ci_low"]) == avg_sig["ci_low"] and float(cell["p_value"]) == avg_sig["p_value"]
+    with open(tmp_path / "A" / "metrics.csv", newline="", encoding="utf-8") as fh:
+        assert {r["set"] for r in csv.DictReader(fh)} == {"A"}, "--data NAME=PATH names a single set too"
+    text = md.read_text()
+    assert text.index("## A") < text.index("## b") < text.index("## average")
+
+    # the readers of a single set's record: the run summary's figure and the model card
+    figure, values = _eval_figure(None, out)
+    assert figure.startswith("NDCG@10 ") and figure.endswith("(average of 2 sets)")
+    card = "\n".join(_evaluation_section(out, out["models"][0], out["models"][1], False))
+    assert card.index("### A") < card.index("### b") < card.index("### average") and "tiny-st + tiny-ce" not in card
+
+
+def test_suite_errors_come_before_any_model_loads(tmp_path, pairs):
+    from helpers import write_config
+
+    missing = ["--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "eval"), "--quiet"]
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "s.jsonl").write_text(json.dumps(pairs[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    _expect(run_cli("eval", "--data", str(tmp_path / "x" / "s.jsonl"), "--data", str(tmp_path / "y" / "s.jsonl"),
+                    *missing), "two sets are named 's'")
+    _expect(run_cli("eval", "--data", f"average={tmp_path / 'x' / 's.jsonl'}", "--data", str(tmp_path / "y" / "s.jsonl"),
+                    *missing), "'average' is the macro average's")
+    zero = _small_beir(tmp_path / "zero", pairs[:3])
+    (zero / "qrels" / "test.tsv").write_text("qry000\tdoc000\t0\n")
+    _expect(run_cli("eval", "--data", f"ok={tmp_path / 'x' / 's.jsonl'}", "--data", f"z={zero}", *missing),
+            "set z: ", "no query has a relevant passage")
+    cfg = {"data": {"path": str(zero)}, "sets": [{"path": str(zero)}], "models": [{"name": "m"}]}
+    _expect(run_cli("eval", "-c", str(write_config(tmp_path / "both.yaml", cfg))), "data.path and sets are both set")
+    _expect(run_cli("eval", "--data", "A=", *missing), "no path after A=")
+
+
+def test_data_option_name_equals_path(tmp_path, monkeypatch):
+    from koret.cli import named_path
+
+    assert named_path("ko=data/eval.jsonl") == ("ko", "data/eval.jsonl")
+    assert named_path("data/eval.jsonl") == (None, "data/eval.jsonl")
+    assert named_path("runs/x=1/eval.jsonl") == (None, "runs/x=1/eval.jsonl"), "a separator before = : a path"
+    monkeypatch.chdir(tmp_path)
+    Path("a=b.jsonl").write_text("")
+    assert named_path("a=b.jsonl") == (None, "a=b.jsonl"), "an existing path is a path"
+    assert named_path("a=c.jsonl") == ("a", "c.jsonl")
+    assert named_path("org/set") == (None, "org/set")
