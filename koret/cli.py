@@ -255,8 +255,12 @@ def eval_(
         if len(named) == 1:  # one set: data (the config's other data keys stay), not the config's sets
             raw.pop("sets", None)
             flags.append(f"data.path={named[0][1]}")
-        if fmt is not None and len(named) <= 1:
+            if isinstance(raw.get("data"), dict):
+                raw["data"].pop("name", None)  # the config's name was its own set's, not this one's
+        if fmt is not None and len(named) <= 1 and not (not named and raw.get("sets")):
             flags.append(f"data.format={fmt}")
+        if fmt is not None and not named and isinstance(raw.get("sets"), list):  # the config's suite
+            raw["sets"] = [{**s, "format": fmt} if isinstance(s, dict) else s for s in raw["sets"]]
         if k is not None:
             flags.append(f"k=[{k}]")
         if output is not None:
@@ -276,9 +280,9 @@ def eval_(
             merged["rerankers"] = [{"name": r} for r in reranker]
         if len(named) == 1 and named[0][0]:
             merged["data"]["name"] = named[0][0]
-        if len(named) > 1:  # a suite: these sets, in place of the config's data and sets
-            merged.pop("data", None)
-            merged["sets"] = [{"name": n, "path": p, **({"format": fmt} if fmt is not None else {})}
+        if len(named) > 1:  # a suite: these sets, in place of the config's sets; data's other keys apply to each
+            common = {key: v for key, v in (merged.pop("data", None) or {}).items() if key not in ("path", "name")}
+            merged["sets"] = [{**common, "name": n, "path": p, **({"format": fmt} if fmt is not None else {})}
                               for n, p in named]
         evaluate(validate(EvalConfig, merged, str(config) if config else "command line"))
 

@@ -438,8 +438,10 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _data_or_sets(self) -> EvalConfig:
-        if self.sets and self.data.path:
-            raise ValueError("data.path and sets are both set: give one set as data, or several as sets")
+        if self.sets and self.data.model_fields_set:  # data's keys would be ignored without a word
+            key = "path" if "path" in self.data.model_fields_set else sorted(self.data.model_fields_set)[0]
+            raise ValueError(f"data.{key} and sets are both set: give one set as data, or several as sets with "
+                             "each set's keys in its entry")
         return self
 
 

@@ -143,6 +143,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     named = eval_sets(cfg)
     suite = len(named) > 1
     sets = [load_set(name, d, cfg.k, f"set {name}: " if suite else "") for name, d in named]
+    if suite:
+        shared = set.intersection(*(set(s.ks) for s in sets))
+        dropped = sorted(set().union(*(set(s.ks) for s in sets)) - shared)
+        if not shared:
+            raise KoretError(f"sets: no cut-off k is shared by every set after clamping to each corpus "
+                             f"({'; '.join(f'{s.name}: {s.ks}' for s in sets)}), so there is no average",
+                             "give k values every set's corpus allows, or evaluate the sets apart")
+        if dropped:
+            warn(f"sets: the average leaves out the metrics at k = {dropped}: not every set's corpus is that large")
 
     blocks: dict[str, dict[str, Any]] = {}
     scored: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -243,6 +252,8 @@ def suite_record(blocks: dict[str, dict[str, Any]], scored: dict[str, dict[str, 
         "data": {"source": ", ".join(names), "format": "suite", "sets": names,
                  **{f: sum(d[f] for d in data) for f in ("queries", "queries_without_relevant", "passages")}},
         "average": {"sets": names, "queries": {n: d["queries"] for n, d in zip(names, data, strict=True)},
+                    "k_left_out": sorted(set().union(*(set(b["k"]) for b in blocks.values()))
+                                         - set.intersection(*(set(b["k"]) for b in blocks.values()))),
                     "method": "macro average: each metric's mean over the sets, every set counting alike; the "
                               "deltas' intervals and p-values resample (and sign-flip) queries within each set"},
         "sets": blocks,
@@ -473,10 +484,11 @@ def show_table(results: list[dict[str, Any]], title: str) -> None:
     console().print(t)
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
+def markdown_table(results: list[dict[str, Any]], sets: dict[str, int] | None = None) -> str:
     """Metrics x models; every model after the baseline shows its delta against its reference (the baseline, or
     for a reranked row the retriever it reranks, named in the row), and where computed the delta's confidence
-    interval and p-value, with a line saying how they were computed."""
+    interval and p-value, with a line saying how they were computed. ``sets`` (name -> queries): the rows are a
+    macro average over those sets, and the line says so."""
     metrics = [k for k in TABLE_METRICS if k in results[0]["metrics"]]
     lines = ["| model | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
     first = results[0]["name"]
@@ -495,8 +507,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         lines.append("")
         if sig:
             n = next(iter(sig["metrics"].values()))["queries"] if sig["metrics"] else 0
-            lines.append(f"{against} over {n:,} queries: [{sig['interval']} interval of the mean gain], "
-                         f"p = {sig['test']} ({sig['resamples']:,} resamples).")
+            over = (f"over {len(sets)} sets ({' + '.join(f'{q:,}' for q in sets.values())} queries): "
+                    f"[{sig['interval']} interval of the macro-mean gain, queries resampled within each set]"
+                    if sets else f"over {n:,} queries: [{sig['interval']} interval of the mean gain]")
+            lines.append(f"{against} {over}, p = {sig['test']} ({sig['resamples']:,} resamples).")
         else:
             lines.append(f"{against}.")
     return "\n".join(lines) + "\n"
@@ -510,7 +524,8 @@ def suite_markdown(record: dict[str, Any], level: str = "##") -> str:
         parts += [f"{level} {name}", "", f"`{d['source']}`: {d['queries']:,} queries, {d['passages']:,} passages.",
                   "", markdown_table(block["models"])]
     parts += [f"{level} {AVERAGE}", "", f"Macro average over the {len(record['sets'])} sets (each counts alike); "
-              "intervals and p-values resample queries within each set.", "", markdown_table(record["models"])]
+              "intervals and p-values resample queries within each set.", "",
+              markdown_table(record["models"], {n: b["data"]["queries"] for n, b in record["sets"].items()})]
     return "\n".join(parts)
 
 

@@ -559,6 +559,15 @@ def test_suite_errors_come_before_any_model_loads(tmp_path, pairs):
     cfg = {"data": {"path": str(zero)}, "sets": [{"path": str(zero)}], "models": [{"name": "m"}]}
     _expect(run_cli("eval", "-c", str(write_config(tmp_path / "both.yaml", cfg))), "data.path and sets are both set")
     _expect(run_cli("eval", "--data", "A=", *missing), "no path after A=")
+    # data's other keys beside a config's sets would be ignored without a word: refused
+    cfg = {"data": {"max_queries": 3}, "sets": [{"path": str(zero)}], "models": [{"name": "m"}]}
+    _expect(run_cli("eval", "-c", str(write_config(tmp_path / "mq.yaml", cfg))),
+            "data.max_queries and sets are both set")
+    # k 5 clamps to 1 on a one-passage set and to 3 on a three-passage one: no cut-off both have, no average
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs[:3]), encoding="utf-8")
+    _expect(run_cli("eval", "--data", f"one={tmp_path / 'x' / 's.jsonl'}", "--data", f"three={three}", "--k", "5",
+                    *missing), "no cut-off k is shared by every set")
 
 
 def test_data_option_name_equals_path(tmp_path, monkeypatch):
@@ -572,3 +581,23 @@ def test_data_option_name_equals_path(tmp_path, monkeypatch):
     assert named_path("a=b.jsonl") == (None, "a=b.jsonl"), "an existing path is a path"
     assert named_path("a=c.jsonl") == ("a", "c.jsonl")
     assert named_path("org/set") == (None, "org/set")
+
+
+def test_data_flags_reach_every_set_of_a_suite(tmp_path, monkeypatch):
+    """Several --data: data's other keys (from the config or --set) apply to each set; one --data does not keep
+    the config's set name; --format reaches a config's sets."""
+    import koret.evaluate as ev
+    from helpers import write_config
+
+    seen = []
+    monkeypatch.setattr(ev, "evaluate", lambda cfg: seen.append(cfg))
+    assert run_cli("eval", "--data", "a=x.jsonl", "--data", "b=y.jsonl", "--set", "data.max_queries=2",
+                   "--model", "m").exit_code == 0
+    assert [(s.name, s.path, s.max_queries) for s in seen[-1].sets] == [("a", "x.jsonl", 2), ("b", "y.jsonl", 2)]
+    cfg = write_config(tmp_path / "e.yaml", {"data": {"path": "old.jsonl", "name": "klue"}, "models": [{"name": "m"}]})
+    assert run_cli("eval", "-c", str(cfg), "--data", "new.jsonl").exit_code == 0
+    assert seen[-1].data.path == "new.jsonl" and seen[-1].data.name is None
+    suite = write_config(tmp_path / "s.yaml", {"sets": [{"path": "p.jsonl"}, {"path": "q.jsonl"}],
+                                              "models": [{"name": "m"}]})
+    assert run_cli("eval", "-c", str(suite), "--format", "jsonl").exit_code == 0
+    assert [s.format for s in seen[-1].sets] == ["jsonl", "jsonl"]
