@@ -586,8 +586,9 @@ def test_data_option_name_equals_path(tmp_path, monkeypatch):
 def test_data_flags_reach_every_set_of_a_suite(tmp_path, monkeypatch):
     """Several --data: data's other keys (from the config or --set) apply to each set; one --data does not keep
     the config's set name; --format reaches a config's sets."""
-    import koret.evaluate as ev
     from helpers import write_config
+
+    import koret.evaluate as ev
 
     seen = []
     monkeypatch.setattr(ev, "evaluate", lambda cfg: seen.append(cfg))
