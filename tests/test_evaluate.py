@@ -49,25 +49,33 @@ def test_metrics_equal_pytrec_eval_on_graded_qrels():
     assert mean["ndcg@10"] == pytest.approx(sum(ref[q]["ndcg_cut_10"] for q in ref) / len(ref), abs=1e-9)
 
 
-@pytest.fixture()
-def beir(tmp_path, pairs) -> Path:
-    """A BEIR folder from the fixture pairs, with graded qrels and one judged-non-relevant doc."""
-    root = tmp_path / "beir"
+def _write_beir(root: Path, pairs: list[dict[str, str]], *, width: int = 0, extra_passages: list[str] = (),
+                extra_qrels: list[str] = ()) -> Path:
+    """A BEIR folder of fixture pairs: ids doc<n> / qry<n> (zero-padded to ``width``), graded qrels (1 or 2 by
+    the query id's length), ``extra_passages`` as x<n> documents and ``extra_qrels`` lines appended."""
     (root / "qrels").mkdir(parents=True)
     docs: dict[str, str] = {}
     queries: dict[str, str] = {}
     lines = ["query-id\tcorpus-id\tscore"]
     for row in pairs:
-        d = docs.setdefault(row["positive"], f"doc{len(docs)}")
-        q = queries.setdefault(row["query"], f"qry{len(queries)}")
+        d = docs.setdefault(row["positive"], f"doc{len(docs):0{width}d}")
+        q = queries.setdefault(row["query"], f"qry{len(queries):0{width}d}")
         lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
-    lines.append("qry0\tdoc5\t0")
+    for text in extra_passages:
+        docs.setdefault(text, f"x{len(docs):03d}")
+    lines += list(extra_qrels)
     (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
                                                for t, i in docs.items()))
     (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
                                                 for t, i in queries.items()))
     (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture()
+def beir(tmp_path, pairs) -> Path:
+    """A BEIR folder from the fixture pairs, with graded qrels and one judged-non-relevant doc."""
+    return _write_beir(tmp_path / "beir", pairs, extra_qrels=["qry0\tdoc5\t0"])
 
 
 def _eval(tmp_path: Path, *args: str):
@@ -297,22 +305,9 @@ def _distinct_beir(root: Path, pairs: list[dict[str, str]], extra: list[str]) ->
     passages, so recall@100 is not clamped to the corpus."""
     from koret.synth import generate
 
-    (root / "qrels").mkdir(parents=True)
-    docs: dict[str, str] = {}
-    queries: dict[str, str] = {}
-    lines = ["query-id\tcorpus-id\tscore"]
-    for row in pairs:
-        d = docs.setdefault(row["positive"], f"doc{len(docs):03d}")
-        q = queries.setdefault(row["query"], f"qry{len(queries):03d}")
-        lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
-    for text in extra + [p["positive"] for p in generate(60, seed=8, paraphrase_rate=0.3).pairs]:
-        docs.setdefault(text, f"x{len(docs):03d}")
-    assert len(docs) > 100
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
-                                               for t, i in docs.items()))
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
-                                                for t, i in queries.items()))
-    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    more = extra + [p["positive"] for p in generate(60, seed=8, paraphrase_rate=0.3).pairs]
+    root = _write_beir(root, pairs, width=3, extra_passages=more)
+    assert sum(1 for _ in open(root / "corpus.jsonl", encoding="utf-8")) > 100
     return root
 
 
@@ -421,20 +416,7 @@ def test_reranked_row_keeps_the_retrievers_tail_and_is_compared_with_it(tmp_path
 
 def _small_beir(root: Path, pairs: list[dict[str, str]]) -> Path:
     """A BEIR folder of a few fixture pairs, graded qrels."""
-    (root / "qrels").mkdir(parents=True)
-    docs: dict[str, str] = {}
-    queries: dict[str, str] = {}
-    lines = ["query-id\tcorpus-id\tscore"]
-    for row in pairs:
-        d = docs.setdefault(row["positive"], f"doc{len(docs):03d}")
-        q = queries.setdefault(row["query"], f"qry{len(queries):03d}")
-        lines.append(f"{q}\t{d}\t{1 + len(q) % 2}")
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
-                                               for t, i in docs.items()))
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n"
-                                                for t, i in queries.items()))
-    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
-    return root
+    return _write_beir(root, pairs, width=3)
 
 
 def _perturbed(tiny_model: Path, dest: Path, seed: int = 0) -> Path:
