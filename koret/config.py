@@ -81,6 +81,18 @@ class SourceFields(Section):
     split: str = Field("train", description="Split of a Hub dataset, or qrels/<split>.tsv of a BEIR folder.")
     normalize: Literal["nfc", "none"] = "nfc"
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    sample: int | None = Field(None, ge=1, description="Use N (query, positive) rows drawn at random from the whole "
+                                                       "source (seeded by sample_seed; kept in source order), "
+                                                       "instead of limit's first N: a small run then sees every "
+                                                       "part of the source. A query keeps all its judgments.")
+    sample_seed: int = Field(0, description="Seed of data.sample's draw.")
+
+    @model_validator(mode="after")
+    def _limit_or_sample(self) -> SourceFields:
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("data.limit and data.sample are both set: limit takes the first N rows, sample draws N "
+                             "from the whole source; keep one")
+        return self
 
 
 class DataConfig(SourceFields):

@@ -85,6 +85,19 @@ class RetrievalData:
             notes=[*self.notes, f"{len(self.queries) - len(keep):,} queries without a positive skipped"],
             counts=counts)
 
+    def with_rows(self, rows: Any) -> RetrievalData:
+        """The same data with only the (query, positive) rows ``rows`` (indices into ``pairs``, in order): the
+        queries those rows ask, each with all its judgments (so a sampled query's other positives stay known
+        positives, never negatives); the corpus unchanged."""
+        picked = [self.pairs[i] for i in rows]
+        keep = sorted({q for q, _ in picked})
+        new_index = {q: i for i, q in enumerate(keep)}
+        return RetrievalData(
+            [self.queries[q] for q in keep], self.corpus, [self.qrels[q] for q in keep],
+            [(new_index[q], d) for q, d in picked], [self.query_ids[q] for q in keep], self.doc_ids, self.groups,
+            self.source, self.format, notes=[*self.notes, f"{len(picked):,} of {len(self.pairs):,} rows sampled"],
+            counts=self.counts)
+
     @property
     def num_positive_passages(self) -> int:
         return len({d for _, d in self.pairs})
@@ -691,6 +704,17 @@ SOURCE_OPTIONS = ("format", "query_column", "positive_column", "corpus", "corpus
                   "limit")
 
 
+def row_selection(n: int, section: Any) -> Any:
+    """The rows of an ``n``-row source a data section uses, as sorted indices: ``sample`` rows drawn without
+    replacement (numpy's generator seeded with ``sample_seed``), else the first ``limit``, else all. Pure."""
+    import numpy as np
+
+    sample, limit = getattr(section, "sample", None), getattr(section, "limit", None)
+    if sample is not None and sample < n:
+        return np.sort(np.random.default_rng(getattr(section, "sample_seed", 0)).choice(n, size=sample, replace=False))
+    return np.arange(n if limit is None else min(limit, n))
+
+
 def load_section(section: Any, path_field: str = "train", *, prefix: str = "", dedupe: bool = True) -> RetrievalData:
     """Read the source a config's ``data`` section names: ``section.<path_field>`` with the section's options.
 
@@ -704,5 +728,8 @@ def load_section(section: Any, path_field: str = "train", *, prefix: str = "", d
         raise KoretError(f"{key}: required key is missing", "set it to your (query, positive) data")
     options = {name: getattr(section, prefix + name) for name in SOURCE_OPTIONS if hasattr(section, prefix + name)}
     fmt = options.pop("format", "auto")
-    return load_retrieval_data(path, fmt, key=key, normalize=getattr(section, "normalize", "nfc"), dedupe=dedupe,
+    data = load_retrieval_data(path, fmt, key=key, normalize=getattr(section, "normalize", "nfc"), dedupe=dedupe,
                                **options)
+    if not prefix and getattr(section, "sample", None) is not None:  # limit is applied while reading
+        data = data.with_rows(row_selection(len(data.pairs), section))
+    return data

@@ -292,3 +292,47 @@ def test_extra_corpus_never_takes_a_column_of_ids(tmp_path):
         with pytest.raises(KoretError, match=rf"column '{name}' \(the first, taken when none is named\)"):
             iter_passages(str(path), "parquet")
         assert iter_passages(str(path), "parquet", "body") == ["첫 번째 문단이다.", "두 번째 문단이다."]
+
+
+def test_data_sample_draws_seeded_rows_from_the_whole_source(tmp_path, data_dir):
+    """data.sample: N rows drawn from the whole source (seeded, in source order), where data.limit takes the first
+    N; a sampled query keeps all its judgments; both together are refused."""
+    from koret.config import DataConfig, MineConfig
+    from koret.data import load_section, row_selection
+
+    full = load_section(DataConfig(train=str(data_dir / "pairs.jsonl")))
+    n = len(full.pairs)
+    cfg = DataConfig(train=str(data_dir / "pairs.jsonl"), sample=20, sample_seed=3)
+    rows = row_selection(n, cfg)
+    assert len(rows) == 20 and list(rows) == sorted(set(rows.tolist())) and rows.max() >= 20, rows
+    assert (row_selection(n, cfg) == rows).all() and not (row_selection(n, cfg.model_copy(update={"sample_seed": 4}))
+                                                          == rows).all()
+    assert row_selection(n, DataConfig(limit=5)).tolist() == [0, 1, 2, 3, 4]
+    sampled = load_section(cfg)
+    want = [(full.queries[q], full.corpus[p]) for q, p in (full.pairs[i] for i in rows)]
+    assert [(sampled.queries[q], sampled.corpus[p]) for q, p in sampled.pairs] == want
+    # the handwritten first query has two positives: if sampled, both stay judged relevant
+    for q, text in enumerate(sampled.queries):
+        assert sampled.qrels[q] == full.qrels[full.queries.index(text)]
+    with pytest.raises(Exception, match="data.limit and data.sample are both set"):
+        MineConfig.model_validate({"data": {"train": "x", "limit": 5, "sample": 5}})
+
+
+def test_training_rows_come_from_the_sample(tmp_path, data_dir):
+    """koret train on a mined train.parquet with data.sample reads exactly the drawn rows (scores included)."""
+    import pandas as pd
+
+    from koret.config import TrainConfig
+    from koret.data import row_selection
+    from koret.training.biencoder import load_train_data
+
+    df = pd.DataFrame({"anchor": [f"질문 {i}" for i in range(50)], "positive": [f"정답 {i}" for i in range(50)],
+                       "negative_1": [f"오답 {i}" for i in range(50)],
+                       "scores": [[0.9, 0.1 * (i % 10)] for i in range(50)]})
+    df.to_parquet(tmp_path / "train.parquet")
+    cfg = TrainConfig.model_validate({"data": {"train": str(tmp_path / "train.parquet"), "sample": 8},
+                                      "loss": {"name": "mnrl", "distill": {"name": "kl"}}})
+    data = load_train_data(cfg)
+    rows = row_selection(50, cfg.data)
+    assert data.dataset["anchor"] == [f"질문 {i}" for i in rows]
+    assert [s[1] for s in data.dataset["label"]] == pytest.approx([0.1 * (i % 10) for i in rows])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from koret.config import TrainConfig
-from koret.data import detect_format, load_section, normalize_text, read_table, split_source
+from koret.data import detect_format, load_section, normalize_text, read_table, row_selection, split_source
 from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
 from koret.io import read_record
@@ -68,6 +68,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     scores = None
     if selection is None and fmt in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
         df = read_table(path, fmt, "data.train", d.split)
+        df = df.iloc[row_selection(len(df), d)]  # data.limit's first rows, or data.sample's draw
         if "anchor" in df.columns or negative_columns(df.columns):
             columns = _tuple_columns(df, path)
             scores = df["scores"].tolist() if "scores" in df.columns else None
@@ -75,8 +76,6 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         data = load_section(d, "train")
         columns = {"anchor": [data.queries[q] for q, _ in data.pairs],
                    "positive": [data.corpus[p] for _, p in data.pairs]}
-    elif d.limit is not None:
-        columns = {k: v[: d.limit] for k, v in columns.items()}
     if not columns["anchor"]:
         raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
     n_neg = len(columns) - 2

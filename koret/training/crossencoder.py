@@ -31,6 +31,7 @@ from koret.data import (
     load_section,
     normalize_text,
     read_table,
+    row_selection,
     split_source,
 )
 from koret.encode import default_device, quiet_transformers, resolve_model_path
@@ -70,8 +71,7 @@ def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | Non
             raise KoretError(f"data.num_negatives ({d.num_negatives}) is more than the {len(negs)} negative columns "
                              f"of {path}", "mine with more filter.num_negatives")
         negs = negs[: d.num_negatives]
-    if d.limit is not None:
-        df = df.iloc[: d.limit]
+    df = df.iloc[row_selection(len(df), d)]  # data.limit's first rows, or data.sample's draw
     cols: dict[str, list[Any]] = {}
     for name in ["anchor", "positive", *negs]:
         values = df[name].tolist()
@@ -119,10 +119,10 @@ def _candidate_tuples(cfg: RerankerConfig, path: str, columns: list[str]) -> tup
     if rows_out < rows_in:
         info(f"data.train: {rows_in - rows_out:,} of {rows_in:,} (query, positive) rows have fewer than {n} "
              "candidates that are not positives and are left out")
-    end = d.limit if d.limit is not None else rows_out
-    cols: dict[str, list[Any]] = {name: [normalize_text(t, d.normalize) for t in values[:end]]
+    take = row_selection(rows_out, d)  # data.limit's first rows, or data.sample's draw
+    cols: dict[str, list[Any]] = {name: [normalize_text(values[i], d.normalize) for i in take]
                                   for name, values in outcome.rows.items() if name != "scores"}
-    cols["scores"] = outcome.rows["scores"][:end]
+    cols["scores"] = [outcome.rows["scores"][i] for i in take]
     return cols, n
 
 
