@@ -84,8 +84,10 @@ class SourceFields(Section):
     sample: int | None = Field(None, ge=1, description="Use N (query, positive) rows drawn at random from the whole "
                                                        "source (seeded by sample_seed; kept in source order), "
                                                        "instead of limit's first N: a small run then sees every "
-                                                       "part of the source. A query keeps all its judgments.")
-    sample_seed: int = Field(0, description="Seed of data.sample's draw.")
+                                                       "part of the source. From pairs data a drawn query brings "
+                                                       "all its positives (a few more rows than N) and mining still "
+                                                       "searches the whole corpus.")
+    sample_seed: int = Field(0, ge=0, description="Seed of data.sample's draw.")
 
     @model_validator(mode="after")
     def _limit_or_sample(self) -> SourceFields:

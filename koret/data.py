@@ -86,16 +86,20 @@ class RetrievalData:
             counts=counts)
 
     def with_rows(self, rows: Any) -> RetrievalData:
-        """The same data with only the (query, positive) rows ``rows`` (indices into ``pairs``, in order): the
-        queries those rows ask, each with all its judgments (so a sampled query's other positives stay known
-        positives, never negatives); the corpus unchanged."""
-        picked = [self.pairs[i] for i in rows]
-        keep = sorted({q for q, _ in picked})
+        """The same data with only the queries that the (query, positive) rows ``rows`` (indices into ``pairs``)
+        ask, each with all its judgments and all its rows: a query's positives are never split (an undrawn one
+        would otherwise be a negative candidate, and mining makes a row of every positive), so a query with
+        several positives brings them all; the corpus unchanged."""
+        drawn = {self.pairs[i][0] for i in rows}
+        picked = [(q, d) for q, d in self.pairs if q in drawn]
+        keep = sorted(drawn)
         new_index = {q: i for i, q in enumerate(keep)}
         return RetrievalData(
             [self.queries[q] for q in keep], self.corpus, [self.qrels[q] for q in keep],
             [(new_index[q], d) for q, d in picked], [self.query_ids[q] for q in keep], self.doc_ids, self.groups,
-            self.source, self.format, notes=[*self.notes, f"{len(picked):,} of {len(self.pairs):,} rows sampled"],
+            self.source, self.format,
+            notes=[*self.notes, f"{len(rows):,} of {len(self.pairs):,} rows drawn (data.sample): {len(picked):,} rows "
+                                f"of {len(keep):,} queries with all their positives"],
             counts=self.counts)
 
     @property
@@ -710,6 +714,10 @@ def row_selection(n: int, section: Any) -> Any:
     import numpy as np
 
     sample, limit = getattr(section, "sample", None), getattr(section, "limit", None)
+    if sample is not None and sample >= n:
+        from koret.report import info
+
+        info(f"data.sample: {sample:,} is not less than the {n:,} rows: every row is used")
     if sample is not None and sample < n:
         return np.sort(np.random.default_rng(getattr(section, "sample_seed", 0)).choice(n, size=sample, replace=False))
     return np.arange(n if limit is None else min(limit, n))

@@ -296,26 +296,31 @@ def test_extra_corpus_never_takes_a_column_of_ids(tmp_path):
 
 def test_data_sample_draws_seeded_rows_from_the_whole_source(tmp_path, data_dir):
     """data.sample: N rows drawn from the whole source (seeded, in source order), where data.limit takes the first
-    N; a sampled query keeps all its judgments; both together are refused."""
+    N; a drawn query brings all its positives (never split into a row and a false negative); limit and sample
+    together are refused, and so is a negative seed."""
     from koret.config import DataConfig, MineConfig
     from koret.data import load_section, row_selection
 
     full = load_section(DataConfig(train=str(data_dir / "pairs.jsonl")))
     n = len(full.pairs)
-    cfg = DataConfig(train=str(data_dir / "pairs.jsonl"), sample=20, sample_seed=3)
+    assert full.pairs[0][0] == full.pairs[1][0], "the fixture's first query has two positives (rows 0 and 1)"
+    cfg = DataConfig(train=str(data_dir / "pairs.jsonl"), sample=20, sample_seed=0)
     rows = row_selection(n, cfg)
     assert len(rows) == 20 and list(rows) == sorted(set(rows.tolist())) and rows.max() >= 20, rows
     assert (row_selection(n, cfg) == rows).all() and not (row_selection(n, cfg.model_copy(update={"sample_seed": 4}))
                                                           == rows).all()
     assert row_selection(n, DataConfig(limit=5)).tolist() == [0, 1, 2, 3, 4]
+    assert (1 in rows) and (0 not in rows), "seed 0 draws one of the first query's two rows"
     sampled = load_section(cfg)
-    want = [(full.queries[q], full.corpus[p]) for q, p in (full.pairs[i] for i in rows)]
-    assert [(sampled.queries[q], sampled.corpus[p]) for q, p in sampled.pairs] == want
-    # the handwritten first query has two positives: if sampled, both stay judged relevant
-    for q, text in enumerate(sampled.queries):
-        assert sampled.qrels[q] == full.qrels[full.queries.index(text)]
+    got = [(sampled.queries[q], sampled.corpus[p]) for q, p in sampled.pairs]
+    want = [(full.queries[q], full.corpus[p]) for q, p in full.pairs if q in {full.pairs[i][0] for i in rows}]
+    assert got == want and len(got) == 21, "the 20 drawn rows and the first query's undrawn positive"
+    assert sorted(sampled.qrels[sampled.queries.index(full.queries[0])]) == sorted(full.qrels[0])
+    assert len(full.qrels[0]) == 2
     with pytest.raises(Exception, match="data.limit and data.sample are both set"):
         MineConfig.model_validate({"data": {"train": "x", "limit": 5, "sample": 5}})
+    with pytest.raises(Exception, match="sample_seed"):
+        MineConfig.model_validate({"data": {"train": "x", "sample": 5, "sample_seed": -1}})
 
 
 def test_training_rows_come_from_the_sample(tmp_path, data_dir):
@@ -336,3 +341,20 @@ def test_training_rows_come_from_the_sample(tmp_path, data_dir):
     rows = row_selection(50, cfg.data)
     assert data.dataset["anchor"] == [f"질문 {i}" for i in rows]
     assert [s[1] for s in data.dataset["label"]] == pytest.approx([0.1 * (i % 10) for i in rows])
+
+
+def test_reranker_rows_come_from_the_sample(tmp_path):
+    """koret train-reranker on a mined train.parquet with data.sample reads exactly the drawn rows."""
+    import pandas as pd
+
+    from koret.config import RerankerConfig
+    from koret.data import row_selection
+    from koret.training.crossencoder import load_reranker_data
+
+    df = pd.DataFrame({"anchor": [f"질문 {i}" for i in range(40)], "positive": [f"정답 {i}" for i in range(40)],
+                       "negative_1": [f"오답 {i}" for i in range(40)], "scores": [[0.9, 0.01 * i] for i in range(40)]})
+    df.to_parquet(tmp_path / "train.parquet")
+    cfg = RerankerConfig.model_validate({"model": {"name": "x"}, "loss": {"name": "mnrl"},
+                                         "data": {"train": str(tmp_path / "train.parquet"), "sample": 6,
+                                                  "sample_seed": 2}})
+    assert load_reranker_data(cfg).dataset["anchor"] == [f"질문 {i}" for i in row_selection(40, cfg.data)]

@@ -400,3 +400,21 @@ def test_a_two_process_mine_without_a_cache_dir_ends_with_one_line_before_the_te
     assert len(errors) == 1 and errors[0] in [  # either process may be the one the launcher names
         f"error: process {rank} of 2: cache_dir: not set, and the 2 processes of this run share the corpus and "
         "query embeddings through it (set cache_dir to a folder every process sees)" for rank in (0, 1)], errors
+
+
+def test_mine_with_data_sample_writes_the_drawn_queries_rows(tmp_path, tiny_model, data_dir):
+    """data.sample 20 (seed 0) draws one of the first query's two rows: mine writes the 20 drawn rows and that
+    query's other positive (21), never the undrawn positive as a negative; the corpus stays whole."""
+    import pandas as pd
+
+    cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__sample=20, search__top_k=10,
+                      filter__num_negatives=2, filter__strategy="naive")  # naive: no row is short of negatives
+    assert run_cli("mine", "-c", str(write_config(tmp_path / "m.yaml", cfg)), "--quiet").exit_code == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["rows_in"] == 21, stats["rows_in"]
+    train = pd.read_parquet(tmp_path / "out" / "train.parquet")
+    first = train[train["anchor"] == "서울에서 가장 오래된 시장은 어디인가?"]
+    positives = set(first["positive"])
+    assert len(positives) == 2
+    negatives = set(first[[c for c in train.columns if c.startswith("negative_")]].to_numpy().ravel())
+    assert not positives & negatives

@@ -114,9 +114,9 @@ def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
         if bad:
             if name in negs:
                 raise KoretError(f"data.train: {path}: rows have varying negative counts ({len(bad):,} rows, e.g. row "
-                                 f"{bad[0]}, have no {name!r})",
+                                 f"{df.index[bad[0]]}, have no {name!r})",
                                  "every row needs the same number of negatives: mine with on_shortage drop")
-            raise KoretError(f"data.train: {path}: row {bad[0]} column {name!r} is empty")
+            raise KoretError(f"data.train: {path}: row {df.index[bad[0]]} column {name!r} is empty")
         out[name] = [normalize_text(v) for v in values]
     return out
 

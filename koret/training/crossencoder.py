@@ -77,7 +77,7 @@ def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | Non
         values = df[name].tolist()
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
-            raise KoretError(f"data.train: {path}: row {bad[0]} column {name!r} is empty",
+            raise KoretError(f"data.train: {path}: row {df.index[bad[0]]} column {name!r} is empty",
                              "every row needs the same number of negatives: mine with on_shortage drop")
         cols[name] = [normalize_text(v, d.normalize) for v in values]
     if "scores" in df.columns:
