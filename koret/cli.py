@@ -257,10 +257,10 @@ def eval_(
             flags.append(f"data.path={named[0][1]}")
             if isinstance(raw.get("data"), dict):
                 raw["data"].pop("name", None)  # the config's name was its own set's, not this one's
-        if fmt is not None and len(named) <= 1 and not (not named and raw.get("sets")):
-            flags.append(f"data.format={fmt}")
         if fmt is not None and not named and isinstance(raw.get("sets"), list):  # the config's suite
             raw["sets"] = [{**s, "format": fmt} if isinstance(s, dict) else s for s in raw["sets"]]
+        elif fmt is not None and len(named) <= 1:
+            flags.append(f"data.format={fmt}")
         if k is not None:
             flags.append(f"k=[{k}]")
         if output is not None:

@@ -328,6 +328,12 @@ def read_failures(folder: str | Path | None = None) -> dict[int, dict[str, Any]]
     return out
 
 
+def earliest_failure(records: dict[int, dict[str, Any]], kind: str) -> int | None:
+    """The rank whose record of ``kind`` came first (ties: the lower rank), or None. Pure."""
+    found = sorted((rec["time"], r) for r, rec in records.items() if rec.get("kind") == kind)
+    return found[0][1] if found else None
+
+
 def stop_on_sigterm() -> None:
     """Turn the launcher's SIGTERM into :class:`Stopped`, once: the stage unwinds, ``koret run`` writes its
     summary (the stage marked failed, its record removed). A SIGTERM while the process already unwinds another
@@ -421,8 +427,7 @@ def failure_report(failures: dict[int, tuple[int, str, float]], world: int,
     in_wave = {r: rec for r, rec in records.items() if r in wave or r not in failures}
 
     def earliest(kind: str) -> int | None:
-        found = sorted((rec["time"], r) for r, rec in in_wave.items() if rec.get("kind") == kind)
-        return found[0][1] if found else None
+        return earliest_failure(in_wave, kind)
 
     resume = ("rerun the same command to resume: finished embedding shards are reused (koret train: add "
               "--resume)")

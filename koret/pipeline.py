@@ -188,10 +188,10 @@ def _failure_figure(exc: BaseException) -> str:
     process end (a collective failed, the launcher stopped it), that process's error if it left a record."""
     if isinstance(exc, KoretError) and not isinstance(exc, (dist.PeerLost, dist.Stopped)):
         return str(exc)
-    errors = sorted((r for r in dist.read_failures().values() if r.get("kind") == "error"),
-                    key=lambda r: (r["time"], r["rank"]))
-    if errors:
-        return f"process {errors[0]['rank']}: {errors[0]['message']}"
+    records = dist.read_failures()
+    rank = dist.earliest_failure(records, "error")
+    if rank is not None:
+        return f"process {rank}: {records[rank]['message']}"
     return str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
 
 
