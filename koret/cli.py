@@ -295,18 +295,31 @@ def push(
     set_: SetOpt = None,
     dry_run: Annotated[Path | None, typer.Option("--dry-run", help="Write the folder that would be uploaded "
                                                  "here; no network.")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="Push the mined data in this folder (what koret "
+                                                 "mine or filter wrote) as a Hub dataset repo instead of a model; "
+                                                 "dataset.* keys set repo id and licenses.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Upload a trained model to the Hugging Face Hub with an honest model card (or stage it: --dry-run DIR)."""
+    """Upload a trained model to the Hugging Face Hub with an honest model card (or stage it: --dry-run DIR); with
+    --dataset (or a dataset: section), the mined data as a dataset repo with a dataset card."""
 
     def go() -> None:
         from koret.config import PushConfig, apply_overrides, read_yaml, validate
-        from koret.push import push as run_push
 
-        raw = read_yaml(config) if config is not None else {}
-        cfg = validate(PushConfig, apply_overrides(raw, set_), str(config) if config else "command line")
-        run_push(cfg, dry_run=dry_run)
+        raw = apply_overrides(read_yaml(config) if config is not None else {}, list(set_ or []))
+        if dataset is not None:  # the folder as given (not read as YAML: '2024' or 'a #1' stay paths)
+            section = raw.get("dataset") if isinstance(raw.get("dataset"), dict) else {}
+            raw["dataset"] = {**section, "mine_dir": str(dataset)}
+        cfg = validate(PushConfig, raw, str(config) if config else "command line")
+        if cfg.dataset is not None:
+            from koret.push_dataset import push_dataset
+
+            push_dataset(cfg, dry_run=dry_run)
+        else:
+            from koret.push import push as run_push
+
+            run_push(cfg, dry_run=dry_run)
 
     _run(go, debug, quiet)
 
@@ -315,9 +328,10 @@ def push(
 def run_(
     config: ConfigOpt,
     set_: SetOpt = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage.")] = None,
-    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
-    only: Annotated[str | None, typer.Option("--only", help="Run only this stage.")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start at this stage (or a later round's step: "
+                                                             "round-2/mine).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage (or step).")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run only this stage (or step).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo stages whose outputs are current.")] = False,
     num_processes: ProcsOpt = 1,
     quiet: QuietOpt = False,

@@ -8,6 +8,8 @@ Layouts (``data.format``, auto-detected from the path when unambiguous):
   Several positives for one query are repeated query rows.
 - ``squad``: SQuAD-style JSON (KorQuAD, KLUE-MRC); each question's paragraph is its positive.
 - ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv`` (graded relevance kept).
+- ``mteb``: a retrieval set as the ``mteb`` package keeps it on the Hub (``data.subset``, ``data.revision``;
+  never auto-detected), read by :mod:`koret.hub_layouts`.
 - ``autorag``: a QA parquet (``query``, nested ``retrieval_gt`` doc ids) and a corpus parquet (``doc_id``,
   ``contents``), either as one folder holding ``qa.parquet`` + ``corpus.parquet`` or as the QA file with
   ``data.corpus`` (or a ``corpus.parquet`` beside it).
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -276,8 +277,10 @@ def _parquet_columns(p: Path, key: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- tables
 
 
-def read_table(path: str, fmt: str, key: str = "data.train", split: str = "train") -> Any:
-    """Read a tabular source into a pandas DataFrame with one-line errors."""
+def read_table(path: str, fmt: str, key: str = "data.train", split: str = "train", *, subset: str | None = None,
+               revision: str | None = None) -> Any:
+    """Read a tabular source into a pandas DataFrame with one-line errors (``subset``, ``revision``: a Hub
+    dataset's config and revision)."""
     import pandas as pd
 
     p = Path(path)
@@ -312,7 +315,9 @@ def read_table(path: str, fmt: str, key: str = "data.train", split: str = "train
                 ds = ds[split]
             df = ds.to_pandas()
         elif fmt == "hub":
-            df = _load_hub_dataset(path, split, key).to_pandas()
+            from koret.hub_layouts import load_hub_split
+
+            df = load_hub_split(path, subset, split, revision, key).to_pandas()
         else:  # pragma: no cover - guarded by the callers
             raise KoretError(f"{key}: format {fmt!r} is not a table")
     except KoretError:
@@ -329,21 +334,6 @@ def read_table(path: str, fmt: str, key: str = "data.train", split: str = "train
     if len(df) == 0:
         raise KoretError(f"{key}: {path}: no rows (empty dataset)")
     return df
-
-
-def _load_hub_dataset(name: str, split: str, key: str) -> Any:
-    from datasets import load_dataset
-
-    try:
-        return load_dataset(name, split=split)
-    except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or the dataset does not exist"
-        raise KoretError(
-            f"{key}: Hub dataset {name!r} could not be loaded ({why}: {text})",
-            "download it once while online (it is then cached), or point the key at a local file",
-        ) from exc
 
 
 def _pick_column(df: Any, wanted: str | None, position: int, key: str, option: str) -> str:
@@ -436,23 +426,32 @@ def load_retrieval_data(
     limit: int | None = None,
     key: str = "data.train",
     dedupe: bool = True,
+    subset: str | None = None,
+    revision: str | None = None,
 ) -> RetrievalData:
     """Read any supported layout into a :class:`RetrievalData`.
 
     ``corpus`` adds extra passages (negative candidates besides all positives); for AutoRAG it is the corpus
     parquet that the QA file's doc ids refer to. ``dedupe=False`` (evaluation) keeps every query id and passage
     id of the source as its own entry even when texts are equal; normalization still applies to the texts.
+    ``subset`` and ``revision`` pick a Hub dataset's config and revision (formats ``hub`` and ``mteb``).
     """
     source = path
     path, selection = split_source(path)
     fmt = detect_format(path, key) if fmt == "auto" else fmt
     if selection is not None and fmt != "squad":
         raise KoretError(f"{key}: {source}: an '#A:B' article range only applies to SQuAD JSON")
+    if (subset or revision) and fmt not in ("hub", "mteb"):  # else they would be ignored without a word
+        given = "subset" if subset else "revision"
+        raise KoretError(f"{key}: {given} {subset or revision!r} picks a Hub dataset's config or revision, but "
+                         f"{path} is read as format {fmt}", f"remove {given}, or set format: hub or mteb")
     builder = _Builder(normalize, source, dedupe)
     if fmt == "squad":
         _read_squad(builder, Path(path), key, limit, selection)
     elif fmt == "beir":
         _read_beir(builder, Path(path), split, key, limit)
+    elif fmt == "mteb":
+        _read_mteb(builder, path, subset, split, revision, key, limit)
     elif fmt == "autorag":
         _read_autorag(builder, Path(path), corpus, key, limit)
         corpus = None  # consumed as the doc-id source
@@ -460,7 +459,7 @@ def load_retrieval_data(
         raise KoretError(f"{key}: a text file (one passage per line) can only be an extra corpus (data.corpus)",
                          "give (query, positive) pairs in data.train")
     else:
-        df = read_table(path, fmt, key, split)
+        df = read_table(path, fmt, key, split, subset=subset, revision=revision)
         if is_candidates_table(df.columns):
             raise KoretError(f"{key}: {path} is koret mine's candidates.parquet (passage ids per query; columns: "
                              f"{', '.join(map(str, df.columns))}), not (query, positive) pairs",
@@ -552,8 +551,11 @@ def _read_beir(builder: _Builder, root: Path, split: str, key: str, limit: int |
         if "_id" not in rec or "text" not in rec:
             raise KoretError(f"{key}: {root / 'queries.jsonl'}: line {i + 1} needs '_id' and 'text'")
         query_text[str(rec["_id"])] = rec["text"]
-    unknown_q: list[str] = []
-    unknown_d: list[str] = []
+    _relate_judgments(builder, query_text, _beir_judgments(qrels_path, key), qrels_path, "queries.jsonl", limit, key)
+
+
+def _beir_judgments(qrels_path: Path, key: str) -> Iterable[tuple[str, str, int]]:
+    """(query id, doc id, grade) of a qrels TSV (a header line, TREC's four columns and blank lines allowed)."""
     with open(qrels_path, encoding="utf-8") as fh:
         for n, line in enumerate(fh):
             parts = line.rstrip("\n").split("\t")
@@ -565,24 +567,45 @@ def _read_beir(builder: _Builder, root: Path, split: str, key: str, limit: int |
                 parts = [parts[0], parts[2], parts[3]]
             if len(parts) != 3 or not _is_int(parts[2]):
                 raise KoretError(f"{key}: {qrels_path}: line {n + 1}: expected query-id, corpus-id, score")
-            qid, did, grade = parts[0], parts[1], int(parts[2])
-            d = builder.doc_by_id(did)
-            if qid not in query_text:
-                unknown_q.append(qid)
-                continue
-            if d is None:
-                unknown_d.append(did)
-                continue
-            q = builder.query_by_id(qid)
-            if q is None:
-                if limit is not None and len(builder.queries) >= limit:
-                    continue
-                q = builder.add_query(query_text[qid], ext_id=qid, where=f"queries.jsonl id {qid}")
-            builder.relate(q, d, grade)
-    _unknown_ids_error(key, qrels_path, unknown_d, unknown_q)
+            yield parts[0], parts[1], int(parts[2])
 
 
-def _unknown_ids_error(key: str, where: Path, docs: list[str], queries: list[str] | None = None) -> None:
+def _relate_judgments(builder: _Builder, query_text: dict[str, str], judgments: Iterable[tuple[str, str, int]],
+                      where: Any, queries_where: str, limit: int | None, key: str) -> None:
+    """Add each judged query (in the judgments' order, the first ``limit``) and its judgments; judgments naming
+    an unknown query or passage id are one error at the end (:func:`_unknown_ids_error`)."""
+    unknown_q: list[str] = []
+    unknown_d: list[str] = []
+    for qid, did, grade in judgments:
+        d = builder.doc_by_id(did)
+        if qid not in query_text:
+            unknown_q.append(qid)
+            continue
+        if d is None:
+            unknown_d.append(did)
+            continue
+        q = builder.query_by_id(qid)
+        if q is None:
+            if limit is not None and len(builder.queries) >= limit:
+                continue
+            q = builder.add_query(query_text[qid], ext_id=qid, where=f"{queries_where} id {qid}")
+        builder.relate(q, d, grade)
+    _unknown_ids_error(key, where, unknown_d, unknown_q)
+
+
+def _read_mteb(builder: _Builder, path: str, subset: str | None, split: str, revision: str | None, key: str,
+               limit: int | None) -> None:
+    """An mteb retrieval set (a Hub dataset id or a local folder in its layout: :mod:`koret.hub_layouts`)."""
+    from koret.hub_layouts import read_mteb
+
+    hub = read_mteb(path, subset, split, revision, key)
+    for i, (doc_id, text) in enumerate(hub.corpus):
+        builder.add_doc(text, ext_id=doc_id, where=f"corpus row {i} (id {doc_id})")
+    where = f"{path} ({', '.join(hub.configs)}, split {split})"
+    _relate_judgments(builder, hub.queries, hub.qrels, where, "queries", limit, key)
+
+
+def _unknown_ids_error(key: str, where: Path | str, docs: list[str], queries: list[str] | None = None) -> None:
     """One line saying how many judgments name unknown doc / query ids, with a few examples of each."""
     parts = []
     for ids, what in ((docs, "doc"), (queries or [], "query")):
@@ -705,7 +728,7 @@ def iter_passages(path: str, fmt: str = "auto", column: str | None = None, key: 
 
 
 SOURCE_OPTIONS = ("format", "query_column", "positive_column", "corpus", "corpus_format", "corpus_column", "split",
-                  "limit")
+                  "limit", "subset", "revision")
 
 
 def row_selection(n: int, section: Any) -> Any:
@@ -723,15 +746,17 @@ def row_selection(n: int, section: Any) -> Any:
     return np.arange(n if limit is None else min(limit, n))
 
 
-def load_section(section: Any, path_field: str = "train", *, prefix: str = "", dedupe: bool = True) -> RetrievalData:
+def load_section(section: Any, path_field: str = "train", *, prefix: str = "", dedupe: bool = True,
+                 key: str | None = None) -> RetrievalData:
     """Read the source a config's ``data`` section names: ``section.<path_field>`` with the section's options.
 
     The one place the data sections of mine, train and eval meet the readers. A section that holds a second
     source names its options with a prefix (train's ``eval``, ``eval_format``, ``eval_split``, ``eval_corpus``);
     ``normalize`` is shared by the section's sources. Options a section does not have keep their defaults.
+    ``key`` names the source in errors (default ``data.<path_field>``; an entry of ``data.sources`` passes its own).
     """
     path = getattr(section, path_field)
-    key = f"data.{path_field}"
+    key = key or f"data.{path_field}"
     if not path:
         raise KoretError(f"{key}: required key is missing", "set it to your (query, positive) data")
     options = {name: getattr(section, prefix + name) for name in SOURCE_OPTIONS if hasattr(section, prefix + name)}
