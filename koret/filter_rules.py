@@ -11,13 +11,21 @@ Strategies (``filter.strategy``), after NV-Retriever (Moreira et al., 2024, arXi
   threshold below the positive whatever its sign (the same convention as sentence-transformers'
   ``relative_margin``).
 
+With ``scale: calibrated`` every threshold (``perc``, ``margin``, ``max_score``, ``min_score``) applies to the
+teacher's calibrated scores instead of its raw ones (:mod:`koret.calibration`: 0 for a random pair, 1 for a
+typical positive, measured by ``koret mine``), so that a setting means the same on every teacher; the scores
+written to ``train.parquet`` stay raw.
+
 Whatever the strategy, every known positive of the query (and any passage whose normalized text equals one) is
-dropped, ``range_min``/``range_max`` bound the ranks considered, ``max_score``/``min_score`` apply when set.
+dropped; with ``max_overlap`` set, so is every candidate whose text nearly duplicates one of the query's positives
+(character 3-gram overlap above ``max_overlap``, :mod:`koret.overlap`; computed from the texts beforehand into
+:attr:`Candidates.overlap`), before ranks are counted; ``range_min``/``range_max`` bound the ranks considered,
+``max_score``/``min_score`` apply when set.
 Ranks count non-positive candidates only: ``range_min: 10`` skips the ten best passages that are not positives.
 Thresholds are per (query, positive) row: a query with two positives has two rows with their own thresholds.
 
 Each removed candidate is counted under the first rule that removes it, in the order of :data:`RULES`.
-This module is a pure leaf: it imports nothing of koret but its errors. The ``koret filter`` stage that
+This module is a pure leaf: it imports nothing of koret but its errors and the calibration math. The ``koret filter`` stage that
 re-applies these rules to an existing ``candidates.parquet`` is :mod:`koret.filter`.
 """
 
@@ -30,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from koret.calibration import Calibration
 from koret.errors import KoretError
 
-RULES = ("positive", "range", "margin", "max_score", "min_score")
+RULES = ("positive", "overlap", "range", "margin", "max_score", "min_score")
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ class FilterSettings:
     sampling: str = "top"
     seed: int = 42
     on_shortage: str = "drop"
+    scale: str = "raw"
+    max_overlap: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> FilterSettings:
@@ -63,6 +74,11 @@ class FilterSettings:
         if self.strategy == "shifted" and self.range_min == 0:
             raise KoretError("filter.range_min: must be > 0 for filter.strategy 'shifted'",
                              "e.g. --set filter.range_min=10")
+        if self.scale not in ("raw", "calibrated"):
+            raise KoretError(f"filter.scale: unknown value {self.scale!r}", "use raw or calibrated")
+        if self.max_overlap is not None and not 0.0 < self.max_overlap <= 1.0:
+            raise KoretError(f"filter.max_overlap: {self.max_overlap} is not in (0, 1]",
+                             "e.g. --set filter.max_overlap=0.5, or null to turn the guard off")
         if self.range_max is not None and self.range_max <= self.range_min:
             raise KoretError(f"filter.range_max ({self.range_max}) must be larger than filter.range_min "
                              f"({self.range_min})")
@@ -78,12 +94,24 @@ def upper_threshold(positive: np.ndarray, settings: FilterSettings) -> np.ndarra
     return np.full_like(positive, np.inf)
 
 
+def on_scale(settings: FilterSettings, calibration: Calibration | None, *scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The scores the thresholds apply to: raw, or calibrated (``settings.scale``) with the teacher's figures."""
+    if settings.scale == "raw":
+        return scores
+    if calibration is None:
+        raise KoretError("filter.scale: calibrated needs the teacher's calibration figures, which koret mine "
+                         "writes to stats.json beside candidates.parquet; these candidates have none",
+                         "mine again with this koret, or use filter.scale: raw")
+    return tuple(calibration.apply(s) for s in scores)
+
+
 def filter_candidates(
     positive_scores: np.ndarray,
     candidate_scores: np.ndarray,
     is_positive: np.ndarray,
     settings: FilterSettings,
     valid: np.ndarray | None = None,
+    overlap: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Decide which candidates survive.
 
@@ -93,6 +121,8 @@ def filter_candidates(
         is_positive: (R, K) True where the candidate is a known positive of the row's query.
         settings: the filter settings.
         valid: (R, K) False for padding (fewer than K candidates); default: finite scores.
+        overlap: (R, K) text overlap of each candidate with the query's positives (:mod:`koret.overlap`);
+            required when ``settings.max_overlap`` is set.
 
     Returns:
         ``keep`` (R, K) boolean mask, and the number of candidates removed by each rule in :data:`RULES`.
@@ -108,6 +138,13 @@ def filter_candidates(
         alive[hit] = False
 
     drop("positive", np.asarray(is_positive, dtype=bool))
+    if settings.max_overlap is not None:
+        if overlap is None:
+            raise KoretError("filter.max_overlap: the candidates' text overlaps were not computed",
+                             "compute them with koret.overlap.candidate_overlap")
+        drop("overlap", np.asarray(overlap) > settings.max_overlap)
+    else:
+        counts["overlap"] = 0
     rank = np.cumsum(alive, axis=1) - 1  # rank among non-positive candidates
     out_of_range = rank < settings.range_min
     if settings.range_max is not None:
@@ -188,6 +225,11 @@ class Candidates:
     teacher_candidate_scores: np.ndarray | None = None
     # where each candidate came from, aligned with candidate_ids: bit flags 1 dense, 2 lexical (0 padding)
     candidate_sources: np.ndarray | None = None
+    # the scale of candidate_scores (koret.calibration), measured by koret mine over all the queries: not sliced
+    calibration: Calibration | None = None
+    # (Q, K) float32, aligned with candidate_ids: each candidate's largest character 3-gram overlap with one of its
+    # query's positives (koret.overlap.candidate_overlap); computed from the texts where filter.max_overlap is set
+    overlap: np.ndarray | None = None
 
     def take(self, queries: range) -> Candidates:
         """The candidates of a contiguous range of queries: every per-query field sliced, the flags kept."""
@@ -195,7 +237,7 @@ class Candidates:
 
         sl = slice(queries.start, queries.stop)
         return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
-                                if f.name != "rescored" and getattr(self, f.name) is not None})
+                                if f.name not in ("rescored", "calibration") and getattr(self, f.name) is not None})
 
 
 @dataclass
@@ -269,7 +311,15 @@ def choose(cands: Candidates, groups: np.ndarray, settings: FilterSettings, scor
     is_pos_q = (groups[np.clip(cands.candidate_ids, 0, None)][:, :, None] == pos_groups[:, None, :]).any(-1)
     is_pos = is_pos_q[row_query] & valid
 
-    keep, counts = filter_candidates(row_pos_score, scores, is_pos, settings, valid=valid)
+    # the thresholds apply on settings.scale; what the rows record (neg_scores, positive_scores) stays raw
+    scaled_pos, scaled = on_scale(settings, cands.calibration, row_pos_score, scores)
+    overlap = None
+    if settings.max_overlap is not None:
+        if cands.overlap is None:
+            raise KoretError("filter.max_overlap: the candidates carry no text overlaps",
+                             "compute them with koret.overlap.candidate_overlap before filtering")
+        overlap = cands.overlap[row_query]
+    keep, counts = filter_candidates(scaled_pos, scaled, is_pos, settings, valid=valid, overlap=overlap)
     cols = sample_negatives(keep, settings.num_negatives, settings.sampling, settings.seed, global_rows)
     short = (cols < 0).any(axis=1)
     padded = 0
@@ -280,8 +330,11 @@ def choose(cands: Candidates, groups: np.ndarray, settings: FilterSettings, scor
         def local_score(qs: np.ndarray, ps: np.ndarray) -> np.ndarray:
             return score_fn(qs + first_query, ps)
 
-        padded = _pad_random(neg_ids, neg_scores, short, ids, valid, row_pos_score, row_query, pos_groups, groups,
-                             settings, global_rows, local_score)
+        def to_scale(raw: np.ndarray) -> np.ndarray:
+            return on_scale(settings, cands.calibration, raw)[0]
+
+        padded = _pad_random(neg_ids, neg_scores, short, ids, valid, scaled_pos, row_query, pos_groups, groups,
+                             settings, global_rows, local_score, to_scale)
         kept = ~(neg_ids < 0).any(axis=1)
     else:
         kept = ~short
@@ -331,6 +384,7 @@ def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, setti
         "candidates_considered": c.candidates_considered,
         "filtered": {
             "positive": c.counts["positive"],
+            "near_duplicate": c.counts["overlap"],
             "range": c.counts["range"],
             settings.strategy if settings.strategy in ("perc_pos", "margin_pos") else "margin": c.counts["margin"],
             "max_score": c.counts["max_score"],
@@ -346,6 +400,12 @@ def apply_filter(cands: Candidates, corpus: list[str], groups: np.ndarray, setti
     }
     if c.sources is not None:
         stats["negative_sources"] = c.sources
+    cal = cands.calibration
+    if cal is not None:  # the figures, and the rows' scores on the calibrated scale (when it orders anything)
+        stats["calibration"] = cal.as_dict()
+        if cal.usable:
+            stats["scores"]["positive_calibrated"] = score_summary(cal.apply(c.positive_scores[out_rows]))
+            stats["scores"]["negative_calibrated"] = score_summary(cal.apply(chosen_neg))
     return FilterOutcome(columns, stats, c.positive_scores[out_rows], chosen_neg[np.isfinite(chosen_neg)])
 
 
@@ -364,11 +424,13 @@ def negative_sources(sources: np.ndarray, cols: np.ndarray, neg_ids: np.ndarray)
 
 def _pad_random(neg_ids: np.ndarray, neg_scores: np.ndarray, short: np.ndarray, ids: np.ndarray,
                 valid: np.ndarray, pos_score: np.ndarray, row_query: np.ndarray, pos_groups: np.ndarray,
-                groups: np.ndarray, settings: FilterSettings, global_rows: np.ndarray, score_fn: ScoreFn) -> int:
+                groups: np.ndarray, settings: FilterSettings, global_rows: np.ndarray, score_fn: ScoreFn,
+                to_scale: Callable[[np.ndarray], np.ndarray] = lambda s: s) -> int:
     """Fill short rows with random corpus passages that pass the filter, scored exactly by ``score_fn``.
 
     Candidates are drawn from outside the row's candidate window and its query's positives; each draw is scored
-    and kept only if it passes the same rules as mined candidates. Rows still short after a bounded number of
+    and kept only if it passes the same rules as mined candidates (``pos_score`` and the thresholds on the
+    filter's scale, ``to_scale`` mapping a raw score onto it; the raw score is recorded). Rows still short after a bounded number of
     draws stay short (and are dropped). Each row draws from its own generator, seeded by (``settings.seed``, its
     global row index), so the draws do not depend on which other rows are padded with it.
     """
@@ -389,11 +451,12 @@ def _pad_random(neg_ids: np.ndarray, neg_scores: np.ndarray, short: np.ndarray, 
             if not len(draw):
                 continue
             drawn_scores = score_fn(np.full(len(draw), row_query[r]), draw)
-            ok = drawn_scores <= upper[r]
+            scaled = to_scale(drawn_scores)
+            ok = scaled <= upper[r]
             if settings.max_score is not None:
-                ok &= drawn_scores <= settings.max_score
+                ok &= scaled <= settings.max_score
             if settings.min_score is not None:
-                ok &= drawn_scores >= settings.min_score
+                ok &= scaled >= settings.min_score
             for d, sc in zip(draw[ok].tolist(), drawn_scores[ok].tolist(), strict=True):
                 if not missing:
                     break

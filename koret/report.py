@@ -219,8 +219,10 @@ def fmt(value: Any) -> str:
 
 
 def plot_score_distributions(path: str | Path, positive: Sequence[float], negative: Sequence[float],
-                             title: str) -> None:
-    """Histogram of positive vs chosen-negative teacher scores, written atomically as PNG."""
+                             title: str, calibration: dict[str, Any] | None = None) -> None:
+    """Histogram of positive vs chosen-negative teacher scores, written atomically as PNG. With the teacher's
+    ``calibration`` figures (:mod:`koret.calibration`, as in stats.json): the calibrated scale on the top axis and
+    dashed lines at its 0 (the mean random pair) and 1 (the median positive)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,8 +239,15 @@ def plot_score_distributions(path: str | Path, positive: Sequence[float], negati
                 density=True)
     ax.set_xlabel("teacher score")
     ax.set_ylabel("density")
+    if calibration and calibration["positive_median"] > calibration["random_mean"]:
+        zero, unit = calibration["random_mean"], calibration["positive_median"] - calibration["random_mean"]
+        ax.axvline(zero, color="#555555", linestyle="--", linewidth=1, label="random pairs, mean (calibrated 0)")
+        ax.axvline(zero + unit, color="#264653", linestyle="--", linewidth=1,
+                   label="every row's positive, median (calibrated 1)")
+        top = ax.secondary_xaxis("top", functions=(lambda s: (s - zero) / unit, lambda c: zero + c * unit))
+        top.set_xlabel("calibrated score")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

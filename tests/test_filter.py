@@ -35,7 +35,7 @@ def test_perc_pos_drops_above_95_percent_of_positive():
     # threshold 0.80 * 0.95 = 0.76: 0.90 and 0.79 dropped, 0.76 kept (not strictly above)
     keep, counts = keep_of(strategy="perc_pos", perc=0.95)
     assert keep == [False, False, False, True, True, True, True]
-    assert counts == {"positive": 1, "range": 0, "margin": 2, "max_score": 0, "min_score": 0}
+    assert counts == {"positive": 1, "overlap": 0, "range": 0, "margin": 2, "max_score": 0, "min_score": 0}
 
 
 def test_perc_pos_threshold_is_sign_safe():
@@ -152,11 +152,12 @@ def test_candidates_take_slices_every_per_query_field():
                    np.arange(q * 3).reshape(q, 3), np.linspace(0, 1, q * 3, dtype=np.float32).reshape(q, 3),
                    rescored=True, teacher_positive_scores=[np.array([0.5 + i]) for i in range(q)],
                    teacher_candidate_scores=np.arange(q * 3, dtype=np.float32).reshape(q, 3) / 10,
-                   candidate_sources=np.ones((q, 3), np.int8) * np.arange(1, q + 1, dtype=np.int8)[:, None])
+                   candidate_sources=np.ones((q, 3), np.int8) * np.arange(1, q + 1, dtype=np.int8)[:, None],
+                   overlap=np.arange(q * 3, dtype=np.float32).reshape(q, 3) / 20)
     part = c.take(range(1, 3))
     assert part.rescored
     for f in fields(c):
-        if f.name == "rescored":
+        if f.name in ("rescored", "calibration"):  # flags and figures of the whole set, not per query
             continue
         whole, got = getattr(c, f.name), getattr(part, f.name)
         assert len(got) == 2, f.name

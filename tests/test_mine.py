@@ -237,14 +237,15 @@ def test_pad_random_fills_short_rows(tmp_path, tiny_model, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes,extra", [(2, "rescore"), (3, "lexical, float16 cache, random sampling and padding")])
+@pytest.mark.parametrize("processes,extra", [(2, "rescore"),
+                                             (3, "lexical, float16 cache, random sampling and padding, calibrated")])
 def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_encoder, data_dir, processes,
                                                extra):
     """Each process encodes and searches its slice of the corpus, rescores and filters its range of queries;
     the outputs equal one process's (random draws included: they are keyed by global row)."""
     extra = {"search__lexical": {"top_k": 10}, "encode__dtype": "float16", "filter__sampling": "random",
-             "filter__on_shortage": "pad_random", "filter__range_max": 4} if extra.startswith("lexical") else \
-        {"rescore__model": str(tiny_cross_encoder)}
+             "filter__on_shortage": "pad_random", "filter__range_max": 4, "filter__scale": "calibrated"} \
+        if extra.startswith("lexical") else {"rescore__model": str(tiny_cross_encoder)}
     cfg = mine_config(tmp_path, tiny_model, data_dir / "pairs.jsonl", data__corpus=str(data_dir / "corpus.txt"),
                       encode__shard_size=25, out="many", **extra)
     path = write_config(tmp_path / "m.yaml", cfg)
@@ -267,6 +268,17 @@ def test_many_processes_write_the_same_outputs(tmp_path, tiny_model, tiny_cross_
         assert stats.get(key) == alone.get(key), key  # the joined choices count what one process counts
     for side in ("positive", "negative"):
         assert stats["scores"][side] == pytest.approx(alone["scores"][side], abs=1e-6)
+    # the calibration figures (the same seeded random pairs, scored exactly; the cross-encoder's in batches)
+    cal, cal_alone = stats["calibration"], alone["calibration"]
+    assert cal["random_pairs"] == cal_alone["random_pairs"] > 0 and cal["positive_rows"] == cal_alone["positive_rows"]
+    if "rescore__model" in extra:
+        assert {k: v for k, v in cal.items() if k != "formula"} == pytest.approx(
+            {k: v for k, v in cal_alone.items() if k != "formula"}, abs=1e-6)
+        # the scale of the scores that drive the filter: the cross-encoder's, not the teacher's
+        rescored = pd.read_parquet(tmp_path / "many" / "candidates.parquet").rescore_positive_scores
+        assert cal["positive_median"] == pytest.approx(float(np.median(np.concatenate(rescored.tolist()))), abs=1e-6)
+    else:  # teacher cosines: bit for bit, and the filter ran on the calibrated scale
+        assert cal == cal_alone and stats["settings"]["scale"] == "calibrated"
 
 
 def _beir(root: Path, pairs, zero_judged: int) -> Path:
