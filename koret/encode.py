@@ -139,6 +139,41 @@ def default_device(device: str | None = None) -> str:
     return "cpu"
 
 
+def flash_attention_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn_implementation(setting: str, device: str, dtype: str, flash_installed: bool) -> str:
+    """The attention kernel to load a model with (``model.attn_implementation``). ``auto``: flash_attention_2 on a
+    CUDA device with 16-bit weights where flash-attn is installed, else sdpa (PyTorch's fused attention; an
+    architecture without it then gets its own, see :func:`load_kwargs`); the other names pass through. Pure."""
+    if setting != "auto":
+        return setting
+    if device.startswith("cuda") and flash_installed and dtype in ("bfloat16", "float16"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_kwargs(dtype: str, device: str, attn_implementation: str | None = None) -> dict[str, Any]:
+    """transformers ``from_pretrained`` keyword arguments: the weights' dtype and, when given, the attention
+    kernel (``auto`` resolved by :func:`resolve_attn_implementation`)."""
+    torch_type = torch_dtype(dtype, device)
+    out: dict[str, Any] = {"dtype": torch_type}
+    if attn_implementation is not None:
+        name = str(torch_type).rsplit(".", 1)[-1]
+        out["attn_implementation"] = resolve_attn_implementation(attn_implementation, device, name,
+                                                                 flash_attention_installed())
+    return out
+
+
+def without_sdpa(exc: Exception, kwargs: dict[str, Any], setting: str | None) -> bool:
+    """Whether a load failed only because ``auto`` asked for sdpa where the architecture has none."""
+    return (setting == "auto" and kwargs.get("attn_implementation") == "sdpa"
+            and "scaled_dot_product_attention" in str(exc))
+
+
 def load_sentence_transformer(
     name: str,
     *,
@@ -146,19 +181,185 @@ def load_sentence_transformer(
     device: str | None = None,
     dtype: str = "auto",
     max_seq_length: int | None = None,
+    attn_implementation: str | None = None,
 ) -> Any:
-    """Load a SentenceTransformer from a local folder or the Hub with one-line errors."""
+    """Load a SentenceTransformer from a local folder or the Hub with one-line errors; a LoRA adapter folder
+    (``adapter_config.json``, what ``koret train`` writes with ``model.lora``) is loaded onto its base model
+    with the adapter merged in (:func:`load_adapter_folder`)."""
     from sentence_transformers import SentenceTransformer
 
     quiet_transformers()
     ref = resolve_model_path(name, key)
     device = default_device(device)
+    kwargs = load_kwargs(dtype, device, attn_implementation)
+
+    def load(model_kwargs: dict[str, Any]) -> Any:
+        if adapter_base(ref) is not None:
+            return load_adapter_folder(SentenceTransformer, Path(ref), key, device=device, model_kwargs=model_kwargs)
+        return SentenceTransformer(ref, device=device, model_kwargs=model_kwargs)
+
     try:
-        model = SentenceTransformer(ref, device=device, model_kwargs={"dtype": torch_dtype(dtype, device)})
+        try:
+            model = load(kwargs)
+        except ValueError as exc:
+            if not without_sdpa(exc, kwargs, attn_implementation):
+                raise
+            model = load({k: v for k, v in kwargs.items() if k != "attn_implementation"})
     except (OSError, ValueError) as exc:
         raise _hub_load_error(name, key, exc) from exc
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
+    return model
+
+
+def build_sentence_transformer(ref: str, *, key: str, pooling: str, device: str, model_kwargs: dict[str, Any],
+                               max_seq_length: int | None = None, attn_implementation: str | None = None) -> Any:
+    """A SentenceTransformer around a plain transformers model: ``pooling`` over its token states, then L2
+    normalization. ``lasttoken`` (decoder embedders) also makes the tokenizer pad on the left and end every text
+    with its EOS token (:func:`use_last_token`), which the saved model keeps. ``attn_implementation`` is the
+    setting ``model_kwargs`` was made from: ``auto`` falls back to the model's own attention where it has no
+    sdpa; a kernel named explicitly does not."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    quiet_transformers()
+    try:
+        try:
+            word = Transformer(ref, max_seq_length=max_seq_length, model_kwargs=dict(model_kwargs))
+        except ValueError as exc:
+            if not without_sdpa(exc, model_kwargs, attn_implementation):
+                raise
+            word = Transformer(ref, max_seq_length=max_seq_length,
+                               model_kwargs={k: v for k, v in model_kwargs.items() if k != "attn_implementation"})
+    except (OSError, ValueError) as exc:
+        raise KoretError(f"{key}: could not load {ref!r} as a transformers model "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if pooling == "lasttoken":
+        use_last_token(word.tokenizer, key)
+    elif any(str(a).endswith("ForCausalLM") for a in getattr(word.model.config, "architectures", None) or []):
+        from koret.report import warn
+
+        warn(f"{key}: {ref} is a causal LM, which sees each token's left context only: decoder embedders pool the "
+             f"last token (set the pooling to lasttoken)")
+    head = Pooling(word.get_embedding_dimension(), pooling_mode=pooling)
+    return SentenceTransformer(modules=[word, head, Normalize()], device=device)
+
+
+def use_last_token(tokenizer: Any, key: str) -> None:
+    """Make a decoder's tokenizer fit last-token pooling: pad on the left (the last position is a text's own
+    last token), pad with the EOS token when it has no pad token, and end every text with its EOS token
+    (decoder embedders such as Qwen3-Embedding are trained to read the EOS token's state). A tokenizer that
+    already ends texts with EOS is left as it is; the setting is saved with the tokenizer."""
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise KoretError(f"{key}: pooling lasttoken needs the tokenizer's EOS token, and this tokenizer has none",
+                         "use a decoder whose tokenizer defines eos_token, or pooling mean / cls")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = eos
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved in tokenizer_config.json
+    if not _ends_with_eos(tokenizer):
+        try:
+            tokenizer.add_eos_token = True  # transformers' own switch: a template that appends EOS
+            tokenizer.init_kwargs["add_eos_token"] = True  # saved in tokenizer_config.json
+        except (AttributeError, TypeError, ValueError):
+            pass
+    if not _ends_with_eos(tokenizer):
+        raise KoretError(f"{key}: pooling lasttoken: could not make the tokenizer ({type(tokenizer).__name__}) end "
+                         "texts with its EOS token", "use a SentenceTransformer folder of the model, whose "
+                         "tokenizer already does")
+
+
+def _ends_with_eos(tokenizer: Any) -> bool:
+    ids = tokenizer("가")["input_ids"]
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------------------------- LoRA folders
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model of a LoRA adapter folder (peft's ``adapter_config.json``), None for a folder of full
+    weights or a Hub id."""
+    path = Path(folder).expanduser()
+    config = path / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        base = None
+    if not base:
+        raise KoretError(f"{config}: names no base model (base_model_name_or_path)",
+                         "a LoRA adapter folder needs its base; train again, or use the merged weights")
+    return str(base)
+
+
+def require_peft(key: str) -> Any:
+    """The peft package, or a one-line error saying how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise KoretError(f"{key}: LoRA needs the peft package, which is not installed",
+                         "pip install peft") from None
+    return peft
+
+
+def transformer_path(folder: Path) -> str:
+    """The folder (relative) of a SentenceTransformer / CrossEncoder folder's transformers module."""
+    modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").exists() else []
+    return str(modules[0].get("path", "")) if modules else ""
+
+
+def _base_weights(base: str, key: str) -> Path:
+    """The local folder holding the base model's weights: the folder itself, or the Hub snapshot (cached, or
+    downloaded unless HF_HUB_OFFLINE is set)."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_path(base):
+        raise KoretError(f"{key}: the LoRA adapter's base model folder is gone: {base}",
+                         "restore it, or use the merged weights (final/ of a run with lora.merge: true)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["config.json", *_WEIGHT_PATTERNS]))
+    except Exception as exc:
+        raise _hub_load_error(base, f"{key} (the LoRA adapter's base)", exc) from exc
+
+
+def load_adapter_folder(kind: type, folder: Path, key: str, **kwargs: Any) -> Any:
+    """A SentenceTransformer or CrossEncoder (``kind``) from a LoRA adapter folder: the folder's own modules,
+    tokenizer, prompts and config on its base model's weights, with the adapter merged into them (peft), so
+    encoding costs what the base costs. The base is ``adapter_config.json``'s ``base_model_name_or_path``."""
+    import tempfile
+
+    base = adapter_base(folder)
+    assert base is not None
+    peft = require_peft(key)
+    sub = transformer_path(folder)
+    weights = _base_weights(base, key)
+    with tempfile.TemporaryDirectory(prefix="koret-adapter-") as tmp:
+        view = Path(tmp) / "model"
+        for root, _dirs, files in os.walk(folder):
+            rel = Path(root).relative_to(folder)
+            (view / rel).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                if not (rel == Path(sub) and f in ADAPTER_FILES):
+                    (view / rel / f).symlink_to(Path(root).resolve() / f)
+        target = view / sub
+        for pattern in ("config.json", *_WEIGHT_PATTERNS):
+            for f in weights.glob(pattern):
+                if not (target / f.name).exists() and f.name not in ADAPTER_FILES:
+                    (target / f.name).symlink_to(f.resolve())
+        model = kind(str(view), **kwargs)
+    word = model[0]
+    word.model = peft.PeftModel.from_pretrained(word.model, str(folder / sub)).merge_and_unload()
     return model
 
 
@@ -175,12 +376,17 @@ def quiet_transformers() -> None:
 
 def load_cross_encoder(name: str, *, key: str = "rescore.model", device: str | None = None,
                        max_length: int | None = None) -> Any:
+    """Load a CrossEncoder (a LoRA adapter folder onto its base, merged: :func:`load_adapter_folder`)."""
     from sentence_transformers import CrossEncoder
 
     quiet_transformers()
     ref = resolve_model_path(name, key)
     try:
-        model = CrossEncoder(ref, device=default_device(device), max_length=max_length)
+        if adapter_base(ref) is not None:
+            model = load_adapter_folder(CrossEncoder, Path(ref), key, device=default_device(device),
+                                        max_length=max_length)
+        else:
+            model = CrossEncoder(ref, device=default_device(device), max_length=max_length)
     except (OSError, ValueError) as exc:
         raise _hub_load_error(name, key, exc) from exc
     return model
@@ -216,7 +422,8 @@ def model_identity(name: str) -> str:
     """A string that changes when the model's files change: path + file sizes/mtimes, or Hub id + revision."""
     path = package_path(name[4:], "model") if name.startswith("pkg:") else Path(name).expanduser()
     if path.is_dir():
-        parts = [str(path.resolve())]
+        base = adapter_base(path)
+        parts = [str(path.resolve())] + ([f"base={model_identity(base)}"] if base else [])
         for f in sorted(path.rglob("*")):
             if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES:
                 st = f.stat()

@@ -235,3 +235,70 @@ def build_random_sentence_transformer(out: Path, texts: list[str], prompts: dict
     model = SentenceTransformer(modules=[word, pooling, Normalize()], device="cpu", prompts=prompts)
     model.save(str(out))
     return Path(out)
+
+
+DECODER_EOS = "<|endoftext|>"
+
+
+def build_random_decoder(out: Path, texts: list[str], seed: int = 0, lexical: bool = False, hidden: int = 64,
+                         layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int | None = None,
+                         vocab_size: int = 1000, max_positions: int = 256) -> Path:
+    """Save a random-weight Qwen3-style causal LM (+ a BPE tokenizer trained on ``texts``, EOS and pad
+    ``<|endoftext|>``, and the 'yes' / 'no' tokens a decoder reranker reads) to ``out``: no download. Its
+    tokenizer appends nothing to a text, as a base LM's does.
+
+    Used by the tests (2 layers, 64 wide) and the LoRA benchmark. With ``lexical=True`` the EOS token's
+    embedding is zero, so under last-token pooling (texts end with EOS) the first layer's query is zero, its
+    attention uniform and the pooled state a random projection of the text's averaged token embeddings (the MLPs
+    and later attention layers start near zero): scores follow word overlap instead of being near-equal for
+    every pair. Training still moves every weight.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DECODER_EOS, "<|unk|>", "<|im_start|>",
+                                                                         "<|im_end|>"])
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(["yes", "no"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=DECODER_EOS, pad_token=DECODER_EOS,
+                                   unk_token="<|unk|>", model_max_length=max_positions)
+    eos = tok.token_to_id(DECODER_EOS)
+    config = Qwen3Config(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=hidden // heads, max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    if lexical:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[eos].zero_()
+            for i, layer in enumerate(model.model.layers):
+                layer.mlp.down_proj.weight.mul_(0.01)
+                if i > 0:
+                    layer.self_attn.o_proj.weight.mul_(0.01)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def build_random_decoder_embedder(out: Path, texts: list[str], prompts: dict[str, str] | None = None,
+                                  max_seq_length: int = 96, **decoder: object) -> Path:
+    """A SentenceTransformer folder of a random decoder as decoder embedders ship (Qwen3-Embedding's layout):
+    last-token pooling, left padding, EOS appended by the tokenizer, L2 normalization, instruction prompts."""
+    from sentence_transformers import SentenceTransformer
+
+    from koret.encode import build_sentence_transformer, load_kwargs
+
+    lm = build_random_decoder(Path(f"{out}-lm"), texts, **decoder)  # type: ignore[arg-type]
+    model: SentenceTransformer = build_sentence_transformer(str(lm), key="decoder", pooling="lasttoken",
+                                                            device="cpu", model_kwargs=load_kwargs("float32", "cpu"),
+                                                            max_seq_length=max_seq_length)
+    model.prompts = dict(prompts or {})
+    model.save(str(out))
+    return Path(out)

@@ -13,6 +13,9 @@ Measures, on one GPU (models built from configs with random weights; nothing is 
    where faiss-gpu is installed, else torch on CUDA in float16) and torch with bfloat16 selection, each equal to a
    float64 brute force, and each process's torch allocations on its own GPU only (``LOCAL_RANK`` modulo the GPUs);
 4. ``koret train`` steps/s with cached_gist at a 1024 global batch in bf16;
+4b. ``koret train`` with LoRA on a small random Qwen3-style decoder (1024 wide, 8 layers, last-token pooling): the
+   frozen base loaded in bf16, sdpa attention, bf16 mixed precision, gradient checkpointing with cached_mnrl;
+   checks the weights' dtype, the kernel and that the adapter trained (``lora_ok``);
 5. ``accelerate launch --num_processes 1 -m koret run`` over a small config (mine, train, eval) with an
    e5-small-shaped student and teacher (384 hidden, 12 layers), checking that every teacher score stored in
    ``candidates.parquet`` is the exact float32 score recomputed from the cached embeddings.
@@ -49,12 +52,16 @@ SIZES = {
              "seq": 512, "texts": 4096, "batch": 128, "passages": 1_000_000, "dim": 1024, "queries": 10_000,
              "top_k": 100, "sharded_passages": 400_000, "sharded_queries": 4000, "train_batch": 1024, "mini_batch": 128, "train_steps": 6, "train_seq": 128,
              "run_model": dict(hidden=384, layers=12, heads=12, intermediate=1536), "run_entities": 600,
-             "run_batch": 64},
+             "run_batch": 64,
+             "decoder": dict(hidden=1024, layers=8, heads=16, kv_heads=8, intermediate=3072, vocab_size=8000,
+                             max_positions=512), "lora_batch": 64, "lora_mini_batch": 16, "lora_steps": 4},
     "smoke": {"encoders": {"bert-base": dict(hidden=64, layers=2, heads=2, intermediate=128)},
               "seq": 32, "texts": 64, "batch": 16, "passages": 5000, "dim": 32, "queries": 200, "top_k": 10,
               "sharded_passages": 3000, "sharded_queries": 100,
               "train_batch": 16, "mini_batch": 8, "train_steps": 2, "train_seq": 32,
-              "run_model": dict(hidden=32, layers=2, heads=2, intermediate=64), "run_entities": 40, "run_batch": 16},
+              "run_model": dict(hidden=32, layers=2, heads=2, intermediate=64), "run_entities": 40, "run_batch": 16,
+              "decoder": dict(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab_size=400,
+                              max_positions=128), "lora_batch": 8, "lora_mini_batch": 4, "lora_steps": 2},
 }
 
 
@@ -291,6 +298,48 @@ def bench_train(size: dict, workdir: Path, bf16: bool) -> dict:
             "seconds": m["train_runtime"]}
 
 
+def check_lora(size: dict, workdir: Path) -> dict:
+    """``koret train`` with LoRA on a small random Qwen3-style decoder (last-token pooling): the frozen base in
+    bfloat16 (``model.dtype: auto``), the adapter in float32, sdpa attention, bf16 mixed precision by default,
+    gradient checkpointing with a cached loss; checks the base loaded in bf16 with sdpa and the adapter trained."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from koret.config import TrainConfig
+    from koret.synth import build_random_decoder, generate
+    from koret.train import train
+
+    syn = generate(max(200, size["lora_batch"] * size["lora_steps"]), seed=6, queries_per_entity=1)
+    rows = [{"anchor": p["query"], "positive": p["positive"]} for p in syn.pairs]
+    data = workdir / "lora-pairs.parquet"
+    pd.DataFrame(rows).to_parquet(data)
+    shape = size["decoder"]
+    lm = build_random_decoder(workdir / "decoder", [r["anchor"] for r in rows] + [r["positive"] for r in rows],
+                              **shape)
+    cfg = TrainConfig.model_validate({
+        "model": {"name": str(lm), "pooling": "lasttoken", "attn_implementation": "sdpa", "max_seq_length": 128,
+                  "query_prompt": "Instruct: Given a Korean question, retrieve passages that answer it\nQuery:",
+                  "lora": {"r": 16, "alpha": 32}},
+        "data": {"train": str(data)},
+        "loss": {"name": "cached_mnrl", "mini_batch_size": size["lora_mini_batch"]},
+        "args": {"output_dir": str(workdir / "lora"), "per_device_train_batch_size": size["lora_batch"],
+                 "max_steps": size["lora_steps"], "learning_rate": 1e-4, "logging_steps": 1, "save_strategy": "no",
+                 "gradient_checkpointing": True},
+    })
+    m = train(cfg)
+    adapter = load_file(workdir / "lora" / "final" / "adapter" / "adapter_model.safetensors")
+    trained = any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+    cuda = torch.cuda.is_available()
+    ok = (m["attn_implementation"] == "sdpa" and m["gradient_checkpointing"] and trained
+          and (m["weights_dtype"] == "bfloat16" and m["precision"] == "bf16" if cuda else True))
+    return {"check": f"lora train decoder h{shape['hidden']} x {shape['layers']} ({m['precision']}, "
+                     f"{m['attn_implementation']}, weights {m['weights_dtype']})",
+            "steps_per_s": m["steps_per_second"], "samples_per_s": m["samples_per_second"],
+            "tokens_per_s": m["tokens_per_second"], "peak_cuda_gib": (m.get("peak_cuda_bytes") or 0) / 2**30,
+            "trainable_parameters": m["lora"]["trainable_parameters"], "total_parameters": m["lora"]["total_parameters"],
+            "adapter_trained": trained, "lora_ok": ok, "seconds": m["train_runtime"]}
+
+
 def check_run(size: dict, workdir: Path) -> dict:
     """``accelerate launch --num_processes 1 -m koret run`` over a small config; stored scores are exact fp32."""
     import subprocess
@@ -366,7 +415,7 @@ def main() -> int:
         work = Path(tmp)
         for step in (lambda: bench_encode(size, work, device, dtype), lambda: [bench_search(size, device)],
                      lambda: [check_sharded_search(size, work)], lambda: [bench_train(size, work, bf16=cuda)],
-                     lambda: [check_run(size, work)]):
+                     lambda: [check_lora(size, work)], lambda: [check_run(size, work)]):
             try:
                 results["checks"].extend(step())
             except Exception as exc:  # report and go on: one failing check must not hide the others
@@ -395,6 +444,10 @@ def main() -> int:
                or c.get("ids_equal_fp64") is False or c.get("stored_scores_exact_fp32") is False]
     for name in inexact:
         print(f"NOT EXACT: {name}")
+    for c in results["checks"]:
+        if c.get("lora_ok") is False:
+            print(f"LORA NOT AS EXPECTED: {c['check']}")
+            inexact.append(c["check"])
     misplaced = [c["check"] for c in results["checks"] if c.get("own_gpu") is False]
     for name in misplaced:
         print(f"NOT ON ITS OWN GPU: {name}")

@@ -91,6 +91,31 @@ def tiny_cross_encoder(tmp_path_factory, pairs, extra_corpus) -> Path:
     return path
 
 
+INSTRUCTION = "Instruct: Given a Korean question, retrieve passages that answer it\nQuery:"
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory, pairs, extra_corpus) -> Path:
+    """A tiny Qwen3-style causal LM (2 layers, 64 wide, random weights) with a BPE tokenizer trained on the
+    fixture's text: a plain transformers folder whose tokenizer appends no EOS, as a base LM's does."""
+    from koret.synth import build_random_decoder
+
+    root = tmp_path_factory.mktemp("decoder")
+    return build_random_decoder(root / "tiny-lm", _corpus_for_tokenizer(pairs, extra_corpus) + [INSTRUCTION],
+                                seed=0, lexical=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_embedder(tmp_path_factory, pairs, extra_corpus) -> Path:
+    """The same kind of decoder as a SentenceTransformer folder, as decoder embedders ship (Qwen3-Embedding's
+    layout): last-token pooling, left padding, EOS appended, an instruction prompt for queries."""
+    from koret.synth import build_random_decoder_embedder
+
+    root = tmp_path_factory.mktemp("decoder-st")
+    return build_random_decoder_embedder(root / "tiny-dec-st", _corpus_for_tokenizer(pairs, extra_corpus) + [INSTRUCTION],
+                                         prompts={"query": INSTRUCTION, "document": ""}, seed=1, lexical=True)
+
+
 @pytest.fixture()
 def rng() -> random.Random:
     return random.Random(0)
