@@ -30,7 +30,7 @@ from koret.errors import KoretError
 
 FILTER_STRATEGIES = ("naive", "shifted", "abs", "margin_pos", "perc_pos")
 DATA_FORMATS = (
-    "auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "hub", "squad", "beir", "autorag", "text",
+    "auto", "jsonl", "json", "csv", "tsv", "parquet", "hf_disk", "hub", "squad", "beir", "autorag", "text", "mteb",
 )
 
 
@@ -97,10 +97,109 @@ class SourceFields(Section):
         return self
 
 
+SOURCE_NAME = re.compile(r"[\w.-]+")
+SAMPLERS = ("proportional", "round_robin")
+
+
+class NamedSource(Section):
+    """The name every entry of ``data.sources`` has (its rules are in :mod:`koret.sources`)."""
+
+    name: str = Field(description="The source's name, unique in the list (letters, digits, _ . -): "
+                                  "train.parquet's source column, stats.json, the logs and the model card use it.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not SOURCE_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a source name: use letters, digits, _ . - (no spaces)")
+        return value
+
+
+class WeightedSource(NamedSource):
+    weight: float = Field(1.0, description="Sampling weight (data.sampler proportional): a source's share of the "
+                                           "batches is proportional to weight x its batches. Must be > 0.")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive_weight(cls, value: float) -> float:
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError("must be a finite number > 0 (leave a source out of the list to skip it)")
+        return value
+
+
+class MineSourceConfig(SourceFields, NamedSource):
+    """One named source of koret mine: (query, positive) data and its own extra passages. Its negatives come only
+    from its own passages (its positives and its corpus) and from data.corpus when set (shared by all sources)."""
+
+    corpus: str | None = Field(None, description="This source's extra passages (negative candidates of its "
+                                                 "queries only).")
+    corpus_format: Literal[DATA_FORMATS] = Field("auto", description="Layout of this source's corpus.")  # type: ignore[valid-type]
+    corpus_column: str | None = Field(None, description="Column of this source's corpus holding the passage text.")
+
+
+class SourcePromptFields(PromptFields):
+    """A source's own prompts for the model being trained; a side left unset takes the model section's."""
+
+    query_prompt: str | None = Field(None, description="Anchor prompt text for this source's batches (e.g. an "
+                                                       "instruction); unset: the model section's.")
+    query_prompt_name: str | None = Field(None, description="Or the name of one of the model's prompts.")
+    passage_prompt: str | None = Field(None, description="Prompt text of this source's positives and negatives; "
+                                                         "unset: the model section's.")
+    passage_prompt_name: str | None = Field(None, description="Or the name of one of the model's prompts.")
+
+
+class TrainSourceConfig(SourceFields, SourcePromptFields, WeightedSource):
+    """One named source of koret train: its batches hold only its rows (in-batch negatives never cross sources),
+    drawn as data.sampler says, encoded with its own prompts. A mined train.parquet with a source column gives
+    the rows whose source is this name."""
+
+
+class RerankerSourceConfig(SourceFields, WeightedSource):
+    """One named source of koret train-reranker: its batches hold only its rows, drawn as data.sampler says. A
+    mined train.parquet with a source column gives the rows whose source is this name."""
+
+
+def check_sources(section: Any, allowed: set[str]) -> None:
+    """The rules of ``data.sources`` every stage shares: not with ``data.train``, no section-level source key
+    beside it (it would be ignored), unique names, and weights only where the sampler reads them."""
+    sources = getattr(section, "sources", None) or []
+    if not sources:
+        return
+    if section.train is not None:
+        raise ValueError("train and sources are both set: train is the one-source shorthand; give each source's "
+                         "file as its entry's train")
+    # a key counts as given when it differs from its default: a resolved config.yaml writes every key
+    ignored = [k for k, f in SourceFields.model_fields.items()
+               if k not in allowed and k != "train" and getattr(section, k) != f.default]
+    if ignored:
+        raise ValueError(f"{ignored[0]} and sources are both set: with sources, give each source's {ignored[0]} in "
+                         "its entry")
+    seen: set[str] = set()
+    for s in sources:
+        if s.name in seen:
+            raise ValueError(f"sources: the name {s.name!r} is given twice; names must differ")
+        seen.add(s.name)
+    if getattr(section, "sampler", "proportional") == "round_robin":
+        weighted = next((s for s in sources if getattr(s, "weight", 1.0) != 1.0), None)
+        if weighted is not None:
+            raise ValueError(f"sources: {weighted.name} has weight {weighted.weight:g}, and sampler round_robin takes "
+                             "turns without weights: use sampler proportional, or drop the weights")
+
+
 class DataConfig(SourceFields):
-    corpus: str | None = Field(None, description="Extra passages that are negative candidates besides the positives.")
+    corpus: str | None = Field(None, description="Extra passages that are negative candidates besides the positives "
+                                                 "(with data.sources: shared by every source).")
     corpus_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     corpus_column: str | None = None
+    sources: list[MineSourceConfig] = Field(
+        default_factory=list, description="Several named sources mined in one run instead of data.train: each "
+        "source's negatives come only from its own passages (and data.corpus), train.parquet keeps a source "
+        "column, stats.json counts per source and in total.")
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        check_sources(self, allowed={"normalize"})  # normalize: of data.corpus, shared by the sources
+        return self
 
 
 class TeacherConfig(PromptFields):
@@ -151,7 +250,9 @@ class RescoreConfig(Section):
 
 
 class FilterConfig(Section):
-    strategy: Literal[FILTER_STRATEGIES] = "perc_pos"  # type: ignore[valid-type]
+    strategy: Literal[FILTER_STRATEGIES] = Field(  # type: ignore[valid-type]
+        "naive", description="naive (the default: the measured best with max_overlap 0.9, docs/quality.md) | shifted "
+        "| abs | margin_pos | perc_pos (NV-Retriever's TopK-PercPos).")
     margin: Margin = Field(0.05, description="margin_pos: drop a candidate scoring above positive - margin.")
     perc: float = Field(0.95, gt=0, le=1.5, description="perc_pos: drop a candidate scoring above positive x perc.")
     max_score: float | None = Field(None, description="Drop candidates scoring above this (abs strategy, or any).")
@@ -162,6 +263,12 @@ class FilterConfig(Section):
     sampling: Literal["top", "random"] = "top"
     seed: int = 42
     on_shortage: Literal["drop", "pad_random"] = "drop"
+    scale: Literal["raw", "calibrated"] = Field(
+        "raw", description="What perc, margin, max_score and min_score apply to: the raw scores, or the teacher's "
+        "calibrated ones (0 = its mean score of random pairs, 1 = its median positive; measured by koret mine).")
+    max_overlap: float | None = Field(
+        0.9, gt=0, le=1, description="Drop a candidate whose text nearly duplicates one of its query's positives: "
+        "character 3-gram overlap (whitespace and case ignored) above this; null: off. Any strategy.")
     candidates: str | None = Field(
         None, description="koret filter: candidates.parquet (or its folder). Default: <output.dir>/candidates.parquet."
     )
@@ -204,13 +311,51 @@ class MineConfig(Section):
         return self
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+class LoraSettings(Section):
+    """LoRA through peft (``model.lora``): only the adapter's weights train, the base stays frozen
+    (:mod:`koret.training.lora`)."""
+
+    r: int = Field(16, ge=1, description="Rank of the adapter's update matrices.")
+    alpha: float = Field(32.0, gt=0, description="Scale of the update: it is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    target_modules: list[str] | None = Field(
+        None, description="Names (or name suffixes) of the linear layers that get an adapter, e.g. [q_proj, v_proj]. "
+                          "null: every linear layer of the transformer blocks (peft's all-linear: q/k/v/o and MLP "
+                          "projections of a decoder, query/key/value/dense of BERT); a reranker's new score head "
+                          "trains in full.")
+    merge: bool = Field(True, description="Also save merged weights in final/ (they load without peft; what koret "
+                                          "push uploads); the adapter alone is in final/adapter. false: final/ is "
+                                          "the adapter (loading it needs peft and the base model).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not str(t).strip() for t in v)):
+            raise ValueError("must be a non-empty list of module names (or null for every linear layer)")
+        return v
+
+
 class ModelConfig(PromptFields):
     """The student. Its query prompt is used for the anchor column, its passage prompt for positive/negatives;
     the trained model is saved with exactly these prompts."""
 
-    name: str | None = Field(None, description="SentenceTransformer or plain transformers encoder (Hub id or folder).")
+    name: str | None = Field(None, description="SentenceTransformer or plain transformers model (Hub id or folder).")
     max_seq_length: int | None = Field(None, ge=8)
-    pooling: Literal["mean", "cls"] = Field("mean", description="Pooling for a plain transformers encoder.")
+    pooling: Literal["mean", "cls", "lasttoken"] = Field(
+        "mean", description="Pooling for a plain transformers model (a SentenceTransformer keeps its own). "
+                            "lasttoken: the last token's state, for a causal LM (decoder embedders): texts are "
+                            "left-padded and end with the tokenizer's EOS token, saved with the model.")
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(  # type: ignore[valid-type]
+        "auto", description="Attention kernel. auto: flash_attention_2 on a GPU where flash-attn is installed and "
+                            "the weights are 16-bit, else sdpa (PyTorch's fused attention), else the model's own.")
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="Weights of the loaded student. auto: bfloat16 for the frozen base of a LoRA run on a "
+                            "GPU that supports it (the adapter trains in float32), else float32.")
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of every weight (needs "
+                                                         "peft), e.g. {r: 16}.")
 
 
 class TrainDataConfig(SourceFields):
@@ -219,7 +364,20 @@ class TrainDataConfig(SourceFields):
     eval_split: str = "test"
     eval_corpus: str | None = Field(None, description="Extra passages for the eval corpus.")
     eval_max_queries: int | None = Field(None, ge=1)
-    holdout: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of training tuples held out for eval loss.")
+    holdout: float = Field(0.0, ge=0.0, lt=0.5, description="Fraction of training tuples held out for eval loss "
+                                                            "(with several sources: of each source's).")
+    sources: list[TrainSourceConfig] = Field(
+        default_factory=list, description="Several named sources instead of data.train: every batch holds rows of "
+        "one source (sentence-transformers' multi-dataset training), each source with its own prompts and weight.")
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "proportional", description="Which source each batch comes from: proportional (seeded draw, a source's "
+        "share of the batches proportional to weight x its batches) or round_robin (sources in turn, until one "
+        "runs out). Also splits a mined train.parquet with a source column.")
+
+    @model_validator(mode="after")
+    def _sources(self) -> TrainDataConfig:
+        check_sources(self, allowed=set())
+        return self
 
 
 class DistillConfig(Section):
@@ -312,8 +470,9 @@ def unknown_training_args(args: dict[str, Any], class_name: str) -> None:
 
 
 class RerankerModelConfig(Section):
-    name: str | None = Field(None, description="CrossEncoder (Hub id or folder, e.g. BAAI/bge-reranker-v2-m3), or a "
-                                               "plain encoder that gets a new one-logit head.")
+    name: str | None = Field(None, description="CrossEncoder (Hub id or folder, e.g. BAAI/bge-reranker-v2-m3), a "
+                                               "plain encoder that gets a new one-logit head, or a causal LM scored "
+                                               "by its 'yes' / 'no' logits (as Qwen3-Reranker).")
     max_length: int | None = Field(None, ge=8, description="Max tokens of a (query, passage) pair; longer pairs "
                                                             "are cut, the longer text first. null: 512, or the "
                                                             "model's own maximum when smaller. Batches are padded "
@@ -324,6 +483,14 @@ class RerankerModelConfig(Section):
                             "for backward (all-MiniLM-L6-v2, 16 pairs of 512 tokens: 2.9 GB peak, not 9.8), the "
                             "model's own on GPUs (whose fused kernels take dropout); null: the model's own (0.1 for "
                             "BERT / XLM-R); or a number in [0, 1).")
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = Field(  # type: ignore[valid-type]
+        "auto", description="Attention kernel. auto: flash_attention_2 on a GPU where flash-attn is installed and "
+                            "the weights are 16-bit, else sdpa, else the model's own.")
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="Weights of the loaded reranker. auto: bfloat16 for the frozen base of a LoRA run on a "
+                            "GPU that supports it, else float32.")
+    lora: LoraSettings | None = Field(None, description="Train a LoRA adapter instead of every weight (needs "
+                                                         "peft); the new score head, if any, trains in full.")
 
     @field_validator("attention_dropout")
     @classmethod
@@ -342,6 +509,18 @@ class RerankerDataConfig(SourceFields):
     num_negatives: int | None = Field(None, ge=1, description="Hard negatives per query (default: every "
                                                               "negative_* column of a mined train.parquet; 7 "
                                                               "from a candidates.parquet).")
+    sources: list[RerankerSourceConfig] = Field(
+        default_factory=list, description="Several named sources instead of data.train: every batch holds rows of "
+        "one source (sentence-transformers' multi-dataset training), each with its weight.")
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "proportional", description="Which source each batch comes from: proportional (seeded draw, a source's "
+        "share of the batches proportional to weight x its batches) or round_robin (sources in turn, until one "
+        "runs out). Also splits a mined train.parquet with a source column.")
+
+    @model_validator(mode="after")
+    def _sources(self) -> RerankerDataConfig:
+        check_sources(self, allowed=set())
+        return self
 
 
 class RerankerLossConfig(Section):
@@ -382,9 +561,14 @@ class EvalDataConfig(Section):
 
     name: str | None = Field(None, description="The set's name in tables, metrics.json and metrics.csv (default: "
                                                "its folder or file stem).")
-    path: str | None = Field(None, description="IR set: pairs, SQuAD (file.json#A:B), BEIR folder, AutoRAG.")
+    path: str | None = Field(None, description="IR set: pairs, SQuAD (file.json#A:B), BEIR folder, AutoRAG, a Hub "
+                                               "dataset id (format hub, or mteb: an MTEB task's dataset).")
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     split: str = Field("test", description="qrels/<split>.tsv of a BEIR folder, or a Hub split.")
+    subset: str | None = Field(None, description="Config of a Hub dataset; format mteb: the task's subset (ko, "
+                                                 "korean, kor_Hang-kor_Hang; none for a one-language task).")
+    revision: str | None = Field(None, description="Revision (commit, tag or branch) of a Hub dataset (default: "
+                                                   "its main branch).")
     query_column: str | None = None
     positive_column: str | None = None
     corpus: str | None = Field(None, description="Extra passages added to the corpus.")
@@ -452,11 +636,45 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _data_or_sets(self) -> EvalConfig:
-        if self.sets and self.data.model_fields_set:  # data's keys would be ignored without a word
-            key = "path" if "path" in self.data.model_fields_set else sorted(self.data.model_fields_set)[0]
+        # data's keys would be ignored without a word; a key counts as given when it differs from its default (a
+        # resolved config, e.g. koret run's chain, holds every key)
+        given = [k for k, f in EvalDataConfig.model_fields.items() if getattr(self.data, k) != f.default]
+        if self.sets and given:
+            key = "path" if "path" in given else given[0]
             raise ValueError(f"data.{key} and sets are both set: give one set as data, or several as sets with "
                              "each set's keys in its entry")
         return self
+
+
+class DatasetPushConfig(Section):
+    """The mined data as a Hub dataset repo (``koret push --dataset DIR``, or ``dataset:`` in a push config):
+    pushed instead of the model, with a dataset card of the mining facts."""
+
+    repo_id: str | None = Field(None, description="owner/name of the dataset repo on the Hugging Face Hub.")
+    mine_dir: str | None = Field(None, description="The folder koret mine or koret filter wrote (default: "
+                                                   "push.mine_dir, else runs/mine).")
+    license: str | None = Field(None, description="License of every source (a Hub license id, e.g. cc-by-sa-4.0). "
+                                                  "A license is required for each source: this, or licenses.")
+    licenses: dict[str, str] = Field(default_factory=dict, description="License per source: data.sources' names "
+                                     "(a one-source mine: its file's stem), and data.corpus for shared extra "
+                                     "passages. Overrides license.")
+    candidates: bool = Field(False, description="Also upload candidates.parquet and corpus.parquet: every query's "
+                                                "candidates with the teacher's scores.")
+    commit_message: str = "Upload hard negatives mined with koret"
+    dry_run_dir: str = Field("runs/push-dataset", description="Where a dry run of koret push -c stages the dataset.")
+
+    @field_validator("licenses", mode="before")
+    @classmethod
+    def _dotted_names(cls, value: Any) -> Any:
+        """A source name with a dot (``data.corpus``) given as ``--set dataset.licenses.data.corpus=...`` arrives
+        nested ({data: {corpus: ...}}): its keys are joined back into the name."""
+        def flat(node: Any, prefix: str) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        return flat(value, "") if isinstance(value, dict) else value
 
 
 class PushConfig(Section):
@@ -477,6 +695,8 @@ class PushConfig(Section):
     retries: int = Field(3, ge=0, le=10)
     dry_run: bool = Field(False, description="Stage the folder instead of uploading (koret run: into <run.dir>/push).")
     dry_run_dir: str = Field("runs/push", description="Where koret push -c writes the staged folder in a dry run.")
+    dataset: DatasetPushConfig | None = Field(None, description="Push the mined data as a Hub dataset repo instead "
+                                                                "of the model (koret push only, not koret run).")
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -31,6 +31,11 @@ NOTES: dict[str, str] = {  # "Model.field": description, for fields without Fiel
     "DataConfig.normalize": "nfc: NFC-normalize every text, fold and strip whitespace; none: texts as they are.",
     "DataConfig.corpus_format": "Layout of `data.corpus`.",
     "DataConfig.corpus_column": "Column of `data.corpus` holding the passage text.",
+    **{f"{source}Config.{key}": text for source in ("MineSource", "TrainSource", "RerankerSource") for key, text in (
+        ("format", "Layout of this source's train (auto: told by the path)."),
+        ("query_column", "Column holding the query (default: the first)."),
+        ("positive_column", "Column holding the positive (default: the second)."),
+        ("normalize", "nfc: NFC-normalize every text, fold and strip whitespace; none: as they are."))},
     "TeacherConfig.batch_size": "Texts per encoding batch.",
     "TeacherConfig.max_seq_length": "Max tokens per text (default: the model's).",
     "SearchConfig.backend": "auto: FAISS on GPU, else torch on CUDA, else FAISS on CPU, else torch on CPU.",

@@ -56,11 +56,16 @@ _EVAL_METRICS = [("ndcg@10", "ndcg_at_10", "NDCG@10"), ("mrr@10", "mrr_at_10", "
 def gather_sources(cfg: PushConfig) -> dict[str, Any]:
     """Find the train/mine/eval records that describe the model (explicit paths win over derived ones)."""
     model_dir = Path(cfg.model)
-    train_dir = Path(cfg.train_dir) if cfg.train_dir else model_dir.parent
+    # a LoRA run's adapter is final/adapter, whose run folder is two levels up
+    trained = model_dir.parent.parent if model_dir.name == "adapter" and is_adapter(model_dir) else model_dir.parent
+    train_dir = Path(cfg.train_dir) if cfg.train_dir else trained
     train_cfg = read_record(train_dir / "config.yaml") or read_record(model_dir / "koret.yaml")
     mine_dir: Path | None = Path(cfg.mine_dir) if cfg.mine_dir else None
-    if mine_dir is None and train_cfg and (train_cfg.get("data") or {}).get("train"):
-        p = Path(train_cfg["data"]["train"])
+    data_cfg = (train_cfg or {}).get("data") or {}
+    trained_on = data_cfg.get("train") or next((s.get("train") for s in data_cfg.get("sources") or []
+                                                if s.get("train")), None)  # several sources: the first's folder
+    if mine_dir is None and trained_on:
+        p = Path(trained_on)
         mine_dir = p if p.is_dir() else p.parent
     eval_path = Path(cfg.eval_dir) / "metrics.json" if cfg.eval_dir else None
     return {
@@ -88,6 +93,11 @@ def is_reranker(model_dir: Path) -> bool:
         return False
     archs = (read_record(model_dir / "config.json") or {}).get("architectures") or []
     return any("SequenceClassification" in a for a in archs)
+
+
+def is_adapter(model_dir: Path) -> bool:
+    """A LoRA adapter folder (peft's adapter_config.json): loading it needs peft and the base model."""
+    return (model_dir / "adapter_config.json").exists()
 
 
 def check_model_folder(model_dir: Path) -> None:
@@ -143,6 +153,8 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     mc = sources["mine_config"] or {}
     ev = sources["eval"]
     base_model = (tcfg.get("model") or {}).get("name")
+    rounds = getattr(cfg, "rounds", None) or []  # koret run with run.rounds > 1 (koret.stages.RunPushConfig)
+    hub_base = rounds[0]["start"] if rounds else base_model  # a later round may start from round 1's folder
     repo_name = (cfg.repo_id or model_dir.name).split("/")[-1]
 
     from huggingface_hub import EvalResult, ModelCardData
@@ -162,11 +174,13 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
     datasets = sorted({d for d in ((cfg.datasets or []) + _hub_datasets(tcfg, mc)) if d}) or None
     tags = (["sentence-transformers", "cross-encoder", "reranker", "text-ranking", "korean", "koret"] if reranker
             else ["sentence-transformers", "sentence-similarity", "feature-extraction", "retrieval", "korean", "koret"])
+    if tm and tm.get("lora"):
+        tags += ["lora", "peft"] if is_adapter(model_dir) else ["lora"]
     card_data = ModelCardData(
         language=["ko"], library_name="sentence-transformers",
         pipeline_tag="text-ranking" if reranker else "sentence-similarity", tags=tags,
         license=cfg.license or "other", datasets=datasets, model_name=repo_name, eval_results=eval_results,
-        base_model=base_model if base_model and not Path(base_model).exists() and not base_model.startswith("pkg:")
+        base_model=hub_base if hub_base and not Path(hub_base).exists() and not hub_base.startswith("pkg:")
         else None,
     )
 
@@ -181,8 +195,9 @@ def build_card(cfg: PushConfig, sources: dict[str, Any]) -> str:
                  "Use it on a retriever's top-k (for example the top 100 of a koret-trained embedding model).", ""]
     else:
         body += _embedding_usage(cfg, model_dir, q_prompt, p_prompt)
+    body += _rounds_section(rounds)
     body += _mining_section(ms, mc)
-    body += _training_section(tm, tcfg, base_model, reranker)
+    body += _training_section(tm, tcfg, base_model, reranker, adapter=is_adapter(model_dir))
     body += _evaluation_section(ev, base_eval, trained_eval, reranker)
     body += ["## Citation", "", CITATIONS, ""]
     from huggingface_hub import ModelCard
@@ -202,6 +217,22 @@ def _embedding_usage(cfg: PushConfig, model_dir: Path, q_prompt: str, p_prompt: 
     if q_prompt or p_prompt:
         body += [f"Prompts saved with the model: query `{q_prompt!r}`, passage `{p_prompt!r}`.", ""]
     return body
+
+
+def _rounds_section(rounds: list[dict[str, str]]) -> list[str]:
+    """koret run with run.rounds > 1: what each round mined with and trained from."""
+    if len(rounds) < 2:
+        return []
+
+    def named(path: str) -> str:
+        made = [i for i, r in enumerate(rounds, 1) if r["model"] == path]
+        return f"round {made[0]}'s model (`{path}`)" if made else f"`{path}`"
+
+    return ["## Rounds", "", f"{len(rounds)} rounds of mining and training (koret run, `run.rounds: {len(rounds)}`): "
+            "each round after the first mined again with the model the round before trained, filtered by the same "
+            "rule and trained again. The mining and training facts below are the last round's.", "",
+            "| round | mining teacher | trained from |", "| --- | --- | --- |",
+            *[f"| {i} | {named(r['teacher'])} | {named(r['start'])} |" for i, r in enumerate(rounds, 1)], ""]
 
 
 def _mining_section(ms: dict[str, Any] | None, mc: dict[str, Any]) -> list[str]:
@@ -232,7 +263,7 @@ def _mining_section(ms: dict[str, Any] | None, mc: dict[str, Any]) -> list[str]:
 
 
 def _training_section(tm: dict[str, Any] | None, tcfg: dict[str, Any], base_model: str | None,
-                      reranker: bool) -> list[str]:
+                      reranker: bool, adapter: bool = False) -> list[str]:
     body = ["## Training", ""]
     if tm:
         lc = tcfg.get("loss") or {}
@@ -247,10 +278,45 @@ def _training_section(tm: dict[str, Any] | None, tcfg: dict[str, Any], base_mode
                 ("steps", tm.get("steps")), ("precision", tm.get("precision")),
                 ("hardware", tm.get("device")), ("final loss", _fmt(tm.get("final_loss"))),
                 ("wall time", f"{tm.get('wall_seconds', 0):.0f} s")]
+        if tm.get("lora"):
+            rows.insert(2, ("LoRA", lora_words(tm["lora"], base_model, adapter)))
         body += ["| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
+        body += _sources_table(tm)
     else:
         body += ["No training record was found (no `metrics.json` of a koret train run).", ""]
     return body
+
+
+def _filter_words(f: dict[str, Any] | None) -> str:
+    """A source's negatives, in words: the filter of the mine that wrote them and the rows it kept."""
+    if not f:
+        return "no mined negatives (pairs: in-batch negatives only)"
+    rule = {"perc_pos": f"perc_pos {f.get('perc')}", "margin_pos": f"margin_pos {f.get('margin')}",
+            "abs": f"abs, max score {f.get('max_score')}"}.get(f.get("strategy"), str(f.get("strategy")))
+    if f.get("scale") == "calibrated":
+        rule += " (calibrated scale)"
+    kept = f", {_fmt(f['rows_out'])} of {_fmt(f['rows_in'])} rows kept" if f.get("rows_in") is not None else ""
+    return f"{rule}, {f.get('num_negatives')} negatives{kept}"
+
+
+def _sources_table(tm: dict[str, Any]) -> list[str]:
+    """Several sources (metrics.json's ``sources``): each with its rows, weight, filter and prompts."""
+    sources = tm.get("sources") or []
+    if not sources:
+        return []
+    prompts = any("query_prompt" in s for s in sources)
+    head = "| source | training rows | weight | batches trained | negatives (filter) |" + (
+        " query prompt | passage prompt |" if prompts else "")
+    lines = [f"Every batch held the rows of one source (sampler: {tm.get('sampler', 'proportional')}; in-batch "
+             "negatives never cross sources).", "", head,
+             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if prompts else "")]
+    for s in sources:
+        row = (f"| {s['name']} | {_fmt(s.get('rows'))} | {s.get('weight', 1.0):g} | {_fmt(s.get('batches', '?'))} | "
+               f"{_filter_words(s.get('filter'))} |")
+        if prompts:
+            row += f" `{s.get('query_prompt', '')!r}` | `{s.get('passage_prompt', '')!r}` |"
+        lines.append(row)
+    return [*lines, ""]
 
 
 def _evaluation_section(ev: dict[str, Any] | None, base_eval: dict[str, Any] | None,
@@ -278,6 +344,16 @@ def _evaluation_section(ev: dict[str, Any] | None, base_eval: dict[str, Any] | N
         body += ["No evaluation record was found (run `koret eval` with the base and the trained model"
                  + (", and --reranker for a reranker)." if reranker else ")."), ""]
     return body
+
+
+def lora_words(lora: dict[str, Any], base_model: str | None, adapter: bool) -> str:
+    """The card's LoRA row: the adapter's settings, how much of the model trained, and what the folder holds."""
+    targets = ", ".join(lora["target_modules"]) if lora.get("target_modules") else "all-linear"
+    trained = (f"; {_fmt(lora['trainable_parameters'])} of {_fmt(lora['total_parameters'])} parameters trained"
+               if lora.get("trainable_parameters") else "")
+    held = (f"this repository is the adapter: loading it needs peft (`pip install peft`) and the base model "
+            f"`{base_model or '?'}`" if adapter else "merged into the weights (they load without peft)")
+    return f"r {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, {targets}{trained}; {held}"
 
 
 LOSS_WORDS = {
@@ -325,7 +401,8 @@ def describe_recipe(train_metrics: dict[str, Any] | None, mine_stats: dict[str, 
 def _hub_datasets(train_cfg: dict[str, Any], mine_cfg: dict[str, Any]) -> list[str]:
     """Hub dataset ids among the data sources (local files are not datasets on the Hub)."""
     out = []
-    for src in ((mine_cfg.get("data") or {}).get("train"), (train_cfg.get("data") or {}).get("train")):
+    named = [d.get("train") for c in (mine_cfg, train_cfg) for d in ((c.get("data") or {}).get("sources") or [])]
+    for src in ((mine_cfg.get("data") or {}).get("train"), (train_cfg.get("data") or {}).get("train"), *named):
         if src and not Path(str(src).split("#")[0]).exists() and str(src).count("/") == 1 \
                 and not str(src).startswith((".", "/", "~")):
             out.append(src)
@@ -341,17 +418,33 @@ def stage_folder(cfg: PushConfig, dest: Path) -> list[str]:
     check_model_folder(model_dir)
     sources = gather_sources(cfg)
     card = build_card(cfg, sources)
+
+    def fill(tmp: Path) -> None:
+        merged_lora = is_adapter(model_dir / "adapter")  # final/ of a LoRA run: the merged weights go, not adapter/
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("training_args.bin", "*.tmp", ".*",
+                                                                      *(["adapter"] if merged_lora else [])))
+        if not list(tmp.rglob("*.safetensors")):
+            from sentence_transformers import CrossEncoder, SentenceTransformer
+
+            kind = CrossEncoder if is_reranker(model_dir) else SentenceTransformer
+            kind(str(model_dir), device="cpu").save(str(tmp), safe_serialization=True)
+            for f in tmp.rglob("pytorch_model.bin"):
+                f.unlink()
+        write_text(tmp / "README.md", card)
+
+    return replace_folder(dest, fill)
+
+
+def replace_folder(dest: Path, fill: Any) -> list[str]:
+    """Write a folder whole: ``fill(tmp)`` writes it beside ``dest`` (``tmp`` does not exist yet), which it then
+    replaces; a failure leaves ``dest`` as it was. Returns the files, relative to ``dest``, sorted."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("training_args.bin", "*.tmp", ".*"))
-    if not list(tmp.rglob("*.safetensors")):
-        from sentence_transformers import CrossEncoder, SentenceTransformer
-
-        kind = CrossEncoder if is_reranker(model_dir) else SentenceTransformer
-        kind(str(model_dir), device="cpu").save(str(tmp), safe_serialization=True)
-        for f in tmp.rglob("pytorch_model.bin"):
-            f.unlink()
-    write_text(tmp / "README.md", card)
+    try:
+        fill(tmp)
+    except BaseException:  # no half-written folder is left beside dest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
@@ -366,27 +459,42 @@ def push(cfg: PushConfig, dry_run: str | Path | None = None, show_card: bool = T
     if dry_run is None and cfg.dry_run:
         dry_run = cfg.dry_run_dir
     if dry_run is not None:
-        dest = Path(dry_run)
-        files = stage_folder(cfg, dest)
-        show(table(f"koret push --dry-run: {dest}", ["file", "bytes"],
-                   [[f, (dest / f).stat().st_size] for f in files]))
-        if show_card:
-            info((dest / "README.md").read_text(encoding="utf-8"))
-        return {"dry_run": str(dest), "files": files, "repo_id": cfg.repo_id}
+        return staged(Path(dry_run), stage_folder(cfg, Path(dry_run)), cfg.repo_id, show_card)
+    check_repo_id(cfg.repo_id, "push.repo_id", "your-name/koret-ko-retriever")
+    check_model_folder(Path(cfg.model))
+    return upload(cfg, lambda dest: stage_folder(cfg, dest), "model", cfg.commit_message)
 
-    from huggingface_hub import HfApi, get_token
+
+def staged(dest: Path, files: list[str], repo_id: str | None, show_card: bool) -> dict[str, Any]:
+    """A dry run's result: the staged files (and the card, with ``show_card``) shown, nothing uploaded."""
+    show(table(f"koret push --dry-run: {dest}", ["file", "bytes"], [[f, (dest / f).stat().st_size] for f in files]))
+    if show_card:
+        info((dest / "README.md").read_text(encoding="utf-8"))
+    return {"dry_run": str(dest), "files": files, "repo_id": repo_id}
+
+
+def check_repo_id(repo_id: str | None, key: str, example: str) -> str:
+    """``repo_id`` when it is a valid ``owner/name``, else a one-line error naming ``key``."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not cfg.repo_id:
-        raise KoretError("push.repo_id: required key is missing", "e.g. --set repo_id=your-name/koret-ko-retriever")
+    if not repo_id:
+        raise KoretError(f"{key}: required key is missing", f"e.g. --set {key.partition('.')[2]}={example}")
     try:
-        validate_repo_id(cfg.repo_id)
-        if cfg.repo_id.count("/") != 1:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
             raise HFValidationError("expected owner/name")
     except HFValidationError as exc:
-        raise KoretError(f"push.repo_id: {cfg.repo_id!r} is not a valid repo id ({exc})",
+        raise KoretError(f"{key}: {repo_id!r} is not a valid repo id ({exc})",
                          "use owner/name with letters, digits, '-', '_', '.'") from None
-    check_model_folder(Path(cfg.model))
+    return repo_id
+
+
+def upload(cfg: PushConfig, stage: Any, repo_type: str, commit_message: str) -> dict[str, Any]:
+    """Stage a folder (``stage(dest)`` writes it and returns its files) in a temporary folder and upload it to
+    ``cfg.repo_id`` (a ``repo_type`` repo, created if missing; ``cfg.revision``'s branch too). The token is read
+    here, handed to HfApi and nowhere else: never printed, never written."""
+    from huggingface_hub import HfApi, get_token
+
     token = get_token()
     if not token:
         raise KoretError("push: no Hugging Face token", "set HF_TOKEN or run `huggingface-cli login`")
@@ -394,20 +502,21 @@ def push(cfg: PushConfig, dry_run: str | Path | None = None, show_card: bool = T
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="koret-push-") as tmpdir:
-        staged = Path(tmpdir) / "model"
-        files = stage_folder(cfg, staged)
+        staged = Path(tmpdir) / repo_type
+        files = stage(staged)
         if cfg.create_repo:
-            _call(lambda: api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True, repo_type="model"),
+            _call(lambda: api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True, repo_type=repo_type),
                   "create the repo", cfg)
         if cfg.revision:
-            _call(lambda: api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True), "create the branch",
-                  cfg)
-        commit = _call(lambda: api.upload_folder(repo_id=cfg.repo_id, folder_path=str(staged), repo_type="model",
-                                                 revision=cfg.revision, commit_message=cfg.commit_message),
+            _call(lambda: api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True, repo_type=repo_type),
+                  "create the branch", cfg)
+        commit = _call(lambda: api.upload_folder(repo_id=cfg.repo_id, folder_path=str(staged), repo_type=repo_type,
+                                                 revision=cfg.revision, commit_message=commit_message),
                        "upload", cfg)
-    url = f"https://huggingface.co/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision else "")
-    show(table("koret push", ["", "value"], [["repo", cfg.repo_id], ["url", url], ["files", len(files)],
-                                             ["commit", getattr(commit, "oid", "") or ""]]))
+    url = (f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{cfg.repo_id}"
+           + (f"/tree/{cfg.revision}" if cfg.revision else ""))
+    show(table("koret push", ["", "value"], [["repo", f"{cfg.repo_id} ({repo_type})"], ["url", url],
+                                             ["files", len(files)], ["commit", getattr(commit, "oid", "") or ""]]))
     return {"url": url, "files": files, "repo_id": cfg.repo_id, "commit": getattr(commit, "oid", None)}
 
 

@@ -20,6 +20,7 @@ Every function here is collective: every process calls it, the main process gets
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -40,20 +41,34 @@ def merge_slices(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
 
 
 def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chunk: int = 65_536,
-                  **search_kwargs: Any) -> SearchResult | None:
+                  subset: np.ndarray | None = None, **search_kwargs: Any) -> SearchResult | None:
     """The exact global top-``k`` of every query over the corpus whose slice ``local`` (an
     :class:`~koret.encode.Embeddings` with ``start``) this process holds. Collective.
 
     Every process first searches all the queries against its slice in one call (so a GPU keeps the slice
     resident, uploaded once, and the backend chunks the queries itself), then the lists are merged ``chunk``
-    queries at a time: a process holds its slice, its local top-k and one chunk of received lists."""
+    queries at a time: a process holds its slice, its local top-k and one chunk of received lists.
+
+    ``subset`` (sorted global passage indices, the same on every process) searches only those passages (one
+    source's pool in a multi-source mine, :mod:`koret.sources`): each process copies the rows of its slice that
+    the subset holds and searches them; the ids returned are global, ties ordered by global index as always."""
     started = time.perf_counter()
+    rows = None
+    if subset is not None:  # this process's part of the subset, as its own block of rows
+        subset = np.asarray(subset, dtype=np.int64)
+        rows = subset[np.searchsorted(subset, local.start):np.searchsorted(subset, local.start + len(local))]
+        n_corpus = len(subset)
+        local = _Rows(local.take(rows - local.start) if len(rows) else np.zeros((0, max(local.dim, 1)), np.float32),
+                      local.start)
     if dist.world_size() <= 1:
-        return search(queries, local.shards, k, **search_kwargs)
+        res = search(queries, local.shards, k, **search_kwargs)
+        return _to_global(res, rows) if rows is not None else res
     k = min(k, n_corpus)
     if len(local):
         res = search(queries, local.shards, min(k, len(local)), **search_kwargs)
-        local_s, local_i = res.scores, np.where(res.ids >= 0, res.ids + local.start, -1)
+        local_s = res.scores
+        local_i = np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)] if rows is not None else res.ids + local.start,
+                           -1)
         info = (res.backend, res.rechecked)
     else:  # more processes than shards: an empty slice
         local_s, local_i = np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -76,6 +91,22 @@ def search_slices(queries: np.ndarray, local: Any, n_corpus: int, k: int, *, chu
     backend = next((b for b, _ in infos if b), "")
     return SearchResult(out_scores, out_ids, f"{backend} x {dist.world_size()} slices",
                         time.perf_counter() - started, rechecked=sum(r for _, r in infos))
+
+
+class _Rows:
+    """A block of embedding rows searched as a slice (a subset's rows held by this process)."""
+
+    def __init__(self, array: np.ndarray, start: int) -> None:
+        self.shards = [array]
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.shards[0])
+
+
+def _to_global(res: SearchResult, rows: np.ndarray) -> SearchResult:
+    """A search over ``rows`` (a subset's rows) with global ids."""
+    return dataclasses.replace(res, ids=np.where(res.ids >= 0, rows[np.maximum(res.ids, 0)], -1))
 
 
 def pair_scores(queries: np.ndarray, local: Any, rows: np.ndarray, passages: np.ndarray) -> np.ndarray | None:

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from koret.config import (
     EvalConfig,
     FilterConfig,
     MineConfig,
+    ModelConfig,
     PushConfig,
     RerankerConfig,
+    TeacherConfig,
     TrainConfig,
     validate,
 )
@@ -68,8 +72,9 @@ def _train_figure(cfg: Any, m: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """NDCG@10 of the first model -> the last retriever, and of each reranker over the retriever it reorders (a
-    suite of sets: of their macro average, the top-level models of its metrics.json)."""
+    """NDCG@10 of the first model -> the last retriever (each retriever named when there are more than two: a run
+    of several rounds), and of each reranker over the retriever it reorders (a suite of sets: of their macro
+    average, the top-level models of its metrics.json)."""
     models = res["models"]
     # NDCG@10, or at the largest k the corpus allowed (k is clamped to the corpus size)
     key = "ndcg@10" if "ndcg@10" in models[0]["metrics"] else f"ndcg@{max(res['k'])}"
@@ -77,6 +82,9 @@ def _eval_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     retrievers = [m for m in models if "reranks" not in m]
     a, b = retrievers[0]["metrics"][key], retrievers[-1]["metrics"][key]
     figure = f"{label} {a:.4f} -> {b:.4f} ({b - a:+.4f})" if len(retrievers) > 1 else f"{label} {a:.4f}"
+    if len(retrievers) > 2:  # several trained retrievers (run.rounds): each one named, the change over the first
+        figure = f"{label} " + " -> ".join(f"{m['name']} {m['metrics'][key]:.4f}" for m in retrievers) + (
+            f" ({b - a:+.4f} over {retrievers[0]['name']})")
     by_name = {m["name"]: m for m in models}
     for m in models:
         if "reranks" in m:
@@ -94,14 +102,31 @@ def _push_figure(cfg: Any, res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------- the chain
+#
+# Each chain function turns a section into its stage's config given ``out``, the configs of the stages above it
+# (by stage name: the last round's mine, filter and train; and under "rounds", every round's), and the folder the
+# stage writes under: <run.dir>, or <run.dir>/round-<r> for round r > 1 of run.rounds.
+
+ROUND_STAGES = ("mine", "filter", "train")  # what each round of run.rounds repeats, in this order
+_PROMPT_KEYS = ("query_prompt", "query_prompt_name", "passage_prompt", "passage_prompt_name")
 
 
-def _upstream_train_parquet(out: dict[str, Any], root: Path, what: str, source: str) -> str:
-    """The hardest negatives at hand: the re-filtered train.parquet, else mine's."""
-    upstream = "filter" if "filter" in out else "mine" if "mine" in out else None
+def round_root(root: Path, r: int) -> Path:
+    """Where round ``r`` writes: <run.dir> for round 1 (a one-round run's layout), <run.dir>/round-<r> after it."""
+    return root if r == 1 else root / f"round-{r}"
+
+
+def trained_model(train: TrainConfig) -> Path:
+    """The folder a chained train stage saves its model to."""
+    return Path(train.args["output_dir"]) / "final"
+
+
+def _upstream_train_parquet(out: dict[str, Any], what: str, source: str) -> str:
+    """The hardest negatives at hand: the re-filtered train.parquet, else mine's (of the last round)."""
+    upstream = out.get("filter") or out.get("mine")
     if upstream is None:
         raise KoretError(f"{source}: {what}.data.train is required when there is no mine section")
-    return str(root / upstream / "train.parquet")
+    return str(Path(upstream.output.dir) / "train.parquet")
 
 
 def _chain_mine(section: MineConfig, out: dict[str, Any], root: Path, source: str) -> MineConfig:
@@ -115,32 +140,57 @@ def _chain_filter(section: FilterConfig, out: dict[str, Any], root: Path, source
         raise KoretError(f"{source}: the filter stage needs a mine section (it re-filters mine's candidates)")
     refilter_cfg = out["mine"].model_copy(deep=True)
     refilter_cfg.filter = section.model_copy(deep=True)
-    refilter_cfg.filter.candidates = str(root / "mine")
+    refilter_cfg.filter.candidates = out["mine"].output.dir
     refilter_cfg.output.dir = str(root / "filter")
     return validate(MineConfig, refilter_cfg.model_dump(mode="json"), f"{source}: filter")
 
 
+def _source_paths(data: Any) -> list[str | None]:
+    """The files of a data section's named sources (``data.sources``): inputs of the stage."""
+    return [x for s in data.sources for x in (s.train, getattr(s, "corpus", None))]
+
+
+def _check_mined_source(out: dict[str, Any], name: str, key: str) -> None:
+    """A source without its own train takes its rows from the run's mined file: the mine must have read it as one
+    of its ``data.sources`` (checked before anything runs; a one-source mine's file would give every such source
+    all of its rows)."""
+    mined = [s.name for s in (out.get("filter") or out["mine"]).data.sources]
+    if not mined:
+        raise KoretError(f"{key}: unset, and the run's mine reads one source (mine.data.train): its train.parquet "
+                         f"has no source column to take {name}'s rows from",
+                         "give this source its own train, or list the sources in mine.data.sources")
+    if name not in mined:
+        raise KoretError(f"{key}: unset, and the run's mine has the sources {', '.join(mined)}, not {name!r}",
+                         "name this source after one of them, or give it its own train")
+
+
 def _chain_trainer(name: str) -> Callable[[Any, dict[str, Any], Path, str], Any]:
-    """train and reranker: data.train defaults to the hardest negatives upstream, outputs go to <run.dir>/<name>."""
+    """train and reranker: data.train defaults to the hardest negatives upstream (so does each of data.sources
+    without its own train: a several-source mine's train.parquet holds every source's rows), outputs go to
+    <run.dir>/<name>."""
 
     def chain(section: Any, out: dict[str, Any], root: Path, source: str) -> Any:
         cfg = section.model_copy(deep=True)
-        if not cfg.data.train:
-            cfg.data.train = _upstream_train_parquet(out, root, name, source)
+        for entry in cfg.data.sources:
+            if not entry.train:
+                entry.train = _upstream_train_parquet(out, name, source)
+                _check_mined_source(out, entry.name, f"{source}: {name}.data.sources.{entry.name}.train")
+        if not cfg.data.train and not cfg.data.sources:
+            cfg.data.train = _upstream_train_parquet(out, name, source)
         cfg.args = {**cfg.args, "output_dir": str(root / name)}
         return cfg
 
     return chain
 
 
-def _trained_label(ev: EvalConfig, root: Path) -> str:
+def _trained_label(ev: EvalConfig, trained_path: Path) -> str:
     """The label (as ``koret eval`` names it, labelled or not) of the retriever the run's reranker reorders: the
-    model at ``<run.dir>/train/final`` when ``eval.models`` lists it, else the last model (base first, trained
-    last)."""
+    run's trained model (the last round's ``train/final``) when ``eval.models`` lists it, else the last model (base
+    first, trained last)."""
     from koret.evaluate import model_labels
 
     labels = model_labels(ev.models)
-    trained = (root / "train" / "final").expanduser().resolve()
+    trained = trained_path.expanduser().resolve()
     for m, label in zip(ev.models, labels, strict=True):
         if Path(m.name).expanduser().resolve() == trained:
             return label
@@ -152,34 +202,76 @@ def _chain_eval(section: EvalConfig, out: dict[str, Any], root: Path, source: st
     if not ev.models:
         if "train" not in out:
             raise KoretError(f"{source}: eval.models is required when there is no train section")
-        t = out["train"]
-        # the base model is read with the prompts training used; the trained one was saved with exactly those
-        prompts = {k: getattr(t.model, k) for k in ("query_prompt", "query_prompt_name", "passage_prompt",
-                                                     "passage_prompt_name")}
+        trains = [r["train"] for r in out.get("rounds") or [{"train": out["train"]}]]
+        t = trains[0]  # round 1 trained from the base model
+        # the base model is read with the prompts training used; a trained one was saved with exactly those
+        prompts = {k: getattr(t.model, k) for k in _PROMPT_KEYS}
         ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "models": [
             {"name": t.model.name, "label": "base", "max_seq_length": t.model.max_seq_length, **prompts},
-            {"name": str(root / "train" / "final"), "label": "trained",
-             "max_seq_length": t.model.max_seq_length}]}, f"{source}: eval")
+            *[{"name": str(trained_model(r)), "label": "trained" if len(trains) == 1 else f"round {i}",
+               "max_seq_length": r.model.max_seq_length} for i, r in enumerate(trains, 1)]]}, f"{source}: eval")
     if "reranker" in out and not ev.rerankers:  # the trained retriever's top-k, reordered by the reranker
+        trained = trained_model(out["train"]) if "train" in out else root / "train" / "final"
         ev = validate(EvalConfig, {**ev.model_dump(mode="json"), "rerankers": [
             {"name": str(root / "reranker" / "final"), "label": "reranker",
              "max_length": out["reranker"].model.max_length}],
-            "rerank_model": ev.rerank_model or _trained_label(ev, root)}, f"{source}: eval")
+            "rerank_model": ev.rerank_model or _trained_label(ev, trained)}, f"{source}: eval")
     ev.output.dir = str(root / "eval")
     return ev
 
 
+class RunPushConfig(PushConfig):
+    """The push stage's config in a run of several rounds: also what each round mined with and trained from, for
+    the card (set by the chain; not a key of the push section)."""
+
+    rounds: list[dict[str, str]] = Field(default_factory=list)
+
+
 def _chain_push(section: PushConfig, out: dict[str, Any], root: Path, source: str) -> PushConfig:
+    if section.dataset is not None:
+        raise KoretError(f"{source}: push.dataset: koret run's push stage uploads the model",
+                         "push the mined data after the run: koret push --dataset <run.dir>/mine")
     push = section.model_copy(deep=True)
     push.dry_run_dir = str(root / "push")
     if "train" in out:
-        push.model = str(root / "train" / "final")
-        push.train_dir = str(root / "train")
+        push.model = str(trained_model(out["train"]))
+        push.train_dir = out["train"].args["output_dir"]
     if "eval" in out:
-        push.eval_dir = str(root / "eval")
+        push.eval_dir = out["eval"].output.dir
     if "filter" in out or "mine" in out:
-        push.mine_dir = str(root / ("filter" if "filter" in out else "mine"))
+        push.mine_dir = (out.get("filter") or out["mine"]).output.dir
+    rounds = out.get("rounds") or []
+    if len(rounds) > 1:  # a one-round run's push config stays as it was (its key, and so its record, too)
+        push = RunPushConfig(**push.model_dump(), rounds=[
+            {"teacher": str(r["mine"].teacher.model), "start": str(r["train"].model.name),
+             "model": str(trained_model(r["train"]))} for r in rounds])
     return push
+
+
+def chain_round(sections: dict[str, Any], previous: dict[str, Any], root: Path, r: int, start: str,
+                source: str) -> dict[str, Any]:
+    """Round ``r`` > 1 of ``run.rounds``: mine's section again with the previous round's trained model as the
+    teacher (read with the prompts and max length it was saved with; batch size, dtype and device as the section
+    says), the filter section's rule on its candidates, and train's section on what they leave, starting from the
+    previous round's model (``start`` "trained") or from ``train.model`` again ("base"). Outputs go under
+    <run.dir>/round-<r>/; train's guide, when it is the mining teacher, is this round's teacher."""
+    trained = str(trained_model(previous["train"]))
+    student = previous["train"].model
+    where = round_root(root, r)
+    out: dict[str, Any] = {}
+    saved = {"max_seq_length": student.max_seq_length, **dict.fromkeys(_PROMPT_KEYS)}  # as the model was saved
+    mine = sections["mine"].model_copy(deep=True)
+    mine.teacher = validate(TeacherConfig, {**mine.teacher.model_dump(), **saved, "model": trained},
+                            f"{source}: round {r}'s teacher")
+    out["mine"] = _chain_mine(mine, out, where, source)
+    if sections.get("filter") is not None:
+        out["filter"] = _chain_filter(sections["filter"], out, where, source)
+    train = sections["train"].model_copy(deep=True)
+    if start == "trained":
+        train.model = validate(ModelConfig, {**student.model_dump(), **saved, "name": trained},
+                               f"{source}: round {r}'s train.model")
+    out["train"] = _chain_trainer("train")(train, out, where, source)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the registry
@@ -192,20 +284,22 @@ def _mine_outputs(cfg: Any) -> list[Path]:
 REGISTRY: dict[str, Stage] = {
     s.name: s for s in (
         Stage("mine", MineConfig, "koret.mine:mine", _mine_outputs,
-              lambda c: [c.data.train, c.data.corpus], _rows_figure, multi_process=True, chain=_chain_mine,
+              lambda c: [c.data.train, c.data.corpus, *_source_paths(c.data)], _rows_figure, multi_process=True,
+              chain=_chain_mine,
               models=lambda c: [c.teacher.model, c.rescore.model],
               help="Mine hard negatives: teacher embeddings, FAISS/torch search, positive-aware filtering."),
         Stage("filter", MineConfig, "koret.filter:refilter", _mine_outputs,
               lambda c: [], _rows_figure, section=FilterConfig, chain=_chain_filter,
               help="Re-filter an existing candidates.parquet with new settings (no model; seconds)."),
         Stage("train", TrainConfig, "koret.train:train",
-              lambda c: [Path(c.args["output_dir"]) / "final" / "modules.json"],
-              lambda c: [c.data.train, c.data.eval, c.data.eval_corpus], _train_figure, multi_process=True,
+              lambda c: [trained_model(c) / "modules.json"],
+              lambda c: [c.data.train, c.data.eval, c.data.eval_corpus, *_source_paths(c.data)], _train_figure,
+              multi_process=True,
               resumable=True, chain=_chain_trainer("train"), models=lambda c: [c.model.name, c.loss.guide],
               help="Train with GIST / cached GIST (guide model, several hard negatives), data-parallel."),
         Stage("reranker", RerankerConfig, "koret.train_reranker:train_reranker",
               lambda c: [Path(c.args.get("output_dir", "runs/reranker")) / "final" / "config.json"],
-              lambda c: [c.data.train, c.data.eval], _train_figure, multi_process=True,
+              lambda c: [c.data.train, c.data.eval, *_source_paths(c.data)], _train_figure, multi_process=True,
               resumable=True, cli="train-reranker", aliases=("train-reranker",), chain=_chain_trainer("reranker"),
               models=lambda c: [c.model.name],
               help="Fine-tune a cross-encoder reranker on mined hard negatives (mnrl, bce, lambda, listnet, "

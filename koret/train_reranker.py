@@ -19,14 +19,17 @@ Outputs in ``args.output_dir``: ``final/`` (the CrossEncoder), ``checkpoint-*``,
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from koret import dist
 from koret.config import RerankerConfig
 from koret.report import info, show, table
+from koret.training import lora
 from koret.training.common import (
     callback_class,
+    model_record,
     prepare,
     resume_checkpoint,
     run_metrics,
@@ -42,6 +45,7 @@ from koret.training.crossencoder import (
     reranking_evaluator,
     restore_own_dropout,
 )
+from koret.training.sources import resume_source_batches, use_sources
 
 RERANKER_DEFAULTS: dict[str, Any] = {"output_dir": "runs/reranker", "learning_rate": 2e-5,
                                      "per_device_train_batch_size": 16}
@@ -53,6 +57,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     from sentence_transformers import CrossEncoderTrainer, CrossEncoderTrainingArguments
 
     started = time.perf_counter()
+    lora.preflight(cfg.model)  # model.lora and quantized bases: checked on the model's config, before any load
     # data, shaped for the loss
     data = load_reranker_data(cfg)
     info(f"[bold]data[/bold] {data.source}: {data.rows:,} rows for loss {cfg.loss.name}, "
@@ -60,6 +65,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
 
     # model, and the held-out reranking it is evaluated on during training
     model = load_reranker(cfg)
+    adapter = lora.wrap(model, cfg.model.lora) if cfg.model.lora else None
     evaluator = reranking_evaluator(cfg) if cfg.data.eval else None
 
     # arguments, loss, trainer
@@ -75,32 +81,49 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     card.language = ["ko"]
     card.tags = sorted(set((card.tags or []) + ["koret", "korean", "reranker"]))
     loss = build_reranker_loss(cfg, model)
+    if data.sources:  # a loss per source name (the same one), so the trainer tags each batch with its source
+        loss = dict.fromkeys((s.name for s in data.sources), loss)
     callback = callback_class()()
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data.dataset, loss=loss,
                                   evaluator=evaluator, callbacks=[callback])
     prepare(trainer)
+    if data.sources:  # every batch from one source, drawn as data.sampler says; each source's loss logged
+        use_sources(trainer, [s.weight for s in data.sources], cfg.data.sampler, callback)
+    if adapter is not None:
+        lora.resume_adapter(trainer, model)
 
     # train
     resume_from = resume_checkpoint(cfg.args.get("resume_from_checkpoint"), resume, out_dir)
+    if data.sources:  # a resumed run counts each source's batches on from its checkpoint
+        resume_source_batches(callback, resume_from)
     output = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - started
 
     # save (every process takes part) and records (the main one)
     trained_dropout = model_attention_dropout(model.model.config)
     restore_own_dropout(model)
-    final = save_final(trainer, out_dir, cfg)
+    final = save_final(trainer, out_dir, cfg, finish=partial(lora.finish_final, model, settings=cfg.model.lora)
+                       if adapter is not None else None)
     if final is None:
         return {}
     metrics = {"kind": "reranker", "loss": cfg.loss.name, "num_negatives": data.num_negatives,
                "train_rows": data.rows, "base_model": cfg.model.name, "data": data.source,
+               **({"sampler": cfg.data.sampler,
+                   # batches of all processes: every process trains on the same source at each draw
+                   "sources": [s.record(batches=callback.source_batches.get(s.name, 0) * args.world_size)
+                               for s in data.sources]}
+                  if data.sources else {}),
                # what a step's memory hangs on: the pair length cut, the attention kernel and its dropout
                "max_length": model.max_seq_length,
-               "attn_implementation": getattr(model.model.config, "_attn_implementation", None),
-               "attention_dropout": trained_dropout,
+               "attention_dropout": trained_dropout, **model_record(model, args, adapter),
                **run_metrics(output, args, callback, None, wall, str(model.device), resume_from)}  # pairs: no token count
     write_records(out_dir, metrics, cfg, callback)
     show(table(f"koret train-reranker: {out_dir}", ["", "value"], [
-        ["loss", cfg.loss.name], ["rows x hard negatives", f"{data.rows:,} x {data.num_negatives}"],
+        ["loss", cfg.loss.name],
+        *lora.table_rows(cfg.model.lora, adapter),
+        ["rows x hard negatives", f"{data.rows:,} x {data.num_negatives}"],
+        *[[f"source {s['name']}: rows / batches trained", f"{s['rows']:,} / {s['batches']:,}"]
+          for s in metrics.get("sources", [])],
         ["world size / global batch", f"{metrics['world_size']} / {metrics['global_batch_size']}"],
         ["steps", metrics["steps"]], ["final loss", metrics["final_loss"]],
         ["samples/s", metrics["samples_per_second"] or float("nan")],

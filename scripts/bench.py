@@ -1,4 +1,4 @@
-"""make bench: every benchmark in one run (about 32 minutes on 2 CPU cores); tables to bench/results/README.md
+"""make bench: every benchmark in one run (about 35 minutes on 2 CPU cores); tables to bench/results/README.md
 and into docs/benchmarks.md (between its bench:begin / bench:end markers).
 
 Each benchmark runs both sides (koret and its peer) in the same run on the same data and model, and reports
@@ -24,6 +24,8 @@ STEPS = [
     ("bench_shard.py", []),
     ("bench_lexical.py", []),
     ("bench_reranker.py", []),
+    ("bench_lora.py", []),
+    ("bench_false_negatives.py", []),
 ]
 
 
@@ -40,7 +42,7 @@ def main() -> int:
             failed.append(script)
     parts = [f"# koret benchmarks\n\n{time.strftime('%Y-%m-%d')}, {machine()}, `make bench` "
              f"({(time.time() - started) / 60:.0f} min)\n"]
-    for name in ("mine", "encode", "train", "eval", "scale", "shard", "lexical", "reranker"):
+    for name in ("mine", "encode", "train", "eval", "scale", "shard", "lexical", "reranker", "lora", "false_negatives"):
         md = WORK / f"{name}.md"
         if md.exists():
             parts.append(md.read_text())

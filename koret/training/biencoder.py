@@ -26,11 +26,22 @@ from typing import Any
 
 from koret.config import TrainConfig
 from koret.data import detect_format, load_section, normalize_text, read_table, row_selection, split_source
-from koret.encode import load_sentence_transformer, quiet_transformers, resolve_model_path
+from koret.encode import load_sentence_transformer, resolve_model_path
 from koret.errors import KoretError
 from koret.io import read_record
 from koret.prompts import resolve_prompts
+from koret.sources import source_key
 from koret.training.common import negative_columns
+from koret.training.sources import (
+    SOURCE_COLUMN,
+    SourceRows,
+    common_mined_config,
+    negatives_text,
+    no_rows_error,
+    num_rows,
+    select_source,
+    split_rows,
+)
 
 GIST_LOSSES = ("gist", "cached_gist")
 
@@ -43,10 +54,15 @@ LABEL = "label"  # the teacher scores [positive, negative_1..N] under loss.disti
 
 @dataclasses.dataclass
 class TrainData:
-    dataset: Any  # datasets.Dataset with anchor, positive, negative_1..N (+ label: teacher scores)
-    num_negatives: int
+    dataset: Any  # datasets.Dataset with anchor, positive, negative_1..N (+ label: teacher scores); a DatasetDict
+    num_negatives: int | str  # of several sources: their range when they differ ("3-7")
     source: str
     mined_config: dict[str, Any] | None  # config.yaml of the koret mine run that wrote data.train
+    sources: list[SourceRows] | None = None  # several sources: one dataset of the DatasetDict each
+
+    @property
+    def rows(self) -> int:
+        return num_rows(self.dataset)
 
 
 def _mined_config(path: str) -> dict[str, Any] | None:
@@ -56,36 +72,97 @@ def _mined_config(path: str) -> dict[str, Any] | None:
 
 
 def load_train_data(cfg: TrainConfig) -> TrainData:
-    """Tuples (``anchor``, ``positive``, ``negative_*``) from a mined file, or pairs through the data layer."""
+    """Tuples (``anchor``, ``positive``, ``negative_*``) from a mined file, or pairs through the data layer; with
+    several sources (``data.sources``, or a several-source mine's train.parquet as ``data.train``) a DatasetDict
+    of one dataset per source (:mod:`koret.training.sources`)."""
     from datasets import Dataset
 
     d = cfg.data
+    if d.sources:
+        parts = []
+        for src in d.sources:
+            key = source_key(src.name)
+            if not src.train:
+                raise KoretError(f"{key}: required key is missing", "point it at this source's train.parquet or pairs")
+            columns, n_neg, path, _ = _source_columns(cfg, src, key, src.name)
+            parts.append((SourceRows(src.name, src.train, src.weight, src, _mined_config(path)), columns, n_neg))
+        return _several(cfg, parts)
     if not d.train:
         raise KoretError("data.train: required key is missing", "point it at runs/mine/train.parquet")
-    path, selection = split_source(d.train)
-    fmt = detect_format(path, "data.train") if d.format == "auto" else d.format
+    columns, n_neg, path, row_sources = _source_columns(cfg, d, "data.train", None)
+    if row_sources is not None:  # a several-source mine's file: each of its sources is a source of this run
+        names, of_row = row_sources
+        split = split_rows(columns, of_row, names)
+        if len(split) > 1:
+            mined = _mined_config(path)
+            return _several(cfg, [(SourceRows(name, d.train, 1.0, None, mined), cols, n_neg)
+                                  for name, cols in split.items()])
+    return TrainData(Dataset.from_dict(columns), n_neg, d.train, _mined_config(path))
+
+
+def _source_columns(cfg: TrainConfig, src: Any, key: str, name: str | None) -> tuple[
+        dict[str, list[Any]], int, str, tuple[list[str], list[str]] | None]:
+    """One source's training columns (with the teacher scores under loss.distill), its negatives per row, its
+    file, and, for a several-source mine's file read whole (``name`` None), (its sources, each row's source)."""
+    path, selection = split_source(src.train)
+    fmt = detect_format(path, key) if src.format == "auto" else src.format
     columns: dict[str, list[Any]] | None = None
-    scores = None
+    scores = row_sources = None
     if selection is None and fmt in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
-        df = read_table(path, fmt, "data.train", d.split)
-        df = df.iloc[row_selection(len(df), d)]  # data.limit's first rows, or data.sample's draw
+        df = read_table(path, fmt, key, src.split)
+        df, names = select_source(df, path, key, name)  # a several-source mine's file: this source's rows
+        df = df.iloc[row_selection(len(df), src)]  # data.limit's first rows, or data.sample's draw
         if "anchor" in df.columns or negative_columns(df.columns):
-            columns = _tuple_columns(df, path)
+            columns = _tuple_columns(df, path, key)
             scores = df["scores"].tolist() if "scores" in df.columns else None
+            row_sources = (names, df[SOURCE_COLUMN].tolist()) if names else None
     if columns is None:
-        data = load_section(d, "train")
+        data = load_section(src, "train", key=key)
         columns = {"anchor": [data.queries[q] for q, _ in data.pairs],
                    "positive": [data.corpus[p] for _, p in data.pairs]}
     if not columns["anchor"]:
-        raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
+        raise no_rows_error(key, src.train, name)
     n_neg = len(columns) - 2
     if cfg.loss.distill is not None:
         from koret.training.distill import score_kind_of, teacher_scale
 
-        columns[LABEL] = _teacher_scores(scores, n_neg, d.train, len(columns["anchor"]))
+        columns[LABEL] = _teacher_scores(scores, n_neg, src.train, len(columns["anchor"]))
         # the scores' kind and the teacher's temperature, checked before any model loads (build_loss uses them)
-        teacher_scale(cfg.loss.distill, score_kind_of(d.train), loss_temperature(cfg.loss), d.train)
-    return TrainData(Dataset.from_dict(columns), n_neg, d.train, _mined_config(path))
+        teacher_scale(cfg.loss.distill, score_kind_of(src.train), loss_temperature(cfg.loss), src.train)
+    return columns, n_neg, path, row_sources
+
+
+def _several(cfg: TrainConfig, parts: list[tuple[SourceRows, dict[str, list[Any]], int]]) -> TrainData:
+    """The DatasetDict of several sources (with holdout, split later, per source)."""
+    from datasets import Dataset, DatasetDict
+
+    sources = []
+    for source, columns, n_neg in parts:
+        source.rows, source.num_negatives = len(columns["anchor"]), n_neg
+        sources.append(source)
+    needs_teacher = cfg.loss.name in GIST_LOSSES and cfg.loss.guide in (None, "teacher")
+    return TrainData(DatasetDict({s.name: Dataset.from_dict(columns) for s, (_, columns, _) in zip(sources, parts,
+                                                                                                  strict=True)}),
+                     negatives_text(sources), ", ".join(s.name for s in sources),
+                     common_mined_config(sources, needs_teacher), sources)
+
+
+def source_prompts(model_prompts: dict[str, str], data: TrainData, default: tuple[str, str]) -> dict[str, tuple[
+        str, str]]:
+    """Each source's (query prompt, passage prompt): its own entry's where set (a text, or a name of the model's
+    prompts, :mod:`koret.prompts`), else the model section's ``default``."""
+    from koret.prompts import resolve_prompt
+
+    out = {}
+    for s in data.sources or []:
+        sides = []
+        for side, fallback in zip(("query", "passage"), default, strict=True):
+            text = getattr(s.entry, f"{side}_prompt", None)
+            name = getattr(s.entry, f"{side}_prompt_name", None)
+            sides.append(fallback if text is None and name is None else
+                         resolve_prompt(model_prompts, text, name, (), f"data.sources.{s.name}.{side}"))
+        out[s.name] = (sides[0], sides[1])
+    return out
 
 
 def _teacher_scores(scores: list[Any] | None, n_neg: int, source: str, rows: int) -> list[list[float]]:
@@ -100,11 +177,11 @@ def _teacher_scores(scores: list[Any] | None, n_neg: int, source: str, rows: int
     return check_scores(scores[:rows], n_neg, source)
 
 
-def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
+def _tuple_columns(df: Any, path: str, key: str = "data.train") -> dict[str, list[str]]:
     cols = [str(c) for c in df.columns]
     missing = [c for c in ("anchor", "positive") if c not in cols]
     if missing:
-        raise KoretError(f"data.train: {path}: column {missing[0]!r} not found; available columns: {', '.join(cols)}",
+        raise KoretError(f"{key}: {path}: column {missing[0]!r} not found; available columns: {', '.join(cols)}",
                          "a mined file has anchor, positive, negative_1..N")
     negs = negative_columns(cols)
     out: dict[str, list[str]] = {}
@@ -113,10 +190,10 @@ def _tuple_columns(df: Any, path: str) -> dict[str, list[str]]:
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
             if name in negs:
-                raise KoretError(f"data.train: {path}: rows have varying negative counts ({len(bad):,} rows, e.g. row "
+                raise KoretError(f"{key}: {path}: rows have varying negative counts ({len(bad):,} rows, e.g. row "
                                  f"{df.index[bad[0]]}, have no {name!r})",
                                  "every row needs the same number of negatives: mine with on_shortage drop")
-            raise KoretError(f"data.train: {path}: row {df.index[bad[0]]} column {name!r} is empty")
+            raise KoretError(f"{key}: {path}: row {df.index[bad[0]]} column {name!r} is empty")
         out[name] = [normalize_text(v) for v in values]
     return out
 
@@ -143,9 +220,11 @@ def ir_evaluator(cfg: TrainConfig, query_prompt: str, passage_prompt: str, batch
 
 
 def load_student(cfg: TrainConfig, device: str | None = None) -> Any:
-    """A SentenceTransformer; a plain transformers encoder gets ``model.pooling`` + normalization."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    """A SentenceTransformer (its own pooling); a plain transformers model gets ``model.pooling`` +
+    normalization (:func:`koret.encode.build_sentence_transformer`). Weights in ``model.dtype``, attention
+    through ``model.attn_implementation``."""
+    from koret.encode import build_sentence_transformer, default_device, load_kwargs
+    from koret.training.lora import base_dtype
 
     name = cfg.model.name
     if not name:
@@ -153,18 +232,16 @@ def load_student(cfg: TrainConfig, device: str | None = None) -> Any:
     ref = resolve_model_path(name, "model.name")
     local = Path(ref)
     is_st = (local / "modules.json").exists() if local.is_dir() else _hub_has_modules(ref)
+    device = default_device(device)
+    dtype = base_dtype(cfg.model.dtype, cfg.model.lora is not None, device)
     if is_st:
-        model = load_sentence_transformer(name, key="model.name", device=device,
-                                          max_seq_length=cfg.model.max_seq_length)
-    else:
-        quiet_transformers()
-        try:
-            word = Transformer(ref, max_seq_length=cfg.model.max_seq_length)
-        except (OSError, ValueError) as exc:
-            raise KoretError(f"model.name: could not load {name!r} as a transformers encoder ({exc})") from exc
-        pooling = Pooling(word.get_embedding_dimension(), pooling_mode=cfg.model.pooling)
-        model = SentenceTransformer(modules=[word, pooling, Normalize()], device=device)
-    return model
+        return load_sentence_transformer(name, key="model.name", device=device, dtype=dtype,
+                                         max_seq_length=cfg.model.max_seq_length,
+                                         attn_implementation=cfg.model.attn_implementation)
+    return build_sentence_transformer(ref, key="model.name", pooling=cfg.model.pooling, device=device,
+                                      model_kwargs=load_kwargs(dtype, device, cfg.model.attn_implementation),
+                                      max_seq_length=cfg.model.max_seq_length,
+                                      attn_implementation=cfg.model.attn_implementation)
 
 
 def _hub_has_modules(repo_id: str) -> bool:
@@ -386,9 +463,33 @@ def build_loss(cfg: TrainConfig, student: Any, guide: Any | None) -> Any:
     return loss
 
 
+def build_source_losses(cfg: TrainConfig, student: Any, guide: Any | None, data: TrainData) -> dict[str, Any]:
+    """The loss of each source (several sources: the trainer's loss dict, keyed by source name): one loss object
+    shared by every source, unless ``loss.distill`` reads sources whose scores are of different kinds (each kind
+    puts the teacher on its own scale, :func:`build_loss`)."""
+    from koret.training.distill import score_kind_of
+
+    built: dict[str | None, Any] = {}
+    losses = {}
+    for s in data.sources or []:
+        kind = score_kind_of(s.train) if cfg.loss.distill is not None else None
+        if kind not in built:
+            one = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": s.train, "sources": []})})
+            built[kind] = build_loss(one, student, guide)
+        losses[s.name] = built[kind]
+    return losses
+
+
 def split_by_anchor(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Hold out ``fraction`` of the anchors with all their rows: no anchor is in both parts."""
+    """Hold out ``fraction`` of the anchors with all their rows: no anchor is in both parts (several sources, a
+    DatasetDict: of each source, the held-out parts a DatasetDict too)."""
     import random
+
+    if isinstance(dataset, dict):
+        from datasets import DatasetDict
+
+        parts = {name: split_by_anchor(d, fraction, seed) for name, d in dataset.items()}
+        return DatasetDict({n: p[0] for n, p in parts.items()}), DatasetDict({n: p[1] for n, p in parts.items()})
 
     anchors = sorted(set(dataset["anchor"]))
     if len(anchors) < 2:

@@ -7,6 +7,7 @@ sentence-transformers' CrossEncoderTrainer reuses SentenceTransformerTrainer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -65,6 +66,11 @@ def training_arguments(args_class: type, user_args: dict[str, Any], has_eval: bo
         warmup = {}
     merged = {**DEFAULT_ARGS, **warmup, **user_args, **(extra or {})}
     merged.pop("resume_from_checkpoint", None)
+    names = {f.name for f in dataclasses.fields(args_class)}
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in merged and new in names and new not in merged:  # transformers 5's name (the old one warns)
+            merged[new] = merged.pop(old)
     for key in ("save_strategy", "eval_strategy", "logging_strategy"):
         if merged.get(key) is False:  # YAML reads a bare `no` as false
             merged[key] = "no"
@@ -79,11 +85,20 @@ def training_arguments(args_class: type, user_args: dict[str, Any], has_eval: bo
         merged["use_cpu"] = True
         if dist.world_size() > 1:
             merged.setdefault("ddp_backend", "gloo")
+    merged.update(default_precision(merged, torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     merged["disable_tqdm"] = True  # koret shows its own progress
     try:
         return args_class(**merged)
     except (TypeError, ValueError) as exc:
         raise KoretError(f"args: {str(exc).splitlines()[0]}") from exc
+
+
+def default_precision(args: dict[str, Any], bf16_gpu: bool) -> dict[str, Any]:
+    """bf16 mixed precision by default on a GPU that supports it (``args.bf16`` / ``args.fp16`` set by the user
+    win; on CPU nothing changes). Pure."""
+    if not bf16_gpu or args.get("use_cpu") or "bf16" in args or "fp16" in args:
+        return {}
+    return {"bf16": True}
 
 
 # --------------------------------------------------------------------------------------------- callback
@@ -107,6 +122,13 @@ def callback_class() -> type:
             self.bar: Any = None
             self.task: Any = None
             self.fault = _fault_after_steps()
+            # several sources (koret.training.sources): each source's batch losses since the last log
+            self.source_losses: dict[str, list[float]] = {}
+            self.source_batches: dict[str, int] = {}
+
+        def add_source_loss(self, name: str, loss: float) -> None:
+            self.source_losses.setdefault(name, []).append(loss)
+            self.source_batches[name] = self.source_batches.get(name, 0) + 1
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             from koret.report import is_quiet, progress
@@ -126,6 +148,10 @@ def callback_class() -> type:
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             logs = dict(logs or {})
             entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+            if "loss" in logs and self.source_losses:  # the sources of the steps this log covers
+                entry["loss_by_source"] = {k: sum(v) / len(v) for k, v in self.source_losses.items()}
+                entry["batches_by_source"] = {k: len(v) for k, v in self.source_losses.items()}
+                self.source_losses = {}
             if "loss" in logs:
                 self.logs.append(entry)
                 if self.bar is not None and hasattr(self.bar, "log"):  # plain lines off a terminal
@@ -237,10 +263,11 @@ def prepare(trainer: Any) -> None:
         _shard_short_batches(trainer)
 
 
-def save_final(trainer: Any, out_dir: Path, cfg: Any) -> Path | None:
+def save_final(trainer: Any, out_dir: Path, cfg: Any, finish: Any = None) -> Path | None:
     """``final/`` (with the resolved config as ``koret.yaml``), written atomically. Every process takes part in
-    the trainer's save (FSDP / DeepSpeed ZeRO-3 gather the weights there); only the main one writes. Returns the
-    folder on the main process, None on the others."""
+    the trainer's save (FSDP / DeepSpeed ZeRO-3 gather the weights there); only the main one writes, and runs
+    ``finish(folder)`` on what the trainer saved before it becomes ``final/`` (a LoRA run's merged weights,
+    :func:`koret.training.lora.finish_final`). Returns the folder on the main process, None on the others."""
     final = out_dir / "final"
     tmp = out_dir / ".final.tmp"
     if trainer.is_world_process_zero():
@@ -250,7 +277,11 @@ def save_final(trainer: Any, out_dir: Path, cfg: Any) -> Path | None:
     dist.barrier()
     if not trainer.is_world_process_zero():
         return None
-    write_text(tmp / "koret.yaml", dump_yaml(cfg))
+    if finish is not None:
+        finish(tmp)
+    for folder in (tmp, tmp / "adapter"):
+        if folder.is_dir():
+            write_text(folder / "koret.yaml", dump_yaml(cfg))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -276,6 +307,17 @@ def run_metrics(output: Any, args: Any, callback: Any, tokens_per_row: float | N
     }
 
 
+def model_record(model: Any, args: Any, adapter: dict[str, Any] | None) -> dict[str, Any]:
+    """What metrics.json records of the trained model's memory levers: the LoRA adapter (None: full
+    fine-tuning), gradient checkpointing, the attention kernel and the weights' dtype."""
+    first = model[0]
+    config = getattr(getattr(first, "model", None), "config", None)
+    weights = next(iter(model.parameters()), None)
+    return {"lora": adapter, "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "weights_dtype": str(weights.dtype).rsplit(".", 1)[-1] if weights is not None else None}
+
+
 def write_records(out_dir: Path, metrics: dict[str, Any], cfg: Any, callback: Any) -> None:
     """``metrics.json``, ``config.yaml`` and ``training.png``."""
     write_json(out_dir / "metrics.json", metrics)
@@ -284,7 +326,11 @@ def write_records(out_dir: Path, metrics: dict[str, Any], cfg: Any, callback: An
 
 
 def count_tokens(model: Any, dataset: Any, sample: int = 4000) -> float:
-    """Tokens per training row (prompts included, truncated at max_seq_length), estimated on a sample."""
+    """Tokens per training row (prompts included, truncated at max_seq_length), estimated on a sample (several
+    sources, a DatasetDict: each source's estimate, weighted by its rows)."""
+    if isinstance(dataset, dict):
+        total_rows = sum(len(d) for d in dataset.values())
+        return sum(count_tokens(model, d, sample) * len(d) for d in dataset.values()) / max(total_rows, 1)
     rows = dataset.select(range(min(sample, len(dataset))))
     tok = model.tokenizer
     total = 0

@@ -36,56 +36,74 @@ from koret.data import (
 )
 from koret.encode import default_device, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
+from koret.sources import source_key
 from koret.training.common import negative_columns
+from koret.training.sources import (
+    SOURCE_COLUMN,
+    SourceRows,
+    check_source_name,
+    negatives_text,
+    no_rows_error,
+    select_source,
+    split_rows,
+)
 
 LISTWISE = ("lambda", "listnet")
 
 
 @dataclasses.dataclass
 class RerankerData:
-    dataset: Any  # datasets.Dataset shaped for the loss (see the module table)
-    num_negatives: int
+    dataset: Any  # datasets.Dataset shaped for the loss (see the module table); several sources: a DatasetDict
+    num_negatives: int | str  # of several sources: their range when they differ ("3-7")
     rows: int  # queries (mnrl, listwise, margin_mse) or pairs (bce)
     source: str
+    sources: list[SourceRows] | None = None  # several sources: one dataset of the DatasetDict each
 
 
-def _mined_tuples(cfg: RerankerConfig) -> tuple[dict[str, list[Any]], int] | None:
+_TABLES = ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk")
+Rows = tuple[dict[str, list[Any]], int, tuple[list[str], list[str]] | None]
+
+
+def _mined_tuples(cfg: RerankerConfig, src: Any, key: str, name: str | None) -> Rows | None:
     """anchor, positive, negative_1..N (and scores) from a mined file (train.parquet, or candidates.parquet), or
-    None for a pairs source."""
+    None for a pairs source; with a several-source mine's file, the rows of source ``name`` (or, with no name,
+    every row's source: (the sources, each row's source))."""
     d = cfg.data
-    path, selection = split_source(d.train)
-    fmt = detect_format(path, "data.train") if d.format == "auto" else d.format
-    if selection is not None or fmt not in ("parquet", "jsonl", "json", "csv", "tsv", "hf_disk"):
+    path, selection = split_source(src.train)
+    fmt = detect_format(path, key) if src.format == "auto" else src.format
+    if selection is not None or fmt not in _TABLES:
         return None
-    df = read_table(path, fmt, "data.train", d.split)
+    df = read_table(path, fmt, key, src.split)
     if is_candidates_table(df.columns):
-        return _candidate_tuples(cfg, path, [str(c) for c in df.columns])
+        return _candidate_tuples(cfg, src, path, [str(c) for c in df.columns], key, name)
     negs = negative_columns(df.columns)
     if "anchor" not in df.columns or not negs:
         return None
     if "positive" not in df.columns:
-        raise KoretError(f"data.train: {path}: column 'positive' not found; available columns: "
+        raise KoretError(f"{key}: {path}: column 'positive' not found; available columns: "
                          f"{', '.join(map(str, df.columns))}", "a mined file has anchor, positive, negative_1..N")
     if d.num_negatives is not None:
         if d.num_negatives > len(negs):
             raise KoretError(f"data.num_negatives ({d.num_negatives}) is more than the {len(negs)} negative columns "
                              f"of {path}", "mine with more filter.num_negatives")
         negs = negs[: d.num_negatives]
-    df = df.iloc[row_selection(len(df), d)]  # data.limit's first rows, or data.sample's draw
+    df, names = select_source(df, path, key, name)  # a several-source mine's file: this source's rows
+    df = df.iloc[row_selection(len(df), src)]  # data.limit's first rows, or data.sample's draw
     cols: dict[str, list[Any]] = {}
-    for name in ["anchor", "positive", *negs]:
-        values = df[name].tolist()
+    for column in ["anchor", "positive", *negs]:
+        values = df[column].tolist()
         bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
         if bad:
-            raise KoretError(f"data.train: {path}: row {df.index[bad[0]]} column {name!r} is empty",
+            raise KoretError(f"{key}: {path}: row {df.index[bad[0]]} column {column!r} is empty",
                              "every row needs the same number of negatives: mine with on_shortage drop")
-        cols[name] = [normalize_text(v, d.normalize) for v in values]
+        cols[column] = [normalize_text(v, src.normalize) for v in values]
     if "scores" in df.columns:
         cols["scores"] = [[float(x) for x in s][: 1 + len(negs)] for s in df["scores"].tolist()]
-    return cols, len(negs)
+    return cols, len(negs), ((names, df[SOURCE_COLUMN].tolist()) if names else None)
 
 
-def _candidate_tuples(cfg: RerankerConfig, path: str, columns: list[str]) -> tuple[dict[str, list[Any]], int]:
+def _candidate_tuples(cfg: RerankerConfig, src: Any, path: str, columns: list[str], key: str,
+                      name: str | None) -> Rows:
     """anchor, positive, negative_1..N and scores from koret mine's ``candidates.parquet`` and the
     ``corpus.parquet`` beside it (the texts its passage ids name).
 
@@ -93,87 +111,135 @@ def _candidate_tuples(cfg: RerankerConfig, path: str, columns: list[str]) -> tup
     are not a known positive of the query nor a passage with a positive's text: the rows mine writes with
     ``filter.strategy: naive`` (no false-negative filter: train.parquet's perc_pos is safer), by mine's own
     filter code. Rows with fewer such candidates are left out and counted. ``scores`` are the positive's and
-    the negatives', the rescore model's when mining rescored, else the teacher's (as in train.parquet)."""
+    the negatives', the rescore model's when mining rescored, else the teacher's (as in train.parquet). The
+    candidates of a several-source mine give each row its query's source (each query's candidates are its own
+    source's passages)."""
     from pathlib import Path
 
-    from koret.candidates import read_candidates
-    from koret.filter_rules import FilterSettings, apply_filter
+    import numpy as np
+
+    from koret.candidates import read_candidates, read_source_index
+    from koret.filter_rules import FilterSettings, apply_filter, choose
     from koret.report import info
 
     d = cfg.data
     missing = [c for c in CANDIDATE_COLUMNS if c not in columns]
     if missing:
-        raise KoretError(f"data.train: {path}: a candidates file needs columns {', '.join(CANDIDATE_COLUMNS)}; "
+        raise KoretError(f"{key}: {path}: a candidates file needs columns {', '.join(CANDIDATE_COLUMNS)}; "
                          f"missing {', '.join(missing)}", "train on the train.parquet koret mine wrote beside it")
     corpus = Path(path).parent / "corpus.parquet"
     if not corpus.exists():
-        raise KoretError(f"data.train: {path} names passages by id and the corpus.parquet beside it is missing",
+        raise KoretError(f"{key}: {path} names passages by id and the corpus.parquet beside it is missing",
                          "keep koret mine's output folder together, or train on its train.parquet")
     n = d.num_negatives or FilterSettings().num_negatives
     cands, texts, groups = read_candidates(Path(path))
-    outcome = apply_filter(cands, texts, groups, FilterSettings(strategy="naive", num_negatives=n))
+    settings = FilterSettings(strategy="naive", num_negatives=n)
+    choice = choose(cands, groups, settings)
+    outcome = apply_filter(cands, texts, groups, settings, choice=choice)
     rows_in, rows_out = outcome.stats["rows_in"], outcome.stats["rows_out"]
     if not rows_out:
-        raise KoretError(f"data.train: {path}: no (query, positive) row has {n} candidates that are not positives",
+        raise KoretError(f"{key}: {path}: no (query, positive) row has {n} candidates that are not positives",
                          "lower data.num_negatives")
     if rows_out < rows_in:
-        info(f"data.train: {rows_in - rows_out:,} of {rows_in:,} (query, positive) rows have fewer than {n} "
+        info(f"{key}: {rows_in - rows_out:,} of {rows_in:,} (query, positive) rows have fewer than {n} "
              "candidates that are not positives and are left out")
-    take = row_selection(rows_out, d)  # data.limit's first rows, or data.sample's draw
-    cols: dict[str, list[Any]] = {name: [normalize_text(values[i], d.normalize) for i in take]
-                                  for name, values in outcome.rows.items() if name != "scores"}
+    index = read_source_index(Path(path))
+    of_row = None
+    keep = np.arange(rows_out)
+    if index is not None:
+        of_row = [index.names[c] for c in index.query_sources()[choice.row_query[choice.kept]].tolist()]
+        if name is not None:
+            check_source_name(key, path, index.names, name)
+            keep = np.asarray([i for i, s in enumerate(of_row) if s == name], dtype=np.int64)
+    take = keep[row_selection(len(keep), src)]  # data.limit's first rows, or data.sample's draw
+    cols: dict[str, list[Any]] = {column: [normalize_text(values[i], src.normalize) for i in take]
+                                  for column, values in outcome.rows.items() if column != "scores"}
     cols["scores"] = [outcome.rows["scores"][i] for i in take]
-    return cols, n
+    sources = (index.names, [of_row[i] for i in take]) if index is not None and name is None else None
+    return cols, n, sources
+
+
+def _source_rows(cfg: RerankerConfig, src: Any, key: str, name: str | None) -> Rows:
+    """One source's anchor, positive, negative_* (and scores): mined, or plain pairs through the data layer."""
+    mined = _mined_tuples(cfg, src, key, name)
+    if mined is None:  # plain pairs through the data layer
+        data = load_section(src, "train", key=key)
+        mined = ({"anchor": [data.queries[q] for q, _ in data.pairs],
+                  "positive": [data.corpus[p] for _, p in data.pairs]}, 0, None)
+    if not mined[0]["anchor"]:
+        raise no_rows_error(key, src.train, name)
+    return mined
 
 
 def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
-    """Rows shaped for ``loss.name`` (see the module table)."""
-    from datasets import Dataset
+    """Rows shaped for ``loss.name`` (see the module table); with several sources (``data.sources``, or a
+    several-source mine's file as ``data.train``) a DatasetDict of one dataset per source."""
+    from datasets import Dataset, DatasetDict
 
     d = cfg.data
-    if not d.train:
-        raise KoretError("data.train: required key is missing", "point it at runs/mine/train.parquet")
-    name = cfg.loss.name
-    mined = _mined_tuples(cfg)
-    if mined is None:  # plain pairs through the data layer
-        data = load_section(d, "train")
-        cols: dict[str, list[Any]] = {"anchor": [data.queries[q] for q, _ in data.pairs],
-                                      "positive": [data.corpus[p] for _, p in data.pairs]}
-        n_neg = 0
+    if d.sources:
+        parts = []
+        for src in d.sources:
+            key = source_key(src.name)
+            if not src.train:
+                raise KoretError(f"{key}: required key is missing", "point it at this source's train.parquet or pairs")
+            cols, n_neg, _ = _source_rows(cfg, src, key, src.name)
+            parts.append((SourceRows(src.name, src.train, src.weight, src, None), cols, n_neg))
     else:
-        cols, n_neg = mined
+        if not d.train:
+            raise KoretError("data.train: required key is missing", "point it at runs/mine/train.parquet")
+        cols, n_neg, row_sources = _source_rows(cfg, d, "data.train", None)
+        split = split_rows(cols, row_sources[1], row_sources[0]) if row_sources is not None else {}
+        if len(split) <= 1:
+            rows = shape_rows(cfg.loss.name, cols, d.train)
+            return RerankerData(Dataset.from_dict(rows), len(negative_columns(cols)), _length(rows), d.train)
+        parts = [(SourceRows(name, d.train, 1.0, None, None), c, n_neg) for name, c in split.items()]
+    shaped = {}
+    for source, cols, _ in parts:
+        shaped[source.name] = shape_rows(cfg.loss.name, cols, source.train, source.name)
+        source.rows, source.num_negatives = _length(shaped[source.name]), len(negative_columns(cols))
+    sources = [p[0] for p in parts]
+    return RerankerData(DatasetDict({n: Dataset.from_dict(r) for n, r in shaped.items()}), negatives_text(sources),
+                        sum(s.rows for s in sources), ", ".join(shaped), sources)
+
+
+def _length(rows: dict[str, list[Any]]) -> int:
+    return len(next(iter(rows.values())))
+
+
+def shape_rows(name: str, cols: dict[str, list[Any]], train: str, source: str | None = None) -> dict[str, list[Any]]:
+    """The columns ``loss.name`` trains on (see the module table), from anchor, positive, negative_* (and scores)
+    of ``train`` (of its ``source``, named in errors, when it has several)."""
+    where = f"{train} (source {source})" if source else train
     negs = negative_columns(cols)
-    if not cols["anchor"]:
-        raise KoretError(f"data.train: {d.train}: no rows (empty dataset)")
     if name in ("lambda", "listnet", "margin_mse") and not negs:
-        raise KoretError(f"loss.name {name}: needs hard negatives, and {d.train} has only (query, positive) pairs",
+        raise KoretError(f"loss.name {name}: needs hard negatives, and {where} has only (query, positive) pairs",
                          "mine first (koret mine), or use loss mnrl / cached_mnrl")
     if name in ("mnrl", "cached_mnrl"):
-        rows = {k: cols[k] for k in ["anchor", "positive", *negs]}
-    elif name == "bce":
+        return {k: cols[k] for k in ["anchor", "positive", *negs]}
+    if name == "bce":
         anchors, passages, labels = [], [], []
         for i, q in enumerate(cols["anchor"]):
             for j, col in enumerate(["positive", *negs]):
                 anchors.append(q)
                 passages.append(cols[col][i])
                 labels.append(1.0 if j == 0 else 0.0)
-        rows = {"anchor": anchors, "passage": passages, "label": labels}
-    elif name in LISTWISE:
-        rows = {"query": cols["anchor"],
+        return {"anchor": anchors, "passage": passages, "label": labels}
+    if name in LISTWISE:
+        return {"query": cols["anchor"],
                 "docs": [[cols[c][i] for c in ["positive", *negs]] for i in range(len(cols["anchor"]))],
                 "labels": [[1.0] + [0.0] * len(negs) for _ in cols["anchor"]]}
-    else:  # margin_mse: the mined scores are the gold similarities
-        if "scores" not in cols:
-            raise KoretError(f"loss.name margin_mse: {d.train} has no 'scores' column (the teacher's scores of the "
-                             "positive and each negative)", "use a train.parquet written by koret mine")
-        short = [i for i, s in enumerate(cols["scores"]) if len(s) != 1 + len(negs)]
-        if short:
-            raise KoretError(f"loss.name margin_mse: row {short[0]} of {d.train} has {len(cols['scores'][short[0]])} "
-                             f"scores for {1 + len(negs)} passages", "re-mine: every row needs a score per passage")
-        rows = {k: cols[k] for k in ["anchor", "positive", *negs]}
-        rows["label"] = margin_labels(cols["scores"], d.train)
-    n_rows = len(next(iter(rows.values())))
-    return RerankerData(Dataset.from_dict(rows), len(negs), n_rows, d.train)
+    # margin_mse: the mined scores are the gold similarities
+    if "scores" not in cols:
+        raise KoretError(f"loss.name margin_mse: {where} has no 'scores' column (the teacher's scores of the "
+                         "positive and each negative)", "use a train.parquet written by koret mine")
+    short = [i for i, s in enumerate(cols["scores"]) if len(s) != 1 + len(negs)]
+    if short:
+        raise KoretError(f"loss.name margin_mse: row {short[0]} of {where} has {len(cols['scores'][short[0]])} "
+                         f"scores for {1 + len(negs)} passages", "re-mine: every row needs a score per passage")
+    rows = {k: cols[k] for k in ["anchor", "positive", *negs]}
+    rows["label"] = margin_labels(cols["scores"], train)
+    return rows
 
 
 def margin_labels(scores: list[Any], source: str) -> list[list[float]]:
@@ -384,10 +450,12 @@ def own_attention_dropout(ref: str) -> dict[str, float]:
 
 
 def load_reranker(cfg: RerankerConfig) -> Any:
-    """A CrossEncoder from a CrossEncoder folder / Hub id, or a plain encoder with a new one-logit head.
+    """A CrossEncoder from a CrossEncoder folder / Hub id, a plain encoder with a new one-logit head, or a causal
+    LM scored by its 'yes' / 'no' logits (sentence-transformers' LogitScore, as Qwen3-Reranker).
 
-    Memory of training: attention through PyTorch's scaled_dot_product_attention (``sdpa``; an architecture
-    without it keeps its own), ``model.attention_dropout`` (see :func:`resolve_attention_dropout`), and pairs
+    Memory of training: attention through ``model.attn_implementation`` (auto: PyTorch's
+    scaled_dot_product_attention, ``sdpa``, or flash-attention 2 where installed on a GPU; an architecture without
+    SDPA keeps its own), weights in ``model.dtype``, ``model.attention_dropout`` (see :func:`resolve_attention_dropout`), and pairs
     cut at ``model.max_length`` (default :data:`DEFAULT_MAX_LENGTH`, or the model's own maximum when smaller); the
     losses tokenize each batch padded to its longest pair."""
     from sentence_transformers import CrossEncoder
@@ -400,18 +468,24 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     quiet_transformers()
     import torch
 
+    from koret.encode import load_kwargs, without_sdpa
+    from koret.training.lora import base_dtype
+
     own = own_attention_dropout(ref)
     setting = resolve_attention_dropout(cfg.model.attention_dropout, torch.cuda.is_available())
     overrides = {} if setting is None else dict.fromkeys(own, setting)
-    kwargs = {"num_labels": 1, "max_length": cfg.model.max_length, "device": default_device()}
+    device = default_device()
+    weights = load_kwargs(base_dtype(cfg.model.dtype, cfg.model.lora is not None, device), device,
+                          cfg.model.attn_implementation)
+    kwargs = {"num_labels": 1, "max_length": cfg.model.max_length, "device": device}
     try:
         try:
-            model = CrossEncoder(ref, model_kwargs={"attn_implementation": "sdpa"}, config_kwargs=dict(overrides),
-                                 **kwargs)
+            model = CrossEncoder(ref, model_kwargs=weights, config_kwargs=dict(overrides), **kwargs)
         except ValueError as exc:  # an architecture without SDPA: its own attention
-            if "scaled_dot_product_attention" not in str(exc):
+            if not without_sdpa(exc, weights, cfg.model.attn_implementation):
                 raise
-            model = CrossEncoder(ref, config_kwargs=dict(overrides), **kwargs)
+            model = CrossEncoder(ref, model_kwargs={"dtype": weights["dtype"]}, config_kwargs=dict(overrides),
+                                 **kwargs)
     except (OSError, ValueError) as exc:
         raise KoretError(f"model.name: could not load {name!r} as a cross-encoder "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
