@@ -251,8 +251,8 @@ class RescoreConfig(Section):
 
 class FilterConfig(Section):
     strategy: Literal[FILTER_STRATEGIES] = Field(  # type: ignore[valid-type]
-        "naive", description="naive (the default: the measured best with max_overlap 0.9, docs/quality.md) | shifted "
-        "| abs | margin_pos | perc_pos (NV-Retriever's TopK-PercPos).")
+        "naive", description="The false-negative rule: naive (the default, with max_overlap 0.9: the measured best, "
+        "docs/quality.md), shifted, abs, margin_pos, perc_pos (NV-Retriever's).")
     margin: Margin = Field(0.05, description="margin_pos: drop a candidate scoring above positive - margin.")
     perc: float = Field(0.95, gt=0, le=1.5, description="perc_pos: drop a candidate scoring above positive x perc.")
     max_score: float | None = Field(None, description="Drop candidates scoring above this (abs strategy, or any).")

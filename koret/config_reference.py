@@ -46,7 +46,6 @@ NOTES: dict[str, str] = {  # "Model.field": description, for fields without Fiel
     "LexicalConfig.b": "BM25 document-length normalization.",
     "RescoreConfig.batch_size": "(query, passage) pairs per CrossEncoder batch.",
     "RescoreConfig.max_length": "Max tokens per pair (default: the model's).",
-    "FilterConfig.strategy": "The false-negative rule: naive, shifted, abs, margin_pos, perc_pos (NV-Retriever's).",
     "FilterConfig.num_negatives": "Hard negatives per (query, positive) row of train.parquet.",
     "FilterConfig.sampling": "top: the best-scoring survivors; random: a seeded draw among them.",
     "FilterConfig.seed": "Seed of random sampling and pad_random, drawn per row (the same on any process count).",

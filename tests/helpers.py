@@ -34,7 +34,9 @@ def mine_config(tmp: Path, model: Path, train: Path | str, *, out: str = "out", 
         "teacher": {"model": str(model), "query_prompt_name": "query", "passage_prompt_name": "passage", "batch_size": 16},
         "encode": {"shard_size": 64},
         "search": {"top_k": 30},
-        "filter": {"num_negatives": 3},
+        # the tests were written on perc_pos 0.95 without the near-duplicate guard (koret's defaults before
+        # 2026-12-02); tests/test_config.py and tests/test_overlap.py test the defaults themselves
+        "filter": {"num_negatives": 3, "strategy": "perc_pos", "max_overlap": None},
         "output": {"dir": str(tmp / out)},
         "cache_dir": str(tmp / cache),
     }

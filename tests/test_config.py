@@ -27,7 +27,7 @@ def test_overrides_parse_yaml_scalars_and_lists():
 
 def test_defaults_and_override(tmp_path):
     cfg = load_config(MineConfig, _write(tmp_path, "data: {train: x.jsonl}\n"), ["search.top_k=200"])
-    assert cfg.search.top_k == 200 and cfg.filter.strategy == "perc_pos" and cfg.filter.perc == 0.95
+    assert cfg.search.top_k == 200 and cfg.filter.strategy == "naive" and cfg.filter.max_overlap == 0.9
     assert cfg.filter.num_negatives == 7 and cfg.search.index == "Flat" and cfg.data.normalize == "nfc"
 
 

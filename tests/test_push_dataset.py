@@ -16,12 +16,12 @@ from test_push_run import TOKEN, FakeApi, fake_hub  # noqa: F401 - fake_hub: HfA
 def mined(tmp_path_factory, tiny_model, pairs, data_dir):
     """A one-source mine (data.train) and a two-source mine (data.sources, with shared data.corpus)."""
     root = tmp_path_factory.mktemp("mined")
-    one = mine_config(root, tiny_model, data_dir / "pairs.jsonl", out="one", filter={"num_negatives": 2, "perc": 0.98})
+    one = mine_config(root, tiny_model, data_dir / "pairs.jsonl", out="one", filter={"num_negatives": 2, "strategy": "perc_pos", "perc": 0.98})
     assert run_cli("mine", "-c", str(write_config(root / "one.yaml", one)), "--quiet").exit_code == 0
     for name, rows in (("wiki", pairs[:40]), ("news", pairs[40:80])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                             encoding="utf-8")
-    two = mine_config(root, tiny_model, "", out="two", filter={"num_negatives": 2, "perc": 0.98})
+    two = mine_config(root, tiny_model, "", out="two", filter={"num_negatives": 2, "strategy": "perc_pos", "perc": 0.98})
     two["data"] = {"sources": [{"name": n, "train": str(root / f"{n}.jsonl")} for n in ("wiki", "news")],
                    "corpus": str(data_dir / "corpus.txt")}
     r = run_cli("mine", "-c", str(write_config(root / "two.yaml", two)), "--quiet")
