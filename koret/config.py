@@ -358,7 +358,22 @@ class ModelConfig(PromptFields):
                                                          "peft), e.g. {r: 16}.")
 
 
-class TrainDataConfig(SourceFields):
+class TrainingSourcesFields(SourceFields):
+    """A training data section's source keys plus the batch sampler of several sources (``sources`` is each
+    section's own: its entries' keys differ)."""
+
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        "proportional", description="Which source each batch comes from: proportional (seeded draw, a source's "
+        "share of the batches proportional to weight x its batches) or round_robin (sources in turn, until one "
+        "runs out). Also splits a mined train.parquet with a source column.")
+
+    @model_validator(mode="after")
+    def _sources(self) -> TrainingSourcesFields:
+        check_sources(self, allowed=set())
+        return self
+
+
+class TrainDataConfig(TrainingSourcesFields):
     eval: str | None = Field(None, description="IR set evaluated during training (pairs, SQuAD, BEIR, AutoRAG).")
     eval_format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     eval_split: str = "test"
@@ -369,15 +384,6 @@ class TrainDataConfig(SourceFields):
     sources: list[TrainSourceConfig] = Field(
         default_factory=list, description="Several named sources instead of data.train: every batch holds rows of "
         "one source (sentence-transformers' multi-dataset training), each source with its own prompts and weight.")
-    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
-        "proportional", description="Which source each batch comes from: proportional (seeded draw, a source's "
-        "share of the batches proportional to weight x its batches) or round_robin (sources in turn, until one "
-        "runs out). Also splits a mined train.parquet with a source column.")
-
-    @model_validator(mode="after")
-    def _sources(self) -> TrainDataConfig:
-        check_sources(self, allowed=set())
-        return self
 
 
 class DistillConfig(Section):
@@ -500,7 +506,7 @@ class RerankerModelConfig(Section):
         return v
 
 
-class RerankerDataConfig(SourceFields):
+class RerankerDataConfig(TrainingSourcesFields):
     eval: str | None = Field(None, description="koret mine's output folder for held-out queries (or its "
                                                "train.parquet / candidates.parquet): during training the reranker "
                                                "reorders each one's retrieved top-k (candidates.parquet); base_*: "
@@ -512,15 +518,6 @@ class RerankerDataConfig(SourceFields):
     sources: list[RerankerSourceConfig] = Field(
         default_factory=list, description="Several named sources instead of data.train: every batch holds rows of "
         "one source (sentence-transformers' multi-dataset training), each with its weight.")
-    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
-        "proportional", description="Which source each batch comes from: proportional (seeded draw, a source's "
-        "share of the batches proportional to weight x its batches) or round_robin (sources in turn, until one "
-        "runs out). Also splits a mined train.parquet with a source column.")
-
-    @model_validator(mode="after")
-    def _sources(self) -> RerankerDataConfig:
-        check_sources(self, allowed=set())
-        return self
 
 
 class RerankerLossConfig(Section):
