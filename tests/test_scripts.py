@@ -16,7 +16,8 @@ def test_gpu_check_smoke(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {c["check"].split(" ")[0] + " " + c["check"].split(" ")[1]: c for c in data["checks"]}
-    assert set(checks) == {"encode bert-base", "search 5,000", "2-process search", "koret train", "accelerate launch"}
+    assert set(checks) == {"encode bert-base", "search 5,000", "2-process search", "koret train", "lora train",
+                           "accelerate launch"}
     sharded = checks["2-process search"]  # koret mine's sharded search on 2 processes: auto and bfloat16 selection
     assert sharded["exact_by_variant"] == {"auto": [True, True], "bfloat16": [True, True]}, sharded
     assert checks["encode bert-base"]["tokens_per_s"] > 0
@@ -26,22 +27,51 @@ def test_gpu_check_smoke(tmp_path):
     run = checks["accelerate launch"]
     assert run["stages"] == ["ran", "ran", "ran"] and run["stored_scores_exact_fp32"], run
     assert checks["koret train"]["steps_per_s"] > 0
+    lora = checks["lora train"]  # a LoRA step on a small decoder: sdpa, the adapter trained (bf16 on a GPU)
+    assert lora["lora_ok"] and lora["adapter_trained"] and "sdpa" in lora["check"] and lora["steps_per_s"] > 0
+    assert 0 < lora["trainable_parameters"] < lora["total_parameters"]
     assert "tokens/s" in result.stdout and "steps/s" in result.stdout
 
 
 def test_docs_show_the_quality_study_as_measured():
-    """docs/quality.md's table is bench/results/quality.md, written by make quality, line for line."""
+    """docs/quality.md's table is bench/results/quality.md, written by make quality, line for line; every arm
+    carries each suite set and the macro average, whose value is the mean of the sets' (its label)."""
     md = REPO / "bench" / "results" / "quality.md"
     data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
-    readme = (REPO / "docs" / "quality.md").read_text()
+    page = (REPO / "docs" / "quality.md").read_text()
     rows = [line for line in md.read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) >= 4 and all(line in readme for line in rows), "docs/quality.md is out of date: make quality"
+    assert len(rows) >= 4 and all(line in page for line in rows), "docs/quality.md is out of date: make quality"
+    suite = data["meta"]["suite"]
     base = next(a for a in data["arms"] if a["arm"] == "base")
-    assert f"| base | {base['what']} | {base['metrics']['ndcg@10'] * 100:.2f} |" in readme
+    assert f"| base | {base['what']} | {base['sets'][suite[0]]['metrics']['ndcg@10'] * 100:.2f} |" in page
     for arm in data["arms"]:
-        if "vs_base" in arm:
-            s = arm["vs_base"]["ndcg@10"]
-            assert s["ci_low"] <= s["delta"] <= s["ci_high"]
+        assert set(arm["sets"]) == set(suite)
+        mean = sum(arm["sets"][s]["metrics"]["ndcg@10"] for s in suite) / len(suite)
+        assert abs(arm["average"]["metrics"]["ndcg@10"] - mean) < 1e-12, arm["arm"]
+        for block in [*arm["sets"].values(), arm["average"]]:
+            if "vs_base" in block:
+                s = block["vs_base"]["ndcg@10"]
+                assert s["ci_low"] <= s["delta"] <= s["ci_high"]
+    for pair in data["pairs"]:
+        assert pair["a"] != pair["b"] and set(pair["sets"]) == set(suite)
+
+
+def test_the_quality_studys_default_arm_is_koret_s_default():
+    """The arm marked "default" in quality.json trains on the filter koret ships: FilterConfig's defaults."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import quality
+
+    from koret.config import FilterConfig
+
+    shipped = FilterConfig()
+    assert {k: getattr(shipped, k) for k in quality.DEFAULT_FILTER} == quality.DEFAULT_FILTER
+    assert all(getattr(shipped, k) == v for k, v in (("scale", "raw"),) if k not in quality.DEFAULT_FILTER)
+    arm = next(a for a in quality.ARMS if a.name == quality.DEFAULT_ARM)
+    assert arm.filter == quality.DEFAULT_FILTER
+    data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
+    marked = [a["arm"] for a in data["arms"] if a.get("default")]
+    assert marked in ([quality.DEFAULT_ARM], []), marked
+    assert data["meta"]["default_filter"] == quality.DEFAULT_FILTER
 
 
 def _projection():
