@@ -59,7 +59,8 @@ class Arm:
     negatives: int = 3
     train: dict[str, Any] = field(default_factory=dict)
     rows: str = "sample"  # sample: data.sample of the whole split (seeded) | first: data.limit, the first N rows
-    rounds: int = 1  # 2: mine again with the round-1 model as teacher, filter alike, train on from that model
+    rounds: int = 1  # 2: mine again with the round-1 model as teacher, filter alike, train again
+    round_start: str = "trained"  # round 2 trains on from round 1's model (trained) or from e5 itself (base)
 
 
 MNRL = {"loss.name": "mnrl"}
@@ -83,6 +84,8 @@ ARMS = [
         filter=DEFAULT_FILTER, train=MNRL, rows="first"),
     Arm("default_rounds2", "the default's recipe, then re-mined with its model and trained on (2 rounds)",
         filter=DEFAULT_FILTER, train=MNRL, rounds=2),
+    Arm("default_rounds2_base", "2 rounds, round 2 trained from e5 itself on the round-1 model's negatives",
+        filter=DEFAULT_FILTER, train=MNRL, rounds=2, round_start="base"),
     Arm("perc_mnrl_lexical", "perc_mnrl + Korean BM25 candidates", mine="lexical", train=MNRL),
     Arm("perc_mnrl_distill", "perc_mnrl + KL distillation of the teacher scores (weight 1)",
         train={**MNRL, "loss.distill": {"name": "kl", "weight": 1.0}}),
@@ -99,6 +102,7 @@ PAIRS = [(DEFAULT_ARM, "naive_mnrl", "the default vs naive top-k"),
          ("calib_mnrl", "perc_mnrl", "perc_pos on calibrated vs raw scores"),
          (DEFAULT_ARM, "default_first", "rows sampled from the whole split vs the first N"),
          ("default_rounds2", DEFAULT_ARM, "2 rounds vs 1"),
+         ("default_rounds2", "default_rounds2_base", "round 2 from the round-1 model vs from the base"),
          ("perc_mnrl", "margin_mnrl", "perc_pos vs margin_pos"),
          ("perc_gist", "perc_mnrl", "the guide's worth (GIST vs MNRL)"),
          ("perc_mnrl_lexical", "perc_mnrl", "+ lexical candidates"),
@@ -343,7 +347,8 @@ def run_arm(arm: Arm, e5: str, work: Path, opts: argparse.Namespace) -> dict[str
             t0 = time.perf_counter()
             data2 = filtered(arm, remine(arm, model, work, opts), work, tag=f"{arm.name}-round2")
             seconds["mine_round2"] = time.perf_counter() - t0
-            seconds["train_round2"] = train(arm, data2, model, work, opts, work / arm.name / "train-round2")
+            start = model if arm.round_start == "trained" else e5
+            seconds["train_round2"] = train(arm, data2, start, work, opts, work / arm.name / "train-round2")
             model = str(work / arm.name / "train-round2" / "final")
     seconds["eval"] = evaluate(arm, model, e5, work, opts)
     return arm_result(arm, work, seconds)
