@@ -100,6 +100,14 @@ def source_key(name: str, field: str = "train") -> str:
     return f"data.sources.{name}.{field}"
 
 
+def training_source_key(src: Any) -> str:
+    """A training source's ``train`` key, which it must have (koret run fills it from the mine before)."""
+    key = source_key(src.name)
+    if not src.train:
+        raise KoretError(f"{key}: required key is missing", "point it at this source's train.parquet or pairs")
+    return key
+
+
 def load_mine_sources(section: Any) -> tuple[RetrievalData, SourceIndex, dict[str, dict[str, Any]]]:
     """Read every source of a mine config's ``data.sources`` (queries without a positive skipped, as for one
     source) and merge them (see the module doc). Returns the merged data, the index and each source's reading

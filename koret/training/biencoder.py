@@ -30,7 +30,7 @@ from koret.encode import load_sentence_transformer, resolve_model_path
 from koret.errors import KoretError
 from koret.io import read_record
 from koret.prompts import resolve_prompts
-from koret.sources import source_key
+from koret.sources import training_source_key
 from koret.training.common import negative_columns
 from koret.training.sources import (
     SOURCE_COLUMN,
@@ -81,9 +81,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     if d.sources:
         parts = []
         for src in d.sources:
-            key = source_key(src.name)
-            if not src.train:
-                raise KoretError(f"{key}: required key is missing", "point it at this source's train.parquet or pairs")
+            key = training_source_key(src)
             columns, n_neg, path, _ = _source_columns(cfg, src, key, src.name)
             parts.append((SourceRows(src.name, src.train, src.weight, src, _mined_config(path)), columns, n_neg))
         return _several(cfg, parts)

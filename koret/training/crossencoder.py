@@ -36,7 +36,7 @@ from koret.data import (
 )
 from koret.encode import default_device, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
-from koret.sources import source_key
+from koret.sources import training_source_key
 from koret.training.common import negative_columns
 from koret.training.sources import (
     SOURCE_COLUMN,
@@ -180,9 +180,7 @@ def load_reranker_data(cfg: RerankerConfig) -> RerankerData:
     if d.sources:
         parts = []
         for src in d.sources:
-            key = source_key(src.name)
-            if not src.train:
-                raise KoretError(f"{key}: required key is missing", "point it at this source's train.parquet or pairs")
+            key = training_source_key(src)
             cols, n_neg, _ = _source_rows(cfg, src, key, src.name)
             parts.append((SourceRows(src.name, src.train, src.weight, src, None), cols, n_neg))
     else:
