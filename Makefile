@@ -46,7 +46,7 @@ lint: install-dev
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py
 
-# the quality study on multilingual-e5-small and KorQuAD (needs ../shared; about 80 minutes on 2 cores, resumes)
+# the quality study on multilingual-e5-small and KorQuAD (needs ../shared; about 20 minutes an arm on 2 cores, one arm at a time, resumes)
 quality: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quality.py $(QUALITY_ARGS)
 

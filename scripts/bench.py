@@ -1,4 +1,4 @@
-"""make bench: every benchmark in one run (about 35 minutes on 2 CPU cores); tables to bench/results/README.md
+"""make bench: every benchmark in one run (about 35 minutes on 2 CPU cores before the false-negative and LoRA benchmarks were added, which each ran alone in minutes; the whole has not been timed since); tables to bench/results/README.md
 and into docs/benchmarks.md (between its bench:begin / bench:end markers).
 
 Each benchmark runs both sides (koret and its peer) in the same run on the same data and model, and reports
