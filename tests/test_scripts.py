@@ -52,8 +52,14 @@ def test_docs_show_the_quality_study_as_measured():
             if "vs_base" in block:
                 s = block["vs_base"]["ndcg@10"]
                 assert s["ci_low"] <= s["delta"] <= s["ci_high"]
-    for pair in data["pairs"]:
+    arms = {a["arm"]: a for a in data["arms"]}
+    for pair in data["pairs"]:  # "a - b": on the same queries, a's gain over base minus b's (the label's direction)
         assert pair["a"] != pair["b"] and set(pair["sets"]) == set(suite)
+        for got, block_a, block_b in [*((pair["sets"][s], arms[pair["a"]]["sets"][s], arms[pair["b"]]["sets"][s])
+                                        for s in suite),
+                                      (pair["average"], arms[pair["a"]]["average"], arms[pair["b"]]["average"])]:
+            want = block_a["vs_base"]["ndcg@10"]["delta"] - block_b["vs_base"]["ndcg@10"]["delta"]
+            assert abs(got["ndcg@10"]["delta"] - want) < 1e-9, (pair["a"], pair["b"])
 
 
 def test_the_quality_studys_default_arm_is_koret_s_default():
@@ -70,7 +76,8 @@ def test_the_quality_studys_default_arm_is_koret_s_default():
     assert arm.filter == quality.DEFAULT_FILTER
     data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
     marked = [a["arm"] for a in data["arms"] if a.get("default")]
-    assert marked in ([quality.DEFAULT_ARM], []), marked
+    ran = {a["arm"] for a in data["arms"]}
+    assert marked == ([quality.DEFAULT_ARM] if quality.DEFAULT_ARM in ran else []), marked
     assert data["meta"]["default_filter"] == quality.DEFAULT_FILTER
 
 

@@ -109,7 +109,7 @@ def _candidate_tuples(cfg: RerankerConfig, src: Any, path: str, columns: list[st
 
     Per (query, positive): the ``data.num_negatives`` (default 7, mine's own default) best-scored candidates that
     are not a known positive of the query nor a passage with a positive's text: the rows mine writes with
-    ``filter.strategy: naive`` (no false-negative filter: train.parquet's perc_pos is safer), by mine's own
+    ``filter.strategy: naive`` (no false-negative filter: a train.parquet mined with a positive-aware rule is safer), by mine's own
     filter code. Rows with fewer such candidates are left out and counted. ``scores`` are the positive's and
     the negatives', the rescore model's when mining rescored, else the teacher's (as in train.parquet). The
     candidates of a several-source mine give each row its query's source (each query's candidates are its own
