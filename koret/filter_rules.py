@@ -47,9 +47,10 @@ RULES = ("positive", "overlap", "range", "margin", "max_score", "min_score")
 
 @dataclass(frozen=True)
 class FilterSettings:
-    """The ``filter`` section of a config, as plain values (see :class:`koret.config.FilterConfig`)."""
+    """The ``filter`` section of a config, as plain values (see :class:`koret.config.FilterConfig`), with its
+    defaults (tests hold them equal): ``FilterSettings()`` is the filter ``koret mine`` applies by default."""
 
-    strategy: str = "perc_pos"
+    strategy: str = "naive"
     margin: float = 0.05
     perc: float = 0.95
     max_score: float | None = None
@@ -61,7 +62,7 @@ class FilterSettings:
     seed: int = 42
     on_shortage: str = "drop"
     scale: str = "raw"
-    max_overlap: float | None = None
+    max_overlap: float | None = 0.9
 
     @classmethod
     def from_config(cls, cfg: Any) -> FilterSettings:

@@ -44,7 +44,7 @@ def side(a):
     cands = Candidates([str(i) for i in range(len(q))], [""] * len(q), [np.array([p]) for p in pos],
                        [np.array([s], dtype=np.float32) for s in pos_scores], res.ids, res.scores)
     corpus = [""] * n
-    out = apply_filter(cands, corpus, np.arange(n), FilterSettings(num_negatives=7))
+    out = apply_filter(cands, corpus, np.arange(n), FilterSettings(strategy="perc_pos", num_negatives=7, max_overlap=None))
     filter_s = time.perf_counter() - t
     recall = float(np.mean((res.ids == pos[:, None]).any(axis=1)))
     return {"search_s": search_s, "filter_s": filter_s, "rows_out": out.stats["rows_out"], "positive_found": recall}

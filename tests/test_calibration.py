@@ -52,7 +52,7 @@ def chosen(s: np.ndarray, **settings) -> tuple[np.ndarray, int, int]:
     def score(queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
         return s[queries, passages]
 
-    c = choose(candidates(s), np.arange(N), FilterSettings(num_negatives=3, **settings), score)
+    c = choose(candidates(s), np.arange(N), FilterSettings(num_negatives=3, max_overlap=None, **settings), score)
     return (np.where(c.kept[:, None], c.negative_ids, -2), sum(c.counts[r] for r in ("margin", "max_score", "min_score")),
             c.padded)
 
@@ -121,7 +121,7 @@ def test_uncalibrated_candidates_refuse_the_calibrated_scale():
     c = candidates(teacher_a())
     c.calibration = None
     with pytest.raises(KoretError, match="filter.scale: calibrated needs the teacher's calibration figures"):
-        choose(c, np.arange(N), FilterSettings(scale="calibrated"))
+        choose(c, np.arange(N), FilterSettings(strategy="perc_pos", scale="calibrated", max_overlap=None))
 
 
 def test_a_range_of_queries_keeps_the_figures_of_all():

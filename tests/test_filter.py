@@ -21,7 +21,7 @@ IS_POS = np.array([[False, True, False, False, False, False, False]])
 
 
 def keep_of(**kw):
-    keep, counts = filter_candidates(POS, CANDS, IS_POS, FilterSettings(**kw))
+    keep, counts = filter_candidates(POS, CANDS, IS_POS, FilterSettings(**{"max_overlap": None, **kw}))
     return keep[0].tolist(), counts
 
 
@@ -40,7 +40,7 @@ def test_perc_pos_drops_above_95_percent_of_positive():
 
 def test_perc_pos_threshold_is_sign_safe():
     # a negative positive score keeps the threshold below the positive: -0.2 - 0.2 * 0.05 = -0.21
-    np.testing.assert_allclose(upper_threshold(np.array([-0.2, 0.5]), FilterSettings(perc=0.95)), [-0.21, 0.475],
+    np.testing.assert_allclose(upper_threshold(np.array([-0.2, 0.5]), FilterSettings(strategy="perc_pos", perc=0.95)), [-0.21, 0.475],
                                rtol=1e-6)
 
 
@@ -77,13 +77,14 @@ def test_range_max_and_min_score_apply_to_any_strategy():
 def test_thresholds_are_per_row():
     pos = np.array([0.8, 0.6], dtype=np.float32)
     cands = np.array([[0.7, 0.58], [0.7, 0.58]], dtype=np.float32)
-    keep, _ = filter_candidates(pos, cands, np.zeros((2, 2), bool), FilterSettings(perc=0.95))
+    keep, _ = filter_candidates(pos, cands, np.zeros((2, 2), bool), FilterSettings(strategy="perc_pos", perc=0.95, max_overlap=None))
     assert keep.tolist() == [[True, True], [False, False]]
 
 
 def test_padding_is_never_kept():
     cands = np.array([[0.5, -np.inf]], dtype=np.float32)
-    keep, counts = filter_candidates(POS, cands, np.zeros((1, 2), bool), FilterSettings(strategy="naive"))
+    keep, counts = filter_candidates(POS, cands, np.zeros((1, 2), bool),
+                                     FilterSettings(strategy="naive", max_overlap=None))
     assert keep.tolist() == [[True, False]]
 
 
@@ -163,3 +164,14 @@ def test_candidates_take_slices_every_per_query_field():
         assert len(got) == 2, f.name
         for i in range(2):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(whole[1 + i]), err_msg=f.name)
+
+
+def test_the_settings_defaults_are_the_configs():
+    """FilterSettings() (the Python API's) is the filter koret mine applies by default (FilterConfig's): they
+    differed (perc_pos 0.95 without the guard vs naive with max_overlap 0.9)."""
+    from dataclasses import asdict
+
+    from koret.config import FilterConfig
+
+    assert asdict(FilterSettings()) == asdict(FilterSettings.from_config(FilterConfig()))
+    assert (FilterSettings().strategy, FilterSettings().max_overlap) == ("naive", 0.9)

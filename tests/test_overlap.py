@@ -65,7 +65,7 @@ CORPUS = [POSITIVE, REORDERED, REWORDED, HARD_NEGATIVE, "부산은 한국 제2�
 def test_the_guard_drops_the_copies_under_any_strategy_and_keeps_the_hard_negative(extra):
     groups = np.arange(len(CORPUS))
     cands = _cands(CORPUS)
-    off = choose(cands, groups, FilterSettings(num_negatives=2, **extra))
+    off = choose(cands, groups, FilterSettings(num_negatives=2, max_overlap=None, **extra))
     assert off.negative_ids.tolist() == [[1, 2]]  # the copies, as naive top-k takes them
     on = choose(cands, groups, FilterSettings(num_negatives=2, max_overlap=0.8, **extra))
     assert on.negative_ids.tolist() == [[3, 4]]  # the hard negative first: ranks count after the guard

@@ -133,7 +133,7 @@ def _candidate_tuples(cfg: RerankerConfig, src: Any, path: str, columns: list[st
                          "keep koret mine's output folder together, or train on its train.parquet")
     n = d.num_negatives or FilterSettings().num_negatives
     cands, texts, groups = read_candidates(Path(path))
-    settings = FilterSettings(strategy="naive", num_negatives=n)
+    settings = FilterSettings(strategy="naive", num_negatives=n, max_overlap=None)  # candidates as mined
     choice = choose(cands, groups, settings)
     outcome = apply_filter(cands, texts, groups, settings, choice=choice)
     rows_in, rows_out = outcome.stats["rows_in"], outcome.stats["rows_out"]
