@@ -301,8 +301,10 @@ def push(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Upload a trained model to the Hugging Face Hub with an honest model card (or stage it: --dry-run DIR); with
-    --dataset (or a dataset: section), the mined data as a dataset repo with a dataset card."""
+    """Upload a trained model (or, with --dataset, the mined data) to the Hugging Face Hub with an honest card.
+
+    --dry-run DIR stages the upload in DIR instead; --dataset DIR (or a dataset: section) pushes what koret mine
+    or koret filter wrote as a dataset repo with a dataset card."""
 
     def go() -> None:
         from koret.config import PushConfig, apply_overrides, read_yaml, validate

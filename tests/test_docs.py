@@ -345,7 +345,8 @@ def check_yaml(block_text: str, tmp: Path) -> list[str]:
     path.write_text(block_text, encoding="utf-8")
     result = CliRunner().invoke(app, ["config", "validate", "-c", str(path)])
     if result.exit_code != 0:
-        return [(result.stderr or result.output).strip().replace(str(path), "block") or f"exit {result.exit_code}"]
+        return [(result.stderr or result.output).strip().replace(str(path), "block")
+                or f"exit {result.exit_code}: {result.exception!r}"]  # a crash in validate prints nothing
     return []
 
 
@@ -553,6 +554,18 @@ def test_readme_headline_numbers_are_the_results_files():
     mine = json.loads((REPO / "bench" / "results" / "mine.json").read_text())
     for size in mine["sizes"]:
         assert f"{size['time_ratio']:.2f}x" in text, size["size"]
+    # the reranker-training row (time and peak RSS against the plain CrossEncoderTrainer script, what a step
+    # costs) and the BM25 row (speed-up over the per-query loop on 1 and 2 threads), from the same make bench
+    rr = json.loads((REPO / "bench" / "results" / "reranker.json").read_text())
+    assert rr["date"] in text
+    assert (f"`koret train-reranker` {rr['koret_vs_plain_time']:.2f}x the time and {rr['koret_vs_plain_rss']:.2f}x "
+            f"the peak RSS" in text), "README: the reranker-training row"
+    assert f"{rr['koret']['s_per_step']:.1f} s and {rr['koret']['peak_rss_mb'] / 1024:.1f} GB a step" in text
+    lex = json.loads((REPO / "bench" / "results" / "lexical.json").read_text())
+    assert lex["date"] in text
+    speedups = [lex["reference_s"] / lex["bm25_top_k"][t]["seconds"] for t in ("1", "2")]
+    assert (f"{lex['passages'] // 1000}k passages x {lex['queries'] // 1000}k queries: {speedups[0]:.2f}x / "
+            f"{speedups[1]:.2f}x" in text), "README: the BM25 row"
 
 
 def test_scripts_write_their_tables_into_docs():
@@ -580,6 +593,9 @@ def test_help_lists_the_chain_in_order_and_ends_with_an_example():
     names = ROOT_COMMAND.list_commands(None)
     assert names == ["mine", "filter", "train", "train-reranker", "eval", "push", "run", "config", "synth",
                      "version"], names
+    # one line each in `koret --help`: the list shows a command's first paragraph, line breaks included
+    broken = [n for n in names if "\n" in (ROOT_COMMAND.commands[n].help or "").strip().split("\n\n")[0]]
+    assert not broken, f"the first paragraph of these commands' help spans several lines: {broken}"
     runner = CliRunner()
     commands = [[n] for n in names if n != "config"] + [["config", n] for n in ROOT_COMMAND.commands["config"].commands]
     for argv in [*commands, ["config"]]:
