@@ -265,6 +265,9 @@ def _failure_figure(exc: BaseException) -> str:
     rank = dist.earliest_failure(records, "error")
     if rank is not None:
         return f"process {rank}: {records[rank]['message']}"
+    if isinstance(exc, Exception) and not isinstance(exc, KoretError) and dist.is_peer_loss(exc):
+        # a library's collective (DDP's all-reduce) whose peer was killed: it left no record, gloo's text is no cause
+        return str(dist.PeerLost("a collective of this stage", exc))
     return str(exc) if isinstance(exc, KoretError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -299,8 +302,11 @@ def _show(rows: list[dict[str, Any]], root: Path) -> None:
     t = Table(title=f"koret run: {root}", title_justify="left", header_style="bold")
     for col, justify in (("stage", "left"), ("status", "left"), ("seconds", "right"), ("key figure", "left")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
+    from rich.markup import escape
+
     colors = {"ran": "green", "skipped": "cyan", "failed": "red"}
     for r in rows:
         c = colors.get(r["status"], "dim")
-        t.add_row(r["stage"], f"[{c}]{r['status']}[/{c}]", f"{r['seconds']:.1f}", r["figure"])
+        # figures are text, not markup: an error's "[/path:line]" (gloo's) raised MarkupError here, in place of it
+        t.add_row(escape(r["stage"]), f"[{c}]{r['status']}[/{c}]", f"{r['seconds']:.1f}", escape(r["figure"]))
     console().print(t)

@@ -109,6 +109,7 @@ def test_a_process_killed_during_training_ends_the_run_naming_it(tmp_path, tiny_
     assert not (tmp_path / "run" / "train" / ".koret-stage.json").exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["ok"] is False and summary["stages"][0]["status"] == "failed", summary
+    assert "│ train │ failed │" in r.stderr, "the main process printed the run table (gloo's text broke it)"
 
 
 @pytest.mark.slow
@@ -214,3 +215,25 @@ except dist.Stopped:
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "stopped" and r.returncode == 0, (r.stdout, r.stderr)
+
+
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:16600: "
+              "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+
+
+def test_a_stage_that_saw_its_peer_die_is_summarized_in_one_plain_line(tmp_path, monkeypatch, capsys):
+    """rank 1 SIGKILLed during train: process 0's DDP all-reduce fails with gloo's RuntimeError, which leaves no
+    record. The summary says another process stopped (not gloo's raw text), and the run table prints it as text:
+    gloo's '[/__w/...]' was read as a rich closing tag, the MarkupError replaced the stage's error and the table
+    was never printed."""
+    from koret import pipeline
+
+    monkeypatch.setenv("KORET_FAILURE_DIR", str(tmp_path / "none"))
+    figure = pipeline._failure_figure(RuntimeError(GLOO_RESET))
+    assert figure.startswith("another process of this run stopped while this one waited in a collective of this "
+                             "stage (RuntimeError: [/__w/pytorch/"), figure
+    pipeline._show([{"stage": "train", "status": "failed", "seconds": 2.6, "figure": figure},
+                    {"stage": "[eval]", "status": "not run", "seconds": 0.0, "figure": "model [v1] [/x]"}],
+                   tmp_path)
+    err = capsys.readouterr().err
+    assert "[/__w/pytorch/" in err and "[eval]" in err and "model [v1] [/x]" in err, err
