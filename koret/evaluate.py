@@ -129,7 +129,7 @@ def load_set(name: str, d: EvalDataConfig, k: list[int], where: str = "") -> Eva
         clamped = sorted({min(x, len(data.corpus)) for x in ks})
         warn(f"{where}k {max(ks)} is larger than the corpus ({len(data.corpus)} passages); clamped to {clamped}")
         ks = clamped
-    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages")
+    info(f"{data.source} ({data.format}): {len(qids):,} queries, {len(data.corpus):,} passages", lead="data")
     return EvalSet(name, d, data, qids, no_relevant, ks)
 
 

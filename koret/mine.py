@@ -103,8 +103,8 @@ def mine(cfg: MineConfig) -> dict[str, Any]:
     else:
         data = load_section(cfg.data).with_positives_only()
     phases["read"] = time.perf_counter() - t
-    info(f"[bold]data[/bold] {data.source} ({data.format}): {len(data.queries):,} queries, "
-         f"{len(data.pairs):,} (query, positive) rows, {len(data.corpus):,} passages")
+    info(f"{data.source} ({data.format}): {len(data.queries):,} queries, "
+         f"{len(data.pairs):,} (query, positive) rows, {len(data.corpus):,} passages", lead="data")
     for note in data.notes:
         info(f"  {note}")
     if index is None:

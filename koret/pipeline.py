@@ -206,14 +206,14 @@ def run_pipeline(cfg: PipelineConfig, source: str = "config", start: str | None 
             skip = _current(record_path, key, stage, stages[name]) if main and not force else None
             skip = dist.agree(skip)  # the main process's decision holds for every process
             if skip is not None:
-                info(f"[bold]{name}[/bold]: skipped (outputs exist with the same config, inputs, models and "
-                     "upstream runs; --force redoes it)")
+                info("skipped (outputs exist with the same config, inputs, models and upstream runs; --force "
+                     "redoes it)", lead=f"{name}:")
                 rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "figure": skip["figure"]})
                 runs.append(skip["run_id"])
                 continue
             if on_stage:
                 on_stage(name)
-            info(f"[bold cyan]== {name} ==[/bold cyan]")
+            info("", lead=f"== {name} ==", style="bold cyan")
             if main:
                 record_path.unlink(missing_ok=True)  # a stage that starts is not done until it ends
             if stage.multi_process:

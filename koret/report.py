@@ -24,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 _state = {"quiet": False}
 
@@ -65,15 +66,19 @@ def console() -> Console:
     return _console
 
 
-def info(message: str) -> None:
+def info(message: str, lead: str | None = None, style: str = "bold") -> None:
+    """One line of progress; ``lead`` (e.g. "data") is printed before it in ``style``. The message is plain text,
+    never rich markup: a path such as ``runs/[v1]/pairs.jsonl`` prints as it is (as markup its "[v1]" vanished and
+    a "[/x]" raised MarkupError)."""
     if not is_quiet():
-        _console.print(message, highlight=False)
+        line = Text.assemble((lead, style), *((" ", message) if message else ())) if lead else Text(message)
+        _console.print(line, highlight=False)
 
 
 def warn(message: str) -> None:
-    """Warnings are shown even with --quiet (on the main process)."""
+    """Warnings are shown even with --quiet (on the main process); the message is plain text, as in :func:`info`."""
     if not _is_non_main_process():
-        _console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        _console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
 
 
 class _Rate(TextColumn):
@@ -195,11 +200,14 @@ def progress() -> Iterator[Any]:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold")
+    """A table of plain text (paths and names with brackets print as they are, not as rich markup)."""
+    from rich.markup import escape
+
+    t = Table(title=escape(title), title_justify="left", header_style="bold")
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(escape(col), justify="left" if i == 0 else "right")
     for row in rows:
-        t.add_row(*[fmt(v) for v in row])
+        t.add_row(*[Text(fmt(v)) for v in row])
     return t
 
 

@@ -68,7 +68,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     lora.preflight(cfg.model)  # model.lora and quantized bases: checked on the model's config, before any load
     # data
     data = load_train_data(cfg)
-    info(f"[bold]data[/bold] {data.source}: {data.rows:,} rows, {data.num_negatives} negatives per row")
+    info(f"{data.source}: {data.rows:,} rows, {data.num_negatives} negatives per row", lead="data")
     if cfg.loss.guide not in (None, "teacher", "student"):
         resolve_model_path(cfg.loss.guide, "loss.guide")
     dataset, eval_dataset = data.dataset, None

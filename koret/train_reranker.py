@@ -60,8 +60,8 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     lora.preflight(cfg.model)  # model.lora and quantized bases: checked on the model's config, before any load
     # data, shaped for the loss
     data = load_reranker_data(cfg)
-    info(f"[bold]data[/bold] {data.source}: {data.rows:,} rows for loss {cfg.loss.name}, "
-         f"{data.num_negatives} hard negatives per query")
+    info(f"{data.source}: {data.rows:,} rows for loss {cfg.loss.name}, {data.num_negatives} hard negatives per query",
+         lead="data")
 
     # model, and the held-out reranking it is evaluated on during training
     model = load_reranker(cfg)

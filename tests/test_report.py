@@ -58,3 +58,17 @@ def test_info_lines_are_whole_lines_off_a_terminal(tmp_path):
     lines = r.stderr.splitlines()
     assert f"data {long_path}: 413 queries, 413 (query, positive) rows, 59 passages" in lines
     assert any(long_path in line and "413" in line for line in lines[1:]), r.stderr
+
+
+def test_brackets_in_paths_print_as_they_are(capsys):
+    """Paths and names are text, not rich markup: "[v1]" vanished from an info line and "[/x]" raised
+    MarkupError (an info line, a warning, a table's title and cells)."""
+    from koret.report import info, show, table, warn
+
+    info("runs/[v1]/pairs.jsonl: 3 rows", lead="data")
+    warn("runs/[/x]/pairs.jsonl has no rows")
+    show(table("koret: runs/[/x]", ["file", "rows"], [["runs/[v1]/[/x].jsonl", 3]]))
+    err = capsys.readouterr().err
+    assert "data runs/[v1]/pairs.jsonl: 3 rows" in err
+    assert "warning: runs/[/x]/pairs.jsonl has no rows" in err
+    assert "koret: runs/[/x]" in err and "runs/[v1]/[/x].jsonl" in err
