@@ -61,6 +61,10 @@ class Arm:
     rows: str = "sample"  # sample: data.sample of the whole split (seeded) | first: data.limit, the first N rows
     rounds: int = 1  # 2: mine again with the round-1 model as teacher, filter alike, train again
     round_start: str = "trained"  # round 2 trains on from round 1's model (trained) or from e5 itself (base)
+    # the arm whose trained model is round 1 (its recipe, rows and seed are this arm's own, so its model is what
+    # round 1 would train): both 2-round arms share one round 1 and one re-mining, and "2 rounds vs 1" compares
+    # round 2 with the very model it started from
+    round1: str = ""
 
 
 MNRL = {"loss.name": "mnrl"}
@@ -84,10 +88,10 @@ ARMS = [
         filter=DEFAULT_FILTER, train=MNRL),
     Arm("default_first", "the default's recipe on the first N rows (data.limit) instead of a sample",
         filter=DEFAULT_FILTER, train=MNRL, rows="first"),
-    Arm("default_rounds2", "the default's recipe, then re-mined with its model and trained on (2 rounds)",
-        filter=DEFAULT_FILTER, train=MNRL, rounds=2),
-    Arm("default_rounds2_base", "2 rounds, round 2 trained from e5 itself on the round-1 model's negatives",
-        filter=DEFAULT_FILTER, train=MNRL, rounds=2, round_start="base"),
+    Arm("default_rounds2", "round 1 = the default arm's model; re-mined with it as teacher, the default filter, "
+        "trained on from it (2 rounds)", filter=DEFAULT_FILTER, train=MNRL, rounds=2, round1=DEFAULT_ARM),
+    Arm("default_rounds2_base", "as default_rounds2, but round 2 trains e5 itself on the round-1 model's negatives",
+        filter=DEFAULT_FILTER, train=MNRL, rounds=2, round_start="base", round1=DEFAULT_ARM),
     Arm("perc_mnrl_lexical", "perc_mnrl + Korean BM25 candidates", mine="lexical", train=MNRL),
     Arm("perc_mnrl_distill", "perc_mnrl + KL distillation of the teacher scores (weight 1)",
         train={**MNRL, "loss.distill": {"name": "kl", "weight": 1.0}}),
@@ -189,6 +193,7 @@ def train(arm: Arm, data: Path, start: str, work: Path, opts: argparse.Namespace
     return koret(
         "train", "-c", "configs/train.yaml", "--resume", "--set", f"model.name={start}",
         "--set", f"model.max_seq_length={opts.max_seq_length}", "--set", f"data.train={data / 'train.parquet'}",
+        "--set", "model.attention_dropout=null",  # the arms ran with the model's own dropout (as a GPU run does)
         *pick, *(["--set", f"loss.temperature={opts.temperature}"] if opts.temperature else []),
         "--set", f"args.output_dir={out}", "--set", f"args.per_device_train_batch_size={opts.batch}",
         "--set", f"args.learning_rate={opts.lr}", "--set", "args.logging_steps=5",
@@ -197,14 +202,14 @@ def train(arm: Arm, data: Path, start: str, work: Path, opts: argparse.Namespace
 
 
 def remine(arm: Arm, teacher: str, work: Path, opts: argparse.Namespace) -> Path:
-    """Round 2's candidates: articles 0-111 mined again with the round-1 model as teacher."""
-    out = work / arm.name / "mine-round2"
+    """Round 2's candidates: articles 0-111 mined again with the round-1 model (``arm.round1``'s) as teacher."""
+    out = work / f"mine-round2-{arm.round1}"
     if (out / "candidates.parquet").exists() and (out / "stats.json").exists():
         return out
     koret("mine", "-c", "configs/mine.yaml", "--set", f"data.train={DATA}#{TRAIN_ARTICLES}", "--set", "data.corpus=null",
           "--set", f"teacher.model={teacher}", "--set", f"teacher.max_seq_length={opts.mine_max_seq_length}",
           "--set", "search.top_k=50", "--set", "filter.num_negatives=7", "--set", f"output.dir={out}",
-          "--set", f"cache_dir={work / 'cache'}", log=work / "logs" / f"{arm.name}-mine-round2.log")
+          "--set", f"cache_dir={work / 'cache'}", log=work / "logs" / f"mine-round2-{arm.round1}.log")
     return out
 
 
@@ -248,6 +253,9 @@ def arm_result(arm: Arm, work: Path, seconds: dict[str, float]) -> dict[str, Any
     out: dict[str, Any] = {"arm": arm.name, "what": arm.what, "default": arm.name == DEFAULT_ARM,
                            "sets": {name: _row(rec, arm) for name, rec in metrics["sets"].items()},
                            AVERAGE: _row(metrics, arm)}
+    # NDCG@10 of every query, in the eval's order: the paired comparisons need them, and bench/results keeps
+    # them, so a later session can compare a new arm with one whose run folder is gone
+    out["per_query_ndcg@10"] = per_query_ndcg(work, arm.name)
     if arm.name != "base":
         final = work / arm.name / ("train-round2" if arm.rounds == 2 else "train")
         tm = json.loads((final / "metrics.json").read_text())
@@ -255,7 +263,7 @@ def arm_result(arm: Arm, work: Path, seconds: dict[str, float]) -> dict[str, Any
                         "seconds": tm["wall_seconds"], "tokens_per_second": tm.get("tokens_per_second"),
                         "peak_rss_bytes": tm.get("peak_rss_bytes"), "rounds": arm.rounds, "rows_from": arm.rows}
         if arm.rounds == 2:
-            first = json.loads((work / arm.name / "train" / "metrics.json").read_text())
+            first = json.loads((work / arm.round1 / "train" / "metrics.json").read_text())
             out["train"]["steps"] += first["steps"]
             out["train"]["seconds"] += first["wall_seconds"]
         out["seconds"] = seconds
@@ -274,20 +282,31 @@ def per_query_ndcg(work: Path, arm: str) -> dict[str, list[float]]:
     return out
 
 
-def compare_pairs(work: Path, done: set[str]) -> list[dict[str, Any]]:
-    """Each pair's NDCG@10 delta (a - b) on every set and on the macro average, with CI and p-value."""
+def compare_pairs(done: dict[str, dict[str, Any]], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each pair's NDCG@10 delta (a - b) on every set and on the macro average, with CI and p-value, from the
+    arms' per-query values; a pair of arms measured before they were kept is taken from ``before`` (the last
+    quality.json), as it was computed then."""
     from koret.significance import macro_paired_comparison, paired_comparison
 
     out = []
+    earlier = {(c["a"], c["b"]): c for c in before}
     for a, b, question in PAIRS:
-        if a in done and b in done and a != b:
-            pa, pb = per_query_ndcg(work, a), per_query_ndcg(work, b)
-            names = list(pa)
-            row: dict[str, Any] = {"a": a, "b": b, "question": question,
-                                   "sets": {n: {"ndcg@10": paired_comparison(pb[n], pa[n]).as_dict()} for n in names}}
-            row[AVERAGE] = {"ndcg@10": macro_paired_comparison([pb[n] for n in names],
-                                                               [pa[n] for n in names]).as_dict()}
-            out.append(row)
+        if a not in done or b not in done:
+            continue
+        pa, pb = done[a].get("per_query_ndcg@10"), done[b].get("per_query_ndcg@10")
+        if pa is None or pb is None:
+            if (a, b) in earlier:
+                out.append(earlier[(a, b)])
+            continue
+        names = list(pa)
+        if any(len(pa[n]) != len(pb.get(n, ())) for n in names):
+            raise SystemExit(f"quality: {a} and {b} were evaluated on different queries; rerun one of them")
+        row: dict[str, Any] = {"a": a, "b": b, "question": question,
+                               "date": max(done[a]["date"], done[b]["date"]),
+                               "sets": {n: {"ndcg@10": paired_comparison(pb[n], pa[n]).as_dict()} for n in names}}
+        row[AVERAGE] = {"ndcg@10": macro_paired_comparison([pb[n] for n in names],
+                                                           [pa[n] for n in names]).as_dict()}
+        out.append(row)
     return out
 
 
@@ -337,7 +356,13 @@ def markdown(results: list[dict[str, Any]], pairs: list[dict[str, Any]], meta: d
     lines.append("")
     lines.append("Metrics in points (x100); a comparison's Δ is its first arm minus its second. train s: wall seconds "
                  "of the training process that finished the arm (a training resumed from a checkpoint counts only its "
-                 "last part); for a 2-round arm, steps and train s are both rounds' together. Arms not listed did not run yet (the script resumes).")
+                 "last part); for a 2-round arm, steps and train s are both rounds' together (its round 1 is the arm its "
+                 "what names). Arms not listed did not run yet (the script resumes).")
+    older = [f"{r['arm']} ({r['date']})" for r in results if r.get("date", meta["date"]) != meta["date"]] + \
+        [f"{c['a']} − {c['b']} ({c['date']})" for c in pairs if c.get("date", meta["date"]) != meta["date"]]
+    if older:
+        lines.append(f"Measured on {meta['date']} except, kept from an earlier run (same settings and code of "
+                     f"the study): {', '.join(older)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -347,11 +372,12 @@ def run_arm(arm: Arm, e5: str, work: Path, opts: argparse.Namespace) -> dict[str
     model = e5
     if arm.name != "base":
         data = filtered(arm, mine(arm.mine, e5, work, opts), work)
-        seconds["train"] = train(arm, data, e5, work, opts, work / arm.name / "train")
-        model = str(work / arm.name / "train" / "final")
+        first = work / (arm.round1 or arm.name) / "train"  # a 2-round arm's round 1 is its round1 arm's training
+        seconds["train"] = train(arm, data, e5, work, opts, first)
+        model = str(first / "final")
         if arm.rounds == 2:
             t0 = time.perf_counter()
-            data2 = filtered(arm, remine(arm, model, work, opts), work, tag=f"{arm.name}-round2")
+            data2 = filtered(arm, remine(arm, model, work, opts), work, tag=f"{arm.round1}-round2")
             seconds["mine_round2"] = time.perf_counter() - t0
             start = model if arm.round_start == "trained" else e5
             seconds["train_round2"] = train(arm, data2, start, work, opts, work / arm.name / "train-round2")
@@ -384,20 +410,32 @@ def main() -> None:
         raise SystemExit(f"quality: unknown arms {sorted(unknown)}; known: {[a.name for a in ARMS]}")
     e5 = e5_model()
     started = time.perf_counter()
+    # arms measured in an earlier session whose run folder is gone (runs/ is not kept) stay in the results as
+    # they were measured, with their date, unless this run measures them again
+    last = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    earlier = {r["arm"]: {"date": last["meta"]["date"], **r} for r in last.get("arms", ())}
     done: list[dict[str, Any]] = []
-    for arm in [a for a in ARMS if a.name in wanted]:
+    for arm in ARMS:
         result_path = work / arm.name / "result.json"
+        if arm.name not in wanted:
+            if arm.name in earlier and not result_path.exists():
+                done.append({**earlier[arm.name], "default": arm.name == DEFAULT_ARM})
+                print(f"quality: {arm.name} kept as measured on {earlier[arm.name]['date']}", flush=True)
+            continue
         if result_path.exists():  # the default mark is today's, not the one of the day the arm ran
             result = json.loads(result_path.read_text())
             if "sets" not in result:  # the layout of 2026-11-28 (first-N rows, no suite): not comparable
                 raise SystemExit(f"quality: {result_path} is a result of the study's older layout (first-N rows, "
                                  f"KorQuAD only); move {work / arm.name} (and its filter-* and mine-* folders, "
                                  f"if mined with older code) aside to run the arm again")
-            done.append({**result, "default": arm.name == DEFAULT_ARM})
+            if "per_query_ndcg@10" not in result:  # written before results kept their queries' values
+                result["per_query_ndcg@10"] = per_query_ndcg(work, arm.name)
+            done.append({"date": date.fromtimestamp(result_path.stat().st_mtime).isoformat(), **result,
+                         "default": arm.name == DEFAULT_ARM})
             print(f"quality: {arm.name} done before, skipped", flush=True)
             continue
         print(f"quality: {arm.name}: {arm.what}", flush=True)
-        result = run_arm(arm, e5, work, opts)
+        result = {"date": date.today().isoformat(), **run_arm(arm, e5, work, opts)}
         result_path.write_text(json.dumps(result, indent=2))
         done.append(result)
         print(f"quality: {arm.name}: NDCG@10 {EVAL_SET} {result['sets'][EVAL_SET]['metrics']['ndcg@10']:.4f}, "
@@ -407,7 +445,8 @@ def main() -> None:
             "temperature": opts.temperature, "max_seq_length": opts.max_seq_length,
             "eval_max_seq_length": opts.eval_max_seq_length, "seconds_this_run": time.perf_counter() - started,
             "default_arm": DEFAULT_ARM, "default_filter": DEFAULT_FILTER, "suite": [EVAL_SET, OOD_SET]}
-    pairs = compare_pairs(work, {r["arm"] for r in done})
+    pairs = compare_pairs({r["arm"]: r for r in done},
+                          [{"date": last["meta"]["date"], **c} for c in last.get("pairs", ())])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps({"meta": meta, "arms": done, "pairs": pairs}, indent=2))
     table_md = markdown(done, pairs, meta)

@@ -62,6 +62,36 @@ def test_docs_show_the_quality_study_as_measured():
             assert abs(got["ndcg@10"]["delta"] - want) < 1e-9, (pair["a"], pair["b"])
 
 
+def test_quality_pairs_come_from_kept_per_query_values():
+    """A pair is computed from both arms' per-query NDCG@10 (kept in quality.json, so a later session can pair a
+    new arm with an old one); a pair with an arm measured before values were kept is the earlier run's, dated;
+    arms on different queries stop the study; every kept list averages to its set's NDCG@10."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import pytest
+    import quality
+
+    a, b = quality.DEFAULT_ARM, "naive_mnrl"
+    sets = {quality.EVAL_SET: [1.0, 0.5, 0.0, 1.0], quality.OOD_SET: [1.0, 1.0]}
+    worse = {quality.EVAL_SET: [0.5, 0.5, 0.0, 1.0], quality.OOD_SET: [1.0, 0.0]}
+    done = {a: {"date": "2026-12-03", "per_query_ndcg@10": sets}, b: {"date": "2026-12-02", "per_query_ndcg@10": worse}}
+    (pair,) = quality.compare_pairs(done, [])
+    assert (pair["a"], pair["b"], pair["date"]) == (a, b, "2026-12-03")
+    assert pair["sets"][quality.EVAL_SET]["ndcg@10"]["delta"] == pytest.approx(0.125)
+    assert pair["sets"][quality.OOD_SET]["ndcg@10"]["delta"] == pytest.approx(0.5)
+    assert pair[quality.AVERAGE]["ndcg@10"]["delta"] == pytest.approx((0.125 + 0.5) / 2)
+    old = {"a": a, "b": b, "date": "2026-12-01", "sets": {}, "average": {}}
+    assert quality.compare_pairs({a: done[a], b: {"date": "2026-12-01"}}, [old]) == [old]
+    assert quality.compare_pairs({a: done[a], b: {"date": "2026-12-01"}}, []) == []
+    with pytest.raises(SystemExit, match="different queries"):
+        quality.compare_pairs({**done, b: {"date": "x", "per_query_ndcg@10": {**worse, quality.OOD_SET: [1.0]}}}, [])
+    data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
+    for arm in data["arms"]:
+        for name, values in arm.get("per_query_ndcg@10", {}).items():
+            block = arm["sets"][name]
+            assert len(values) == block["queries"]
+            assert sum(values) / len(values) == pytest.approx(block["metrics"]["ndcg@10"], abs=1e-9), arm["arm"]
+
+
 def test_the_quality_studys_default_arm_is_koret_s_default():
     """The arm marked "default" in quality.json trains on the filter koret ships: FilterConfig's defaults."""
     sys.path.insert(0, str(REPO / "scripts"))
