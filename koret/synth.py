@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _SYLLABLES = list("가온누리다솔마루하빛새벼린채윤서하준도현시우라온별찬결아람슬기해나봄")
 _REGIONS = ["동쪽 해안", "서부 평야", "남쪽 산간", "북부 고원", "중부 분지", "호숫가", "섬 지역", "강 하류"]
@@ -169,6 +170,100 @@ def write(data: SynthData, out_dir: str | Path, eval_fraction: float = 0.0, seed
     return files
 
 
+def _word_counts(texts: list[str], normalizer: Any, pre_tokenizer: Any) -> dict[str, int]:
+    """How often each word occurs in ``texts``, words as a tokenizer with this normalizer and pre-tokenizer
+    cuts them (what ``Tokenizer.train_from_iterator`` counts).
+
+    Each distinct space-delimited piece (a text's first piece, then " " + each later one) is normalized and
+    pre-tokenized once: the words are the same as the whole text's (NFC composes nothing across a space; BERT's
+    pre-tokenizer drops the space, Metaspace makes it the next word's "▁"), and long texts go over 10x faster
+    (the pre-tokenizer's time grows faster than a text's length).
+    """
+    pieces: dict[str, int] = {}
+    for text in texts:
+        first, *rest = text.split(" ")
+        pieces[first] = pieces.get(first, 0) + 1
+        for piece in rest:
+            piece = " " + piece
+            pieces[piece] = pieces.get(piece, 0) + 1
+    counts: dict[str, int] = {}
+    for piece, n in pieces.items():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece)):
+            if word:
+                counts[word] = counts.get(word, 0) + n
+    return counts
+
+
+def _train_bpe(word_counts: dict[str, int], vocab_size: int, special_tokens: list[str],
+               prefix: str = "") -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn BPE merges over ``word_counts``: the same result in every process (the Rust trainers of
+    ``tokenizers`` break ties in pair counts by hash order, so their vocabulary changes from run to run).
+
+    A word starts as its characters; with a ``prefix`` ("##" for WordPiece) every character after the first
+    carries it, and a merge of ``a`` and ``##b`` gives ``ab``. Each step merges the most frequent adjacent pair
+    (ties: the lexicographically smallest pair) in every word. Returns the vocabulary and the merges in order.
+    The vocabulary is the special tokens, the alphabet sorted (each character alone, and with the prefix where
+    it follows another), then each new merge result; all of the alphabet is kept, merges go on only while the
+    vocabulary is below ``vocab_size``. Pair counts are updated only for the words a merge touches, so thousands
+    of merges over tens of thousands of words take seconds, not minutes.
+    """
+    import heapq
+    from itertools import pairwise
+
+    words = [[w[0]] + [prefix + c for c in w[1:]] for w in word_counts]
+    freqs = list(word_counts.values())
+    vocab: dict[str, int] = {}
+    # every character on its own as well (as WordPieceTrainer's alphabet has it): a word that starts with a
+    # character seen only inside words is then no [UNK]
+    for token in special_tokens + sorted({c for w in word_counts for c in w} | {s for w in words for s in w}):
+        vocab.setdefault(token, len(vocab))
+    pair_counts: dict[tuple[str, str], int] = {}
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, (syms, f) in enumerate(zip(words, freqs, strict=True)):
+        for pair in pairwise(syms):
+            pair_counts[pair] = pair_counts.get(pair, 0) + f
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size and heap:
+        neg, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b), 0) != -neg:
+            continue  # a stale entry: the pair's count changed since it was pushed
+        merges.append((a, b))
+        merged = a + (b[len(prefix):] if prefix and b.startswith(prefix) else b)
+        vocab.setdefault(merged, len(vocab))
+        delta: dict[tuple[str, str], int] = {}
+        for i in where.pop((a, b)):  # the order does not matter: each word changes on its own
+            syms, out, j = words[i], [], 0
+            while j < len(syms):
+                if j + 1 < len(syms) and syms[j] == a and syms[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(syms[j])
+                    j += 1
+            if len(out) == len(syms):
+                continue  # a stale entry: an earlier merge already took this word's pair apart
+            f = freqs[i]
+            for pair in pairwise(syms):
+                delta[pair] = delta.get(pair, 0) - f
+            for pair in pairwise(out):
+                delta[pair] = delta.get(pair, 0) + f
+                where.setdefault(pair, set()).add(i)
+            words[i] = out
+        for pair, d in delta.items():
+            if d:
+                count = pair_counts.get(pair, 0) + d
+                if count > 0:
+                    pair_counts[pair] = count
+                    heapq.heappush(heap, (-count, *pair))
+                else:
+                    pair_counts.pop(pair, None)
+                    where.pop(pair, None)
+    return vocab, merges
+
+
 def build_random_bert(out: Path, texts: list[str], seed: int = 0, num_labels: int | None = None,
                       lexical: bool = False, hidden: int = 64, layers: int = 2, heads: int = 2,
                       intermediate: int | None = None, vocab_size: int = 1200, max_positions: int = 130) -> Path:
@@ -183,16 +278,18 @@ def build_random_bert(out: Path, texts: list[str], seed: int = 0, num_labels: in
     whose scores follow word overlap. Training still moves every weight.
     """
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(texts, trainer)
-    from tokenizers import processors
-
+    # the vocabulary WordPieceTrainer would learn (BPE merges over "##"-continued characters), without its
+    # run-to-run differences (see _train_bpe)
+    normalizer, pre_tokenizer = normalizers.NFC(), pre_tokenizers.BertPreTokenizer()
+    vocab, _ = _train_bpe(_word_counts(texts, normalizer, pre_tokenizer), vocab_size,
+                          ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], prefix="##")
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()  # decode() joins the "##" pieces back into words
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
@@ -254,16 +351,16 @@ def build_random_decoder(out: Path, texts: list[str], seed: int = 0, lexical: bo
     every pair. Training still moves every weight.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    normalizer, pre_tokenizer = normalizers.NFC(), pre_tokenizers.Metaspace()
+    vocab, merges = _train_bpe(_word_counts(texts, normalizer, pre_tokenizer), vocab_size,
+                               [DECODER_EOS, "<|unk|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DECODER_EOS, "<|unk|>", "<|im_start|>",
-                                                                         "<|im_end|>"])
-    tok.train_from_iterator(texts, trainer)
     tok.add_tokens(["yes", "no"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=DECODER_EOS, pad_token=DECODER_EOS,
                                    unk_token="<|unk|>", model_max_length=max_positions)

@@ -1,8 +1,8 @@
 """Shared fixtures: a small Korean data set and tiny models built locally (no network, random weights).
 
-The tokenizer is a WordPiece vocabulary trained with `tokenizers` on the fixture's own Korean text; the
-sentence-transformer is a 2-layer BERT with mean pooling and L2 normalization; the cross-encoder is the same
-BERT with a one-logit head.
+The tokenizer is a WordPiece vocabulary learned on the fixture's own Korean text (by koret.synth's own BPE
+merges, the same in every process); the sentence-transformer is a 2-layer BERT with mean pooling and L2
+normalization; the cross-encoder is the same BERT with a one-logit head.
 """
 
 from __future__ import annotations

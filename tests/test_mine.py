@@ -84,8 +84,9 @@ def test_filter_resamples_without_a_model(tmp_path, tiny_model, data_dir):
                                   pd.read_parquet(tmp_path / "same" / "train.parquet"))
 
 
-def test_agreement_with_sentence_transformers(tmp_path, tiny_model, pairs):
+def test_agreement_with_sentence_transformers(tmp_path, tiny_model, pairs, monkeypatch):
     """koret's perc_pos 0.95 == mine_hard_negatives(relative_margin=0.05, sampling top, n-tuple, exact search)."""
+    import faiss
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
@@ -98,14 +99,26 @@ def test_agreement_with_sentence_transformers(tmp_path, tiny_model, pairs):
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     n_neg = 3
     max_pos = max(pd.DataFrame(rows).groupby("query").size())
-    window = (n_neg * 10 + max_pos) + max_pos  # the library's candidate window: range_max + max_positives
+    # koret searches as deep as the library does: its candidate window is range_max (n_neg * 10 + max_pos) plus
+    # max_pos (+ 1 since sentence-transformers 6.3, a slot for a query that is a passage too); read it off the
+    # library's index search. A row whose third valid negative sits at the window's edge is kept by one and
+    # dropped by the other when the windows differ (4 of 426 rows with a window one short).
+    searched: list[int] = []
 
+    class RecordingIndex(faiss.IndexFlatIP):
+        def search(self, x, k, *args, **kwargs):
+            searched.append(k)
+            return super().search(x, k, *args, **kwargs)
+
+    monkeypatch.setattr(faiss, "IndexFlatIP", RecordingIndex)
     model = SentenceTransformer(str(tiny_model), device="cpu")
     lib = mine_hard_negatives(
         Dataset.from_list(rows), model, relative_margin=0.05, num_negatives=n_neg, sampling_strategy="top",
         output_format="n-tuple", use_faiss=True, query_prompt_name="query", corpus_prompt_name="passage",
         batch_size=16, verbose=False,
     )
+    window = searched[0]
+    assert set(searched) == {window} and window >= (n_neg * 10 + max_pos) + max_pos, searched
     cfg = mine_config(tmp_path, tiny_model, tmp_path / "pairs.jsonl", search__top_k=window,
                       filter__num_negatives=n_neg)
     result = run_cli("mine", "-c", str(write_config(tmp_path / "m.yaml", cfg)), "--quiet")
