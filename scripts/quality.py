@@ -46,6 +46,9 @@ HEADLINE = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
 # synthetic questions about fictional entities (samples/ko-synth: 150 held-out questions, 450 passages)
 OOD = {"path": "samples/ko-synth/eval.jsonl", "corpus": "samples/ko-synth/train.jsonl", "corpus_column": "positive"}
 EVAL_SET, OOD_SET, AVERAGE = "korquad-112-139", "ko-synth", "average"  # the suite's set names, and the average's
+# the options an arm's figures depend on (bench/results/quality.json's meta): arms of an earlier run are kept only
+# where they are the same
+SETTINGS = ("steps", "batch", "lr", "temperature", "max_seq_length", "eval_max_seq_length")
 
 
 @dataclass(frozen=True)
@@ -293,13 +296,16 @@ def compare_pairs(done: dict[str, dict[str, Any]], before: list[dict[str, Any]])
     for a, b, question in PAIRS:
         if a not in done or b not in done:
             continue
-        pa, pb = done[a].get("per_query_ndcg@10"), done[b].get("per_query_ndcg@10")
+        pa, pb = _kept_values(a, done[a]), _kept_values(b, done[b])
         if pa is None or pb is None:
-            if (a, b) in earlier:
+            if (a, b) in earlier and _describes(earlier[(a, b)], done[a], done[b]):
                 out.append(earlier[(a, b)])
+            elif (a, b) in earlier:
+                print(f"quality: {a} − {b} of {earlier[(a, b)].get('date')} left out: one of the two was measured "
+                      f"again since; run the other again to compare them", flush=True)
             continue
         names = list(pa)
-        if any(len(pa[n]) != len(pb.get(n, ())) for n in names):
+        if set(pa) != set(pb) or any(len(pa[n]) != len(pb[n]) for n in names):
             raise SystemExit(f"quality: {a} and {b} were evaluated on different queries; rerun one of them")
         row: dict[str, Any] = {"a": a, "b": b, "question": question,
                                "date": max(done[a]["date"], done[b]["date"]),
@@ -308,6 +314,34 @@ def compare_pairs(done: dict[str, dict[str, Any]], before: list[dict[str, Any]])
                                                            [pa[n] for n in names]).as_dict()}
         out.append(row)
     return out
+
+
+def _kept_values(name: str, arm: dict[str, Any]) -> dict[str, list[float]] | None:
+    """An arm's per-query NDCG@10 (None where it has none), checked against its own figures: as many values as
+    queries on each set, averaging to its NDCG@10; a list that does not add up (quality.json edited, another
+    eval's result.json) stops the study rather than pair the wrong queries."""
+    values = arm.get("per_query_ndcg@10")
+    if values is None:
+        return None
+    for n, block in arm["sets"].items():
+        got = values.get(n) or []
+        if len(got) != block["queries"] or abs(sum(got) / max(len(got), 1) - block["metrics"]["ndcg@10"]) > 1e-9:
+            raise SystemExit(f"quality: {name}'s per-query NDCG@10 on {n} does not add up to its NDCG@10 over "
+                             f"{block['queries']} queries (its result.json or bench/results/quality.json edited?); "
+                             f"rerun {name}")
+    return values
+
+
+def _describes(pair: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """An earlier run's pair still describes arms ``a`` and ``b`` as they are now: on every set and the average its
+    Δ is a's gain over base minus b's (the same queries and base), so neither was measured again since."""
+    blocks = [(pair.get("sets", {}).get(n), a["sets"][n], b["sets"].get(n)) for n in a["sets"]]
+    blocks.append((pair.get(AVERAGE), a[AVERAGE], b[AVERAGE]))
+    try:
+        return all(abs(got["ndcg@10"]["delta"] - (x["vs_base"]["ndcg@10"]["delta"] - y["vs_base"]["ndcg@10"]["delta"]))
+                   < 1e-9 for got, x, y in blocks)
+    except (KeyError, TypeError):  # a set or figure one of them lacks
+        return False
 
 
 def _ci(s: dict[str, Any]) -> str:
@@ -410,20 +444,28 @@ def main() -> None:
         raise SystemExit(f"quality: unknown arms {sorted(unknown)}; known: {[a.name for a in ARMS]}")
     e5 = e5_model()
     started = time.perf_counter()
-    # arms measured in an earlier session whose run folder is gone (runs/ is not kept) stay in the results as
-    # they were measured, with their date, unless this run measures them again
+    # every arm measured at these settings stays in the results: from its run folder, or, where that is gone
+    # (runs/ is not kept), as an earlier session measured it, with its date (the last quality.json)
     last = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    other = {k: (last["meta"].get(k), getattr(opts, k)) for k in SETTINGS
+             if last and last["meta"].get(k) != getattr(opts, k)}
+    if other:  # a table of one size: arms of another are measured again, not kept
+        print(f"quality: {RESULTS / 'quality.json'} was measured with other settings "
+              f"({', '.join(f'{k} {was} not {now}' for k, (was, now) in other.items())}): its arms are not kept",
+              flush=True)
+        last = {}
     earlier = {r["arm"]: {"date": last["meta"]["date"], **r} for r in last.get("arms", ())}
     done: list[dict[str, Any]] = []
     for arm in ARMS:
         result_path = work / arm.name / "result.json"
-        if arm.name not in wanted:
-            if arm.name in earlier and not result_path.exists():
+        result = json.loads(result_path.read_text()) if result_path.exists() else None
+        if arm.name not in wanted and (result is None or "sets" not in result):
+            # not asked for and not in this work folder: as an earlier session measured it, if one did
+            if arm.name in earlier:
                 done.append({**earlier[arm.name], "default": arm.name == DEFAULT_ARM})
                 print(f"quality: {arm.name} kept as measured on {earlier[arm.name]['date']}", flush=True)
             continue
-        if result_path.exists():  # the default mark is today's, not the one of the day the arm ran
-            result = json.loads(result_path.read_text())
+        if result is not None:  # the default mark is today's, not the one of the day the arm ran
             if "sets" not in result:  # the layout of 2026-11-28 (first-N rows, no suite): not comparable
                 raise SystemExit(f"quality: {result_path} is a result of the study's older layout (first-N rows, "
                                  f"KorQuAD only); move {work / arm.name} (and its filter-* and mine-* folders, "

@@ -62,34 +62,134 @@ def test_docs_show_the_quality_study_as_measured():
             assert abs(got["ndcg@10"]["delta"] - want) < 1e-9, (pair["a"], pair["b"])
 
 
-def test_quality_pairs_come_from_kept_per_query_values():
-    """A pair is computed from both arms' per-query NDCG@10 (kept in quality.json, so a later session can pair a
-    new arm with an old one); a pair with an arm measured before values were kept is the earlier run's, dated;
-    arms on different queries stop the study; every kept list averages to its set's NDCG@10."""
+def _quality():
     sys.path.insert(0, str(REPO / "scripts"))
-    import pytest
     import quality
 
+    return quality
+
+
+def _quality_arm(q, name, per_query, base, date="2026-12-02"):
+    """An arm's record as quality.py writes it, its figures computed from its per-query NDCG@10 (``base``: the
+    untrained model's, on the same queries)."""
+    def block(values, base_values):
+        mean, gain = sum(values) / len(values), (sum(values) - sum(base_values)) / len(values)
+        return {"metrics": {"ndcg@10": mean}, "queries": len(values), "passages": 10,
+                "vs_base": {"ndcg@10": {"delta": gain, "ci_low": gain - 0.1, "ci_high": gain + 0.1, "p_value": 0.5}}}
+
+    sets = {n: block(per_query[n], base[n]) for n in per_query}
+    average = {k: v for k, v in sets[q.EVAL_SET].items() if k != "vs_base"}
+    average["metrics"] = {"ndcg@10": sum(b["metrics"]["ndcg@10"] for b in sets.values()) / len(sets)}
+    gain = sum(b["vs_base"]["ndcg@10"]["delta"] for b in sets.values()) / len(sets)
+    average["vs_base"] = {"ndcg@10": {"delta": gain, "ci_low": gain - 0.1, "ci_high": gain + 0.1, "p_value": 0.5}}
+    return {"arm": name, "what": name, "date": date, "sets": sets, "average": average, "per_query_ndcg@10": per_query}
+
+
+def test_quality_pairs_come_from_kept_per_query_values():
+    """A pair is computed from both arms' per-query NDCG@10 (kept in quality.json, so a later session can pair a
+    new arm with an old one); a pair with an arm measured before values were kept is the earlier run's, dated, as
+    long as it still describes both arms; arms on different queries, or a kept list that does not add up to its
+    arm's own NDCG@10, stop the study; every kept list averages to its set's NDCG@10."""
+    import pytest
+
+    quality = _quality()
     a, b = quality.DEFAULT_ARM, "naive_mnrl"
+    base = {quality.EVAL_SET: [0.5, 0.5, 0.0, 0.5], quality.OOD_SET: [1.0, 0.0]}
     sets = {quality.EVAL_SET: [1.0, 0.5, 0.0, 1.0], quality.OOD_SET: [1.0, 1.0]}
     worse = {quality.EVAL_SET: [0.5, 0.5, 0.0, 1.0], quality.OOD_SET: [1.0, 0.0]}
-    done = {a: {"date": "2026-12-03", "per_query_ndcg@10": sets}, b: {"date": "2026-12-02", "per_query_ndcg@10": worse}}
+    done = {a: _quality_arm(quality, a, sets, base, "2026-12-03"), b: _quality_arm(quality, b, worse, base)}
     (pair,) = quality.compare_pairs(done, [])
     assert (pair["a"], pair["b"], pair["date"]) == (a, b, "2026-12-03")
     assert pair["sets"][quality.EVAL_SET]["ndcg@10"]["delta"] == pytest.approx(0.125)
     assert pair["sets"][quality.OOD_SET]["ndcg@10"]["delta"] == pytest.approx(0.5)
     assert pair[quality.AVERAGE]["ndcg@10"]["delta"] == pytest.approx((0.125 + 0.5) / 2)
-    old = {"a": a, "b": b, "date": "2026-12-01", "sets": {}, "average": {}}
-    assert quality.compare_pairs({a: done[a], b: {"date": "2026-12-01"}}, [old]) == [old]
-    assert quality.compare_pairs({a: done[a], b: {"date": "2026-12-01"}}, []) == []
+    # b measured before lists were kept: the earlier run's pair, while its deltas are still a's gain minus b's
+    old_b = {k: v for k, v in done[b].items() if k != "per_query_ndcg@10"}
+    old = {**pair, "date": "2026-12-01"}
+    assert quality.compare_pairs({a: done[a], b: old_b}, [old]) == [old]
+    assert quality.compare_pairs({a: done[a], b: old_b}, []) == []
+    # a measured again since (another result): the earlier pair no longer describes it and is left out
+    again = _quality_arm(quality, a, {**sets, quality.EVAL_SET: [1.0, 1.0, 0.0, 1.0]}, base)
+    assert quality.compare_pairs({a: again, b: old_b}, [old]) == []
     with pytest.raises(SystemExit, match="different queries"):
-        quality.compare_pairs({**done, b: {"date": "x", "per_query_ndcg@10": {**worse, quality.OOD_SET: [1.0]}}}, [])
+        short = _quality_arm(quality, b, {**worse, quality.OOD_SET: [1.0]}, {**base, quality.OOD_SET: [1.0]})
+        quality.compare_pairs({**done, b: short}, [])
+    with pytest.raises(SystemExit, match="different queries"):  # a set one arm lacks
+        only = _quality_arm(quality, b, {quality.EVAL_SET: worse[quality.EVAL_SET]}, base)
+        quality.compare_pairs({a: only, b: done[a]}, [])
+    # a kept list of the right length that does not average to the arm's NDCG@10 (edited, another eval's)
+    edited = {**done[b], "per_query_ndcg@10": {**worse, quality.EVAL_SET: [1.0, 0.5, 0.0, 1.0]}}
+    with pytest.raises(SystemExit, match="naive_mnrl's per-query NDCG@10 on korquad"):
+        quality.compare_pairs({**done, b: edited}, [])
     data = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
     for arm in data["arms"]:
         for name, values in arm.get("per_query_ndcg@10", {}).items():
             block = arm["sets"][name]
             assert len(values) == block["queries"]
             assert sum(values) / len(values) == pytest.approx(block["metrics"]["ndcg@10"], abs=1e-9), arm["arm"]
+
+
+def _quality_main(q, monkeypatch, tmp_path, earlier, runs, argv):
+    """quality.main() on a work folder holding ``runs`` (arm name: result.json) and an earlier quality.json
+    (``earlier``), with nothing to train (every arm asked for is done); returns the quality.json it writes."""
+    results = tmp_path / "results"
+    results.mkdir(parents=True)
+    (results / "quality.json").write_text(json.dumps(earlier))
+    for name, result in runs.items():
+        (tmp_path / "work" / name).mkdir(parents=True)
+        (tmp_path / "work" / name / "result.json").write_text(json.dumps(result))
+    monkeypatch.setattr(q, "RESULTS", results)
+    monkeypatch.setattr(q, "DATA", tmp_path / "results" / "quality.json")  # any file that exists
+    monkeypatch.setattr(q, "e5_model", lambda: "e5")
+    monkeypatch.setattr(q, "update_doc", lambda *args: None)  # not docs/quality.md
+    monkeypatch.setattr(q, "run_arm", lambda *args: (_ for _ in ()).throw(AssertionError("nothing to run")))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--work", str(tmp_path / "work"), *argv])
+    q.main()
+    return json.loads((results / "quality.json").read_text())
+
+
+def _quality_meta(q, **change):
+    meta = {"date": "2026-12-01", "steps": 30, "batch": 16, "lr": 2e-05, "temperature": 0.01, "max_seq_length": 256,
+            "eval_max_seq_length": 256}
+    return {**meta, **change}
+
+
+def test_quality_keeps_every_measured_arm_of_the_same_settings(monkeypatch, tmp_path):
+    """An arm not asked for is kept: from its run folder where it has one, else from the earlier quality.json;
+    an earlier quality.json of other settings (--steps, --batch, ...) keeps nothing, so no table mixes sizes."""
+    q = _quality()
+    base = {q.EVAL_SET: [0.5, 0.5, 0.0, 0.5], q.OOD_SET: [1.0, 0.0]}
+    guard = _quality_arm(q, q.DEFAULT_ARM, {q.EVAL_SET: [1.0, 0.5, 0.0, 1.0], q.OOD_SET: [1.0, 1.0]}, base)
+    naive = _quality_arm(q, "naive_mnrl", {q.EVAL_SET: [0.5, 0.5, 0.0, 1.0], q.OOD_SET: [1.0, 0.0]}, base)
+    del naive["per_query_ndcg@10"]  # measured before lists were kept
+    rounds = _quality_arm(q, "default_rounds2", {q.EVAL_SET: [1.0, 1.0, 0.0, 1.0], q.OOD_SET: [1.0, 1.0]}, base)
+    old_pair = q.compare_pairs({q.DEFAULT_ARM: guard, "naive_mnrl": {**naive, "per_query_ndcg@10": {
+        q.EVAL_SET: [0.5, 0.5, 0.0, 1.0], q.OOD_SET: [1.0, 0.0]}}}, [])
+    earlier = {"meta": _quality_meta(q), "arms": [naive, guard], "pairs": old_pair}
+    runs = {q.DEFAULT_ARM: guard, "default_rounds2": rounds}
+    out = _quality_main(q, monkeypatch, tmp_path, earlier, runs, ["--arms", "default_rounds2"])
+    assert [a["arm"] for a in out["arms"]] == ["naive_mnrl", q.DEFAULT_ARM, "default_rounds2"]
+    assert [(c["a"], c["b"]) for c in out["pairs"]] == [(q.DEFAULT_ARM, "naive_mnrl"),
+                                                        ("default_rounds2", q.DEFAULT_ARM)]
+    out = _quality_main(q, monkeypatch, tmp_path / "other", {**earlier, "meta": _quality_meta(q, steps=50)},
+                        {"default_rounds2": rounds}, ["--arms", "default_rounds2", "--steps", "30"])
+    assert [a["arm"] for a in out["arms"]] == ["default_rounds2"] and out["pairs"] == []
+
+
+def test_a_two_round_arm_shares_round_one_with_an_arm_of_its_own_recipe():
+    """A 2-round arm's round 1 is another arm's trained model (run_arm trains it into that arm's folder, arm_result
+    adds that arm's steps and seconds, remine names its folder after it): that arm is one round, with the same
+    candidates, filter, negatives, rows and training; so "2 rounds vs 1" compares round 2 with its own start."""
+    q = _quality()
+    arms = {a.name: a for a in q.ARMS}
+    two = [a for a in q.ARMS if a.rounds == 2]
+    assert two and all(a.rounds == 1 and not a.round1 for a in q.ARMS if a not in two)
+    for arm in two:
+        first = arms[arm.round1]  # a KeyError: a 2-round arm without its round-1 arm
+        assert first.rounds == 1 and first.name != arm.name
+        assert (first.mine, first.filter, first.negatives, first.rows, first.train) == \
+            (arm.mine, arm.filter, arm.negatives, arm.rows, arm.train), arm.name
+        assert (arm.name, first.name) in {(a, b) for a, b, _ in q.PAIRS} or arm.round_start == "base"
 
 
 def test_the_quality_studys_default_arm_is_koret_s_default():
