@@ -457,7 +457,7 @@ def show_table(results: list[dict[str, Any]], title: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"koret eval: {title}", title_justify="left", header_style="bold")
+    t = Table(title=f"koret eval: {escape(title)}", title_justify="left", header_style="bold")  # a path: text
     t.add_column("metric")
     first = results[0]["name"]
     for i, r in enumerate(results):

@@ -297,13 +297,13 @@ def _key(stage: Stage, cfg: Any, config_key: str, upstream_runs: list[str]) -> s
 def _show(rows: list[dict[str, Any]], root: Path) -> None:
     if is_quiet():
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"koret run: {root}", title_justify="left", header_style="bold")
+    # run.dir, stage names and figures are text, not markup (a "[/x]" in run.dir raised MarkupError here)
+    t = Table(title=escape(f"koret run: {root}"), title_justify="left", header_style="bold")
     for col, justify in (("stage", "left"), ("status", "left"), ("seconds", "right"), ("key figure", "left")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
-    from rich.markup import escape
-
     colors = {"ran": "green", "skipped": "cyan", "failed": "red"}
     for r in rows:
         c = colors.get(r["status"], "dim")

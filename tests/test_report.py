@@ -72,3 +72,19 @@ def test_brackets_in_paths_print_as_they_are(capsys):
     assert "data runs/[v1]/pairs.jsonl: 3 rows" in err
     assert "warning: runs/[/x]/pairs.jsonl has no rows" in err
     assert "koret: runs/[/x]" in err and "runs/[v1]/[/x].jsonl" in err
+
+
+def test_the_run_and_eval_tables_print_brackets_in_their_titles(capsys):
+    """koret run's table is titled with run.dir and koret eval's with the set's source: as rich markup a
+    "[v1]" in them vanished and a "[/x]" raised MarkupError once every stage had run (in place of the table)."""
+    from pathlib import Path
+
+    from koret.evaluate import show_table
+    from koret.pipeline import _show
+
+    _show([{"stage": "eval", "status": "ran", "seconds": 1.0, "figure": "NDCG@10 0.5"}], Path("runs/[v1]/[/x]"))
+    show_table([{"name": "base", "metrics": {"ndcg@10": 0.5}}, {"name": "[v2]", "metrics": {"ndcg@10": 0.75}}],
+               "data/[v1]/[/x].jsonl")
+    err = capsys.readouterr().err
+    assert "koret run: runs/[v1]/[/x]" in err, err
+    assert "koret eval: data/[v1]/[/x].jsonl" in err and "[v2]" in err, err
