@@ -143,7 +143,8 @@ def filter_candidates(
     if settings.max_overlap is not None:
         if overlap is None:
             raise KoretError("filter.max_overlap: the candidates' text overlaps were not computed",
-                             "compute them with koret.overlap.candidate_overlap")
+                             "compute them with koret.overlap.candidate_overlap, or set max_overlap=None to turn "
+                             "the guard off")
         drop("overlap", np.asarray(overlap) > settings.max_overlap)
     else:
         counts["overlap"] = 0
@@ -319,7 +320,8 @@ def choose(cands: Candidates, groups: np.ndarray, settings: FilterSettings, scor
     if settings.max_overlap is not None:
         if cands.overlap is None:
             raise KoretError("filter.max_overlap: the candidates carry no text overlaps",
-                             "compute them with koret.overlap.candidate_overlap before filtering")
+                             "compute them with koret.overlap.candidate_overlap before filtering, or set "
+                             "max_overlap=None to turn the guard off")
         overlap = cands.overlap[row_query]
     keep, counts = filter_candidates(scaled_pos, scaled, is_pos, settings, valid=valid, overlap=overlap)
     cols = sample_negatives(keep, settings.num_negatives, settings.sampling, settings.seed, global_rows)

@@ -561,7 +561,7 @@ def test_readme_headline_numbers_are_the_results_files():
     assert rr["date"] in text
     assert (f"`koret train-reranker` {rr['koret_vs_plain_time']:.2f}x the time and {rr['koret_vs_plain_rss']:.2f}x "
             f"the peak RSS" in flat), "README: the reranker-training row"
-    assert f"{rr['koret']['s_per_step']:.1f} s and {rr['koret']['peak_rss_mb'] / 1024:.1f} GB a step" in flat
+    assert f"{rr['koret']['s_per_step']:.1f} s a step, {rr['koret']['peak_rss_mb'] / 1024:.1f} GB peak RSS" in flat
     lex = json.loads((REPO / "bench" / "results" / "lexical.json").read_text())
     assert lex["date"] in text
     speedups = [lex["reference_s"] / lex["bm25_top_k"][t]["seconds"] for t in ("1", "2")]
