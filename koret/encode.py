@@ -182,10 +182,12 @@ def load_sentence_transformer(
     dtype: str = "auto",
     max_seq_length: int | None = None,
     attn_implementation: str | None = None,
+    config_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Load a SentenceTransformer from a local folder or the Hub with one-line errors; a LoRA adapter folder
     (``adapter_config.json``, what ``koret train`` writes with ``model.lora``) is loaded onto its base model
-    with the adapter merged in (:func:`load_adapter_folder`)."""
+    with the adapter merged in (:func:`load_adapter_folder`). ``config_kwargs`` override values of its
+    transformers config (``koret train``'s attention dropout)."""
     from sentence_transformers import SentenceTransformer
 
     quiet_transformers()
@@ -194,9 +196,11 @@ def load_sentence_transformer(
     kwargs = load_kwargs(dtype, device, attn_implementation)
 
     def load(model_kwargs: dict[str, Any]) -> Any:
+        config = {"config_kwargs": dict(config_kwargs)} if config_kwargs else {}
         if adapter_base(ref) is not None:
-            return load_adapter_folder(SentenceTransformer, Path(ref), key, device=device, model_kwargs=model_kwargs)
-        return SentenceTransformer(ref, device=device, model_kwargs=model_kwargs)
+            return load_adapter_folder(SentenceTransformer, Path(ref), key, device=device, model_kwargs=model_kwargs,
+                                       **config)
+        return SentenceTransformer(ref, device=device, model_kwargs=model_kwargs, **config)
 
     try:
         try:
@@ -213,24 +217,27 @@ def load_sentence_transformer(
 
 
 def build_sentence_transformer(ref: str, *, key: str, pooling: str, device: str, model_kwargs: dict[str, Any],
-                               max_seq_length: int | None = None, attn_implementation: str | None = None) -> Any:
+                               max_seq_length: int | None = None, attn_implementation: str | None = None,
+                               config_kwargs: dict[str, Any] | None = None) -> Any:
     """A SentenceTransformer around a plain transformers model: ``pooling`` over its token states, then L2
     normalization. ``lasttoken`` (decoder embedders) also makes the tokenizer pad on the left and end every text
     with its EOS token (:func:`use_last_token`), which the saved model keeps. ``attn_implementation`` is the
     setting ``model_kwargs`` was made from: ``auto`` falls back to the model's own attention where it has no
-    sdpa; a kernel named explicitly does not."""
+    sdpa; a kernel named explicitly does not. ``config_kwargs`` override values of the model's config."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     quiet_transformers()
+    config = {"config_kwargs": dict(config_kwargs)} if config_kwargs else {}
     try:
         try:
-            word = Transformer(ref, max_seq_length=max_seq_length, model_kwargs=dict(model_kwargs))
+            word = Transformer(ref, max_seq_length=max_seq_length, model_kwargs=dict(model_kwargs), **config)
         except ValueError as exc:
             if not without_sdpa(exc, model_kwargs, attn_implementation):
                 raise
             word = Transformer(ref, max_seq_length=max_seq_length,
-                               model_kwargs={k: v for k, v in model_kwargs.items() if k != "attn_implementation"})
+                               model_kwargs={k: v for k, v in model_kwargs.items() if k != "attn_implementation"},
+                               **config)
     except (OSError, ValueError) as exc:
         raise KoretError(f"{key}: could not load {ref!r} as a transformers model "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

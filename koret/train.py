@@ -25,6 +25,7 @@ from koret.encode import resolve_model_path
 from koret.prompts import resolve_prompts, saved_prompts
 from koret.report import info, show, table, warn
 from koret.training import lora
+from koret.training.attention import restore_own_dropout, save_with_own_dropout
 from koret.training.biencoder import (
     GIST_LOSSES,
     LABEL,
@@ -79,6 +80,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     # student and its prompts
     student = load_student(cfg)
+    body_config = student[0].model.config  # its transformers config (the same object once LoRA wraps the model)
     q_prompt, p_prompt = resolve_prompts(student.prompts, cfg.model, "model")
 
     # guide: the mining teacher, reading its own tokens with the teacher's prompts, max length and dtype
@@ -116,6 +118,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if guide is not None:
         trainer.data_collator = GuideCollator(trainer.data_collator, guide)
     prepare(trainer)
+    save_with_own_dropout(trainer, body_config, student.koret_own_dropout)  # checkpoints: the model's own
     if data.sources:  # every batch from one source, drawn as data.sampler says; each source's loss logged
         use_sources(trainer, [s.weight for s in data.sources], cfg.data.sampler, callback)
     if adapter is not None:
@@ -130,11 +133,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     # save (every process takes part) and records (the main one)
+    trained_dropout = restore_own_dropout(body_config, student.koret_own_dropout)  # final/: the model's own
     final = save_final(trainer, out_dir, cfg, finish=partial(lora.finish_final, student, settings=cfg.model.lora)
                        if adapter is not None else None)
     if final is None:
         return {}
     metrics = {"loss": cfg.loss.name, "guide": guide_desc, **model_record(student, args, adapter),
+               "attention_dropout": trained_dropout,  # trained with (a step's memory hangs on it on CPU)
                "distill": _distill_record(cfg, data),
                "num_negatives": data.num_negatives,
                "train_rows": num_rows(dataset), "base_model": cfg.model.name, "data": data.source,

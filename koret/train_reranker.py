@@ -27,6 +27,7 @@ from koret import dist
 from koret.config import RerankerConfig
 from koret.report import info, show, table
 from koret.training import lora
+from koret.training.attention import restore_own_dropout, save_with_own_dropout
 from koret.training.common import (
     callback_class,
     model_record,
@@ -41,9 +42,7 @@ from koret.training.crossencoder import (
     build_reranker_loss,
     load_reranker,
     load_reranker_data,
-    model_attention_dropout,
     reranking_evaluator,
-    restore_own_dropout,
 )
 from koret.training.sources import resume_source_batches, use_sources
 
@@ -87,6 +86,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data.dataset, loss=loss,
                                   evaluator=evaluator, callbacks=[callback])
     prepare(trainer)
+    save_with_own_dropout(trainer, model.model.config, model.koret_own_dropout)  # checkpoints: the model's own
     if data.sources:  # every batch from one source, drawn as data.sampler says; each source's loss logged
         use_sources(trainer, [s.weight for s in data.sources], cfg.data.sampler, callback)
     if adapter is not None:
@@ -100,8 +100,7 @@ def train_reranker(cfg: RerankerConfig, resume: bool = False) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     # save (every process takes part) and records (the main one)
-    trained_dropout = model_attention_dropout(model.model.config)
-    restore_own_dropout(model)
+    trained_dropout = restore_own_dropout(model.model.config, model.koret_own_dropout)  # final/: the model's own
     final = save_final(trainer, out_dir, cfg, finish=partial(lora.finish_final, model, settings=cfg.model.lora)
                        if adapter is not None else None)
     if final is None:

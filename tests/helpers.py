@@ -52,3 +52,40 @@ def mine_config(tmp: Path, model: Path, train: Path | str, *, out: str = "out", 
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def attention_dropouts(body: Any) -> set[float]:
+    """The attention-probability dropout each attention layer of a transformers model applies in training (BERT's
+    self-attention dropout module; a Qwen3-style decoder's attention_dropout)."""
+    found = set()
+    for name, module in body.named_modules():
+        if name.endswith("attention.self"):
+            found.add(module.dropout.p)
+        elif name.endswith("self_attn"):
+            found.add(float(module.attention_dropout))
+    assert found, "no attention layers found"
+    return found
+
+
+def record_training_dropout(monkeypatch: Any, recipe: Any) -> list[tuple[float, set[float]]]:
+    """Patch ``recipe.load_student`` to record, at each training forward of the student, its transformers
+    config's attention dropout and what its attention layers apply."""
+    seen: list[tuple[float, set[float]]] = []
+    load = recipe.load_student
+
+    def recording_load(cfg, *args, **kwargs):
+        student = load(cfg, *args, **kwargs)
+        body = student[0].model  # called through .forward by sentence-transformers: hook an attention layer
+        config = body.config
+        key = "attention_probs_dropout_prob" if hasattr(config, "attention_probs_dropout_prob") else "attention_dropout"
+        first = next(m for n, m in body.named_modules() if n.endswith(("attention.self", "self_attn")))
+
+        def hook(module, inputs):
+            if module.training:
+                seen.append((getattr(config, key), attention_dropouts(body)))
+
+        first.register_forward_pre_hook(hook)
+        return student
+
+    monkeypatch.setattr(recipe, "load_student", recording_load)
+    return seen

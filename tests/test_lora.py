@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import INSTRUCTION
-from helpers import mine_config, run_cli, run_subprocess, write_config
+from helpers import mine_config, record_training_dropout, run_cli, run_subprocess, write_config
 
 TEXTS = ["한글은 누가 만들었나?", "김치는 영하 1도 안팎의 김치냉장고에 두면 발효가 느려져 오래 보관할 수 있다.",
          "여름 장마는 보통 언제 시작하나?"]
@@ -275,6 +275,25 @@ def test_resume_with_lora_matches_an_uninterrupted_run(tmp_path, tiny_decoder, m
     assert set(again) == set(whole)
     for key in whole:
         torch.testing.assert_close(again[key], whole[key], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_decoder_trains_with_the_set_attention_dropout_and_saves_its_own(tmp_path, tiny_decoder, mined,
+                                                                               monkeypatch):
+    """model.attention_dropout applies to a decoder (its config's attention_dropout) under LoRA: the attention
+    layers train with the number set; final/ (merged) and final/adapter keep the model's own (Qwen3's 0.0)."""
+    import koret.train as recipe
+
+    assert json.loads((tiny_decoder / "config.json").read_text())["attention_dropout"] == 0.0
+    seen = record_training_dropout(monkeypatch, recipe)
+    cfg = lora_config(tmp_path / "train", tiny_decoder, mined / "train.parquet", max_steps=2, save_steps=1)
+    cfg["model"]["attention_dropout"] = 0.05
+    result = run_cli("train", "-c", str(write_config(tmp_path / "t.yaml", cfg)), "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert len(seen) >= 2 and all(s == (0.05, {0.05}) for s in seen), seen
+    out = tmp_path / "train"
+    assert json.loads((out / "metrics.json").read_text())["attention_dropout"] == 0.05
+    for folder in (out / "final", out / "final" / "adapter"):
+        assert json.loads((folder / "config.json").read_text())["attention_dropout"] == 0.0, folder
 
 
 @pytest.mark.slow

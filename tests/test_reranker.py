@@ -305,7 +305,7 @@ def test_reranker_attention_keeps_no_per_head_matrices(tiny_cross_encoder):
 
 
 def test_auto_attention_dropout_is_zero_on_cpu_and_the_models_own_on_gpus():
-    from koret.training.crossencoder import resolve_attention_dropout
+    from koret.training.attention import resolve_attention_dropout
 
     assert resolve_attention_dropout("auto", on_gpu=False) == 0.0
     assert resolve_attention_dropout("auto", on_gpu=True) is None  # fused GPU kernels take dropout
@@ -357,7 +357,7 @@ def test_pairs_are_cut_at_512_and_batches_padded_to_their_longest_pair(tmp_path,
     cfg = RerankerConfig.model_validate({
         "model": {"name": str(long_cross_encoder)}, "data": {"train": str(tmp_path / "train.parquet")},
         "args": {"output_dir": str(tmp_path / "rr"), "per_device_train_batch_size": 4, "max_steps": 1,
-                 "save_strategy": "no", "logging_steps": 1}})
+                 "save_steps": 1, "logging_steps": 1}})
     metrics = tr.train_reranker(cfg)
     from transformers import AutoTokenizer
 
@@ -372,8 +372,9 @@ def test_pairs_are_cut_at_512_and_batches_padded_to_their_longest_pair(tmp_path,
     assert 512 in widths and min(widths) < 100  # the long hard negatives are cut; short batches stay short
     assert metrics["max_length"] == 512 and metrics["attn_implementation"] == "sdpa"  # what metrics.json records
     assert metrics["attention_dropout"] == 0.0  # trained without it (CPU) ...
-    saved = json.loads((tmp_path / "rr" / "final" / "config.json").read_text())
-    assert saved["attention_probs_dropout_prob"] == pytest.approx(0.1)  # ... saved with the model's own
+    for folder in ("final", "checkpoint-1"):  # ... saved with the model's own
+        saved = json.loads((tmp_path / "rr" / folder / "config.json").read_text())
+        assert saved["attention_probs_dropout_prob"] == pytest.approx(0.1), folder
 
 
 def test_in_training_eval_reranks_the_retrievers_candidates_aligned(tmp_path, held_out, tiny_cross_encoder):

@@ -1,4 +1,5 @@
-"""koret train: a real short run, GIST == cached GIST, 2 processes, resume, Matryoshka, bad inputs."""
+"""koret train: a real short run, GIST == cached GIST, 2 processes, resume, Matryoshka, attention dropout, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import mine_config, run_cli, run_subprocess, write_config
+from helpers import mine_config, record_training_dropout, run_cli, run_subprocess, write_config
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +207,37 @@ def test_progress_off_a_terminal_is_plain_lines_at_a_steady_pace(tmp_path, tiny_
                        r"ETA \d:\d\d:\d\d$", text, flags=re.M)
     assert [int(s) for s, _ in steps] == [2, 4, 6], text[-3000:]
     assert "\x1b[" not in text, "no terminal control codes in a log file"
+
+
+# ------------------------------------------------------------------------------------ attention dropout
+
+
+@pytest.mark.parametrize(("setting", "trained"), [("default", 0.0), (0.05, 0.05), (None, 0.1)])
+def test_attention_dropout_while_training_and_the_models_own_in_saves(tmp_path, tiny_model, mined, monkeypatch,
+                                                                       setting, trained):
+    """model.attention_dropout: auto (the default) trains without attention dropout on CPU (where SDPA's fused
+    kernel takes none; with BERT's 0.1 it keeps every head's L x L matrices for backward), a number sets it, null
+    keeps the model's own (0.1). Checkpoints and final/ are saved with the model's own value; metrics.json
+    records the one trained with."""
+    import koret.train as recipe
+
+    own = json.loads((tiny_model / "config.json").read_text())["attention_probs_dropout_prob"]
+    assert own == 0.1
+    seen = record_training_dropout(monkeypatch, recipe)
+    cfg = train_config(tmp_path, tiny_model, mined / "train.parquet", max_steps=2, save_steps=1)
+    if setting != "default":
+        cfg["model"]["attention_dropout"] = setting
+    result = _train(tmp_path, cfg)
+    assert result.exit_code == 0, result.stderr
+    assert len(seen) >= 2 and all(s == (trained, {trained}) for s in seen), seen
+    out = tmp_path / "train"
+    assert json.loads((out / "metrics.json").read_text())["attention_dropout"] == trained
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 2
+    for folder in (out / "final", *checkpoints):
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["attention_probs_dropout_prob"] == own, folder.name
+        assert "attention_dropout" not in saved, "no key the model's config does not have"
 
 
 # ------------------------------------------------------------------------------------ smaller defects (#9.8)

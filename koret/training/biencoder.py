@@ -220,8 +220,10 @@ def ir_evaluator(cfg: TrainConfig, query_prompt: str, passage_prompt: str, batch
 def load_student(cfg: TrainConfig, device: str | None = None) -> Any:
     """A SentenceTransformer (its own pooling); a plain transformers model gets ``model.pooling`` +
     normalization (:func:`koret.encode.build_sentence_transformer`). Weights in ``model.dtype``, attention
-    through ``model.attn_implementation``."""
+    through ``model.attn_implementation``, its dropout ``model.attention_dropout`` (:mod:`koret.training.attention`;
+    the model's own values, which the saved configs keep, as ``model.koret_own_dropout``)."""
     from koret.encode import build_sentence_transformer, default_device, load_kwargs
+    from koret.training.attention import dropout_overrides
     from koret.training.lora import base_dtype
 
     name = cfg.model.name
@@ -232,14 +234,18 @@ def load_student(cfg: TrainConfig, device: str | None = None) -> Any:
     is_st = (local / "modules.json").exists() if local.is_dir() else _hub_has_modules(ref)
     device = default_device(device)
     dtype = base_dtype(cfg.model.dtype, cfg.model.lora is not None, device)
+    overrides, own = dropout_overrides(cfg.model.attention_dropout, ref, device.startswith("cuda"))
     if is_st:
-        return load_sentence_transformer(name, key="model.name", device=device, dtype=dtype,
-                                         max_seq_length=cfg.model.max_seq_length,
-                                         attn_implementation=cfg.model.attn_implementation)
-    return build_sentence_transformer(ref, key="model.name", pooling=cfg.model.pooling, device=device,
-                                      model_kwargs=load_kwargs(dtype, device, cfg.model.attn_implementation),
-                                      max_seq_length=cfg.model.max_seq_length,
-                                      attn_implementation=cfg.model.attn_implementation)
+        model = load_sentence_transformer(name, key="model.name", device=device, dtype=dtype,
+                                          max_seq_length=cfg.model.max_seq_length,
+                                          attn_implementation=cfg.model.attn_implementation, config_kwargs=overrides)
+    else:
+        model = build_sentence_transformer(ref, key="model.name", pooling=cfg.model.pooling, device=device,
+                                           model_kwargs=load_kwargs(dtype, device, cfg.model.attn_implementation),
+                                           max_seq_length=cfg.model.max_seq_length,
+                                           attn_implementation=cfg.model.attn_implementation, config_kwargs=overrides)
+    model.koret_own_dropout = own
+    return model
 
 
 def _hub_has_modules(repo_id: str) -> bool:

@@ -37,6 +37,7 @@ from koret.data import (
 from koret.encode import default_device, quiet_transformers, resolve_model_path
 from koret.errors import KoretError
 from koret.sources import training_source_key
+from koret.training.attention import dropout_overrides
 from koret.training.common import negative_columns
 from koret.training.sources import (
     SOURCE_COLUMN,
@@ -414,37 +415,6 @@ def reranking_evaluator(cfg: RerankerConfig) -> Any:
 
 
 DEFAULT_MAX_LENGTH = 512  # tokens of a (query, passage) pair when model.max_length is None
-_ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT family; ModernBERT, LLMs
-
-
-def resolve_attention_dropout(setting: float | str | None, on_gpu: bool) -> float | None:
-    """``model.attention_dropout`` as a number, or None for the model's own. ``auto``: 0 on CPU, where
-    ``torch.nn.functional.scaled_dot_product_attention`` runs its fused kernel only without dropout (with BERT's
-    0.1 it falls back to the math kernel, which keeps every head's (L x L) scores, probabilities and dropout mask
-    of every layer for the backward pass: all-MiniLM-L6-v2, 16 pairs of 512 tokens, mnrl: 9.8 GB peak with 0.1,
-    2.9 GB with 0); the model's own on GPUs, whose fused kernels take dropout. Pure."""
-    if setting == "auto":
-        return None if on_gpu else 0.0
-    return None if setting is None else float(setting)
-
-
-def model_attention_dropout(config: Any) -> float | None:
-    """The attention-probability dropout a transformers config sets (None if it names none)."""
-    return next((float(getattr(config, k)) for k in _ATTENTION_DROPOUT_KEYS
-                 if isinstance(getattr(config, k, None), (int, float))), None)
-
-
-def own_attention_dropout(ref: str) -> dict[str, float]:
-    """The attention-probability dropout keys of a model's config and their values ({} when it names none, or
-    when the config cannot be read: the CrossEncoder load then reports what is wrong with ``ref``)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except (OSError, ValueError):
-        return {}
-    return {key: float(getattr(config, key)) for key in _ATTENTION_DROPOUT_KEYS
-            if isinstance(getattr(config, key, None), (int, float))}
 
 
 def load_reranker(cfg: RerankerConfig) -> Any:
@@ -453,9 +423,10 @@ def load_reranker(cfg: RerankerConfig) -> Any:
 
     Memory of training: attention through ``model.attn_implementation`` (auto: PyTorch's
     scaled_dot_product_attention, ``sdpa``, or flash-attention 2 where installed on a GPU; an architecture without
-    SDPA keeps its own), weights in ``model.dtype``, ``model.attention_dropout`` (see :func:`resolve_attention_dropout`), and pairs
-    cut at ``model.max_length`` (default :data:`DEFAULT_MAX_LENGTH`, or the model's own maximum when smaller); the
-    losses tokenize each batch padded to its longest pair."""
+    SDPA keeps its own), weights in ``model.dtype``, ``model.attention_dropout`` (:mod:`koret.training.attention`;
+    the model's own values, which the saved configs keep, as ``model.koret_own_dropout``), and pairs cut at
+    ``model.max_length`` (default :data:`DEFAULT_MAX_LENGTH`, or the model's own maximum when smaller); the losses
+    tokenize each batch padded to its longest pair."""
     from sentence_transformers import CrossEncoder
 
     name = cfg.model.name
@@ -469,9 +440,7 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     from koret.encode import load_kwargs, without_sdpa
     from koret.training.lora import base_dtype
 
-    own = own_attention_dropout(ref)
-    setting = resolve_attention_dropout(cfg.model.attention_dropout, torch.cuda.is_available())
-    overrides = {} if setting is None else dict.fromkeys(own, setting)
+    overrides, own = dropout_overrides(cfg.model.attention_dropout, ref, torch.cuda.is_available())
     device = default_device()
     weights = load_kwargs(base_dtype(cfg.model.dtype, cfg.model.lora is not None, device), device,
                           cfg.model.attn_implementation)
@@ -493,17 +462,8 @@ def load_reranker(cfg: RerankerConfig) -> Any:
     if cfg.model.max_length is None:
         positions = getattr(model.model.config, "max_position_embeddings", None)
         model.max_seq_length = min(x for x in (DEFAULT_MAX_LENGTH, model.max_seq_length, positions) if x)
-    if overrides:  # the model's own values, which the saved config keeps (see restore_own_dropout)
-        model.koret_own_dropout = own
+    model.koret_own_dropout = own  # the model's own values, which the saved configs keep
     return model
-
-
-def restore_own_dropout(model: Any) -> None:
-    """Put the model's own attention dropout back into its config before it is saved: ``attention_dropout: auto``
-    is a training-time setting (0 on CPU for memory), not a property of the trained model, which a later
-    fine-tuning on a GPU should not inherit. The training's value is in metrics.json."""
-    for key, value in getattr(model, "koret_own_dropout", {}).items():
-        setattr(model.model.config, key, value)
 
 
 def build_reranker_loss(cfg: RerankerConfig, model: Any) -> Any:
