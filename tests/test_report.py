@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from rich.console import Console
 
 from koret.report import PlainProgress
@@ -60,7 +61,18 @@ def test_info_lines_are_whole_lines_off_a_terminal(tmp_path):
     assert any(long_path in line and "413" in line for line in lines[1:]), r.stderr
 
 
-def test_brackets_in_paths_print_as_they_are(capsys):
+@pytest.fixture
+def loud():
+    """Printing on, whatever an earlier test in this process left (a CLI test's --quiet sets it process-wide)."""
+    from koret.report import is_quiet, set_quiet
+
+    before = is_quiet()
+    set_quiet(False)
+    yield
+    set_quiet(before)
+
+
+def test_brackets_in_paths_print_as_they_are(capsys, loud):
     """Paths and names are text, not rich markup: "[v1]" vanished from an info line and "[/x]" raised
     MarkupError (an info line, a warning, a table's title and cells)."""
     from koret.report import info, show, table, warn
@@ -74,7 +86,7 @@ def test_brackets_in_paths_print_as_they_are(capsys):
     assert "koret: runs/[/x]" in err and "runs/[v1]/[/x].jsonl" in err
 
 
-def test_the_run_and_eval_tables_print_brackets_in_their_titles(capsys):
+def test_the_run_and_eval_tables_print_brackets_in_their_titles(capsys, loud):
     """koret run's table is titled with run.dir and koret eval's with the set's source: as rich markup a
     "[v1]" in them vanished and a "[/x]" raised MarkupError once every stage had run (in place of the table)."""
     from pathlib import Path

@@ -4,6 +4,7 @@ inputs."""
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,31 @@ def test_attention_dropout_while_training_and_the_models_own_in_saves(tmp_path, 
         saved = json.loads((folder / "config.json").read_text())
         assert saved["attention_probs_dropout_prob"] == own, folder.name
         assert "attention_dropout" not in saved, "no key the model's config does not have"
+
+
+@pytest.mark.parametrize(("setting", "overrides"), [("auto", {}), (None, {}),
+                                                    (0.05, {"attention_probs_dropout_prob": 0.05})])
+def test_attention_dropout_on_a_gpu_keeps_the_models_own_under_auto(tiny_model, monkeypatch, setting, overrides):
+    """On a GPU (mocked: no weights are loaded), auto and null load the student with its own dropout (the fused
+    GPU kernels take it); a number still overrides it."""
+    import koret.training.biencoder as biencoder
+    from koret.config import TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    loads = []
+
+    def fake_load(name, **kwargs):
+        loads.append(kwargs)
+        return types.SimpleNamespace()
+
+    monkeypatch.setattr(biencoder, "load_sentence_transformer", fake_load)
+    cfg = TrainConfig.model_validate({"model": {"name": str(tiny_model), "attention_dropout": setting},
+                                      "data": {"train": "unused.parquet"}, "loss": {"name": "mnrl"}})
+    student = biencoder.load_student(cfg)
+    assert loads[0]["device"] == "cuda:0"
+    assert (loads[0]["config_kwargs"] or {}) == overrides
+    assert student.koret_own_dropout == ({"attention_probs_dropout_prob": 0.1} if overrides else {})
 
 
 # ------------------------------------------------------------------------------------ smaller defects (#9.8)
