@@ -27,10 +27,15 @@ def resolve_attention_dropout(setting: float | str | None, on_gpu: bool) -> floa
     return None if setting is None else float(setting)
 
 
+def config_dropouts(config: Any) -> dict[str, float]:
+    """The attention-probability dropout keys a transformers config sets, with their values."""
+    return {key: float(getattr(config, key)) for key in ATTENTION_DROPOUT_KEYS
+            if isinstance(getattr(config, key, None), (int, float))}
+
+
 def model_attention_dropout(config: Any) -> float | None:
     """The attention-probability dropout a transformers config sets (None if it names none)."""
-    return next((float(getattr(config, k)) for k in ATTENTION_DROPOUT_KEYS
-                 if isinstance(getattr(config, k, None), (int, float))), None)
+    return next(iter(config_dropouts(config).values()), None)
 
 
 def own_attention_dropout(ref: str) -> dict[str, float]:
@@ -50,8 +55,7 @@ def own_attention_dropout(ref: str) -> dict[str, float]:
         config = AutoConfig.from_pretrained(str(Path(ref) / sub) if sub else ref)
     except (OSError, ValueError):
         return {}
-    return {key: float(getattr(config, key)) for key in ATTENTION_DROPOUT_KEYS
-            if isinstance(getattr(config, key, None), (int, float))}
+    return config_dropouts(config)
 
 
 def dropout_overrides(setting: float | str | None, ref: str, on_gpu: bool) -> tuple[dict[str, float],
